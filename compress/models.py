@@ -1,0 +1,186 @@
+"""Load and save models: Hugging Face directories, GGUF files, compress artifacts, the reference model.
+
+- A directory with `*.safetensors` loads through transformers. A directory
+  with only pickled checkpoints (`*.bin`, `*.pt`) is refused unless
+  `allow_pickle=True`, and then loads with `torch.load(weights_only=True)`.
+- A `.gguf` file is dequantized by transformers (needs `gguf`).
+- A directory written by `save_model` with quantized modules is rebuilt with
+  `QuantLinear` modules and its packed tensors, exactly as saved.
+- No path: the default reference model (see `compress.reference`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress import artifact
+
+log = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    source: str
+    source_files: list[Path] = field(default_factory=list)
+    provenance: dict[str, Any] | None = None  # set when loaded from a compress artifact
+    _sha256: str | None = None
+
+    def source_sha256(self) -> str:
+        """sha256 of the source weights (computed once, on demand)."""
+        if self._sha256 is None:
+            if self.provenance:
+                self._sha256 = self.provenance["source"]["sha256"]
+            else:
+                self._sha256 = artifact.sha256_files(self.source_files)
+        return self._sha256
+
+
+def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
+               dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a model directory, `.gguf` file, compress artifact, or (None) the reference model."""
+    if path is None:
+        from compress.reference import reference_model_dir
+
+        lm = load_model(reference_model_dir(), dtype=dtype)
+        src = json.loads((Path(lm.source) / "compress-source.json").read_text())
+        lm._sha256 = src["sha256"]
+        lm.source = src["name"]
+        return lm
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(f"model path not found: {p}")
+    if p.is_file():
+        if p.suffix == ".gguf":
+            return _load_gguf(p, dtype)
+        raise ValueError(f"{p}: expected a model directory or a .gguf file")
+    prov = artifact.read_provenance(p)
+    if prov and prov.get("quantization"):
+        return _load_artifact(p, prov, dtype)
+    weights = sorted(p.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(f for f in p.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if not pickled:
+            raise ValueError(f"{p}: no *.safetensors or checkpoint files found")
+        if not allow_pickle:
+            raise ValueError(
+                f"{p}: only pickled checkpoints ({pickled[0].name}); pickle can run code on load, "
+                "so it is refused unless you pass --allow-pickle (then loaded with weights_only=True)")
+        weights = pickled
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        p, dtype=dtype, use_safetensors=not allow_pickle or weights[0].suffix == ".safetensors",
+        weights_only=True)
+    tok = AutoTokenizer.from_pretrained(p)
+    model.eval()
+    return LoadedModel(model, tok, str(p), weights, prov)
+
+
+def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s with transformers", p)
+    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    model.eval()
+    return LoadedModel(model, tok, str(p), [p])
+
+
+def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedModel:
+    """Rebuild a quantized model: float skeleton, QuantLinear where recorded, saved tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_utils import no_init_weights
+
+    from compress.quantize.qlinear import QuantLinear
+    from compress.quantize.scheme import QuantScheme
+    from compress.targets import set_submodule
+
+    config = AutoConfig.from_pretrained(p)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # ours to interpret, not transformers'
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, info in prov["quantization"]["modules"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{p}: quantized module {name} is not in the model") from None
+        scheme = QuantScheme(**info["scheme"])
+        set_submodule(model, name, QuantLinear(info["in_features"], info["out_features"], scheme,
+                                               bias=info.get("bias", False), dtype=dtype))
+        del old
+    state: dict[str, torch.Tensor] = {}
+    files = sorted(p.glob("*.safetensors"))
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{p}: tensors do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(p)
+    return LoadedModel(model, tok, str(p), files, prov)
+
+
+def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """name -> layout of every QuantLinear in `model` (what the loader needs to rebuild it)."""
+    from compress.quantize.qlinear import QuantLinear
+
+    return {
+        name: {"scheme": m.scheme.to_dict(), "in_features": m.in_features,
+               "out_features": m.out_features, "bias": m.bias is not None}
+        for name, m in model.named_modules() if isinstance(m, QuantLinear)
+    }
+
+
+def save_model(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
+               reports: list[Any] = (), force: bool = False,
+               config_extra: dict[str, Any] | None = None) -> Path:
+    """Write `lm` as a Hugging Face directory (safetensors) plus `compress.json`, atomically.
+
+    `recipe` is the list of steps applied since `lm` was loaded; it is appended
+    to the provenance of an artifact that was itself produced by compress.
+    Quantized models get a compressed-tensors style `quantization_config` in
+    config.json; `config_extra` keys are merged into config.json as well.
+    """
+    modules = quantized_modules(lm.model)
+    prev = lm.provenance
+    full_recipe = (prev.get("recipe", []) if prev else []) + list(recipe or [])
+    prov = artifact.provenance(
+        source={"path": prev["source"]["path"] if prev else lm.source, "sha256": lm.source_sha256()},
+        recipe=full_recipe,
+        reports=[r.to_dict() if hasattr(r, "to_dict") else r for r in reports],
+        quantization={"format": "pack-quantized", "modules": modules} if modules else None,
+        previous=prev,
+    )
+    if modules:
+        from compress.quantize.ctconfig import quantization_config
+
+        floats = [n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)]
+        config_extra = {**(config_extra or {}), "quantization_config": quantization_config(modules, floats)}
+    with artifact.atomic_dir(out, force=force) as tmp:
+        lm.model.save_pretrained(tmp, safe_serialization=True)
+        lm.tokenizer.save_pretrained(tmp)
+        if config_extra:
+            cfg_path = tmp / "config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg.update(config_extra)
+            cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+        artifact.write_json_atomic(tmp / artifact.PROVENANCE_FILE, prov)
+    return Path(out)

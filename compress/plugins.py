@@ -1,0 +1,76 @@
+"""Plugin discovery: built-ins and entry-point plugins register through the same hooks."""
+
+from __future__ import annotations
+
+import logging
+
+import pluggy
+
+from compress import hookspecs
+from compress.hookspecs import hookimpl
+
+log = logging.getLogger(__name__)
+
+_manager: pluggy.PluginManager | None = None
+
+
+class _Builtin:
+    """The built-in passes, exporters and tasks, registered like any plugin."""
+
+    @hookimpl
+    def register_passes(self, register):
+        from compress.quantize import rtn
+
+        register(rtn.run)
+
+    @hookimpl
+    def register_exporters(self, register):
+        from export import safetensors as st
+
+        register(st.export_safetensors)
+
+    @hookimpl
+    def register_tasks(self, register):
+        from eval import perplexity
+
+        register(perplexity.wikitext2)
+        register(perplexity.text_file)
+
+
+builtin = _Builtin()
+
+
+def _registrar(registry, attr: str):
+    def register(obj):
+        spec = getattr(obj, attr, obj)
+        return registry.add(spec)
+
+    return register
+
+
+def load_plugins() -> pluggy.PluginManager:
+    """Load built-ins and every `compress` entry point once; return the manager."""
+    global _manager
+    if _manager is not None:
+        return _manager
+    from compress.registry import EXPORTERS, PASSES, TASKS
+
+    pm = pluggy.PluginManager("compress")
+    pm.add_hookspecs(hookspecs)
+    pm.register(builtin, name="builtin")
+    _manager = pm  # set before the hooks run: they read registries, which must not recurse
+    try:
+        pm.load_setuptools_entrypoints("compress")
+    except Exception as e:  # a broken third-party plugin must not break the toolkit
+        log.warning("could not load a compress plugin: %s", e)
+    pm.hook.register_passes(register=_registrar(PASSES, "pass_spec"))
+    pm.hook.register_exporters(register=_registrar(EXPORTERS, "exporter_spec"))
+    pm.hook.register_tasks(register=_registrar(TASKS, "task_spec"))
+    log.debug("plugins: %s", [n for n, _ in pm.list_name_plugin()])
+    return pm
+
+
+def plugin_names() -> list[str]:
+    """Names of loaded plugins (the built-ins are 'builtin')."""
+    return sorted(n for n, _ in load_plugins().list_name_plugin())
+

@@ -1,0 +1,96 @@
+"""QuantLinear: a Linear whose weight is stored packed (int32 words), with scales and zero points.
+
+Buffers follow compressed-tensors' pack-quantized naming, so the state dict of
+a quantized model is the artifact's tensor layout:
+
+- `weight_packed`     int32 (out, ceil(in / (32 // bits))): unsigned codes, see `packing`
+- `weight_scale`      (out, n_groups) in the scheme's scale dtype
+- `weight_zero_point` int32 (ceil(out / (32 // bits)), n_groups), asymmetric only:
+                      unsigned zero points packed along the output dimension
+- `weight_shape`      int64 (2,): (out, in)
+
+Symmetric schemes store no zero point (it is 2^(bits-1)). The forward pass
+dequantizes and runs a float matmul: on a CPU this module is for correctness
+and evaluation; the fast CPU path is the ONNX (MatMulNBits) and GGUF export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.quantize.grid import dequantize
+from compress.quantize.packing import pack_int32, packed_len, unpack_int32
+from compress.quantize.scheme import QuantScheme
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W)^T + b with W held as packed integer codes."""
+
+    def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, *,
+                 bias: bool = False, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        ng = scheme.n_groups(in_features)
+        self.register_buffer("weight_packed", torch.zeros(
+            out_features, packed_len(in_features, scheme.bits), dtype=torch.int32, device=device))
+        self.register_buffer("weight_scale", torch.ones(
+            out_features, ng, dtype=scheme.torch_scale_dtype, device=device))
+        if not scheme.symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(
+                packed_len(out_features, scheme.bits), ng, dtype=torch.int32, device=device))
+        self.register_buffer("weight_shape", torch.tensor(
+            [out_features, in_features], dtype=torch.int64, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+        self.compute_dtype = dtype
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   scheme: QuantScheme, *, bias: torch.Tensor | None = None,
+                   dtype: torch.dtype = torch.float32) -> QuantLinear:
+        """Build from unsigned codes q (out, in), scale and zero (out, n_groups)."""
+        out, n_in = q.shape
+        m = cls(n_in, out, scheme, bias=bias is not None, dtype=dtype, device=q.device)
+        m.weight_packed.copy_(pack_int32(q, scheme.bits))
+        m.weight_scale.copy_(scale.to(scheme.torch_scale_dtype))
+        if not scheme.symmetric:
+            # (n_groups, out) packed along out, then back to (words_out, n_groups)
+            m.weight_zero_point.copy_(pack_int32(zero.round().to(torch.int64).T, scheme.bits).T)
+        elif not torch.all(zero == 2 ** (scheme.bits - 1)):
+            raise ValueError("a symmetric scheme needs the zero point 2^(bits-1) in every group")
+        if bias is not None:
+            m.bias.data.copy_(bias.detach().to(dtype))
+        return m
+
+    def codes(self) -> torch.Tensor:
+        """Unsigned codes (out, in), int32."""
+        return unpack_int32(self.weight_packed, self.scheme.bits, self.in_features)
+
+    def zero_point(self) -> torch.Tensor:
+        """Zero points (out, n_groups) as float32."""
+        if self.scheme.symmetric:
+            return torch.full(self.weight_scale.shape, float(2 ** (self.scheme.bits - 1)),
+                              device=self.weight_scale.device)
+        return unpack_int32(self.weight_zero_point.T, self.scheme.bits, self.out_features).T.float()
+
+    def dequantize_weight(self) -> torch.Tensor:
+        """The float32 weight (out, in) this module multiplies by."""
+        return dequantize(self.codes(), self.weight_scale.float(), self.zero_point(), self.scheme)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantize_weight().to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={s.bits}, "
+                f"group_size={s.group_size}, symmetric={s.symmetric}, bias={self.bias is not None}")
+
+    def storage_bits(self) -> int:
+        """Bits on disk of the packed weight, scales and zero points (bias excluded)."""
+        n = self.weight_packed.numel() * 32 + self.weight_scale.numel() * self.weight_scale.element_size() * 8
+        if not self.scheme.symmetric:
+            n += self.weight_zero_point.numel() * 32
+        return n

@@ -1,0 +1,73 @@
+"""The integer weight format shared by every weight quantizer (RTN, GPTQ, AWQ, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantScheme:
+    """How one weight matrix is stored: bits, group size along the input dim, symmetry.
+
+    Codes are kept unsigned in [0, 2^bits - 1] with a per-group zero point, so
+    dequantization is always `(q - zero) * scale`. Symmetric schemes have the
+    fixed zero 2^(bits-1) (codes are the signed values offset by it) and store
+    no zero point.
+    """
+
+    bits: int = 4
+    group_size: int = 128  # input columns per scale; -1 = one group per output row
+    symmetric: bool = True
+    scale_dtype: str = "float16"  # dtype the scales are stored (and rounded) in
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {self.bits}")
+        if self.group_size != -1 and self.group_size < 1:
+            raise ValueError(f"group_size must be -1 (per channel) or a positive integer, got {self.group_size}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {self.scale_dtype!r}")
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def group_len(self, in_features: int) -> int:
+        return in_features if self.group_size == -1 else self.group_size
+
+    def n_groups(self, in_features: int) -> int:
+        g = self.group_len(in_features)
+        return -(-in_features // g)  # ceil: the last group is shorter when g does not divide
+
+    def to_dict(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
+                "scale_dtype": self.scale_dtype}
+
+
+@dataclass(frozen=True, kw_only=True)
+class WeightQuantConfig(QuantScheme):
+    """Fields every weight-quantization pass shares: the scheme plus module selection."""
+
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # class names, exact names or 're:' regexes
+    ignore: tuple[str, ...] = DEFAULT_IGNORE  # replaces the default; lm_head stays float by default
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        validate_patterns(self.targets, "targets")
+        validate_patterns(self.ignore, "ignore")
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
+                           scale_dtype=self.scale_dtype)

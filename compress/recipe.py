@@ -1,0 +1,168 @@
+"""Recipes: an ordered list of pass steps, read from and written to flat YAML.
+
+A recipe file is a YAML list; each item names its pass with `pass:` and gives
+config fields with exactly the names of the pass's config dataclass::
+
+    - pass: rtn
+      bits: 4
+      group_size: 128
+      symmetric: true
+
+Loading is strict and happens before any model is touched: an unknown pass,
+an unknown key or a value of the wrong type fails with a message that names
+the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compress.registry import PASSES, PassSpec
+
+
+@dataclass(frozen=True)
+class Step:
+    """One recipe step: a registered pass name and its validated config."""
+
+    name: str
+    config: Any
+
+    @property
+    def spec(self) -> PassSpec:
+        return PASSES.get(self.name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pass": self.name}
+        for f in self.spec.fields():
+            v = getattr(self.config, f.name)
+            out[f.name] = list(v) if isinstance(v, tuple) else v
+        return out
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """An ordered, immutable list of steps."""
+
+    steps: tuple[Step, ...]
+
+    @classmethod
+    def from_steps(cls, items: list[dict[str, Any]], *, where: str = "recipe") -> Recipe:
+        if not isinstance(items, list) or not items:
+            raise ValueError(f"{where}: a recipe is a non-empty YAML list of steps, each with 'pass:'")
+        return cls(tuple(_parse_step(item, f"{where}: step {i + 1}") for i, item in enumerate(items)))
+
+    @classmethod
+    def from_yaml(cls, text: str, *, where: str = "recipe") -> Recipe:
+        try:
+            items = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{where}: not valid YAML: {e}") from None
+        return cls.from_steps(items, where=where)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Recipe:
+        p = Path(path)
+        if not p.is_file():
+            raise ValueError(f"recipe not found: {p}")
+        return cls.from_yaml(p.read_text(encoding="utf-8"), where=str(p))
+
+    @classmethod
+    def single(cls, name: str, **fields: Any) -> Recipe:
+        """A one-step recipe; every CLI command builds one of these."""
+        return cls.from_steps([{"pass": name, **fields}], where=f"{name} options")
+
+    def to_list(self) -> list[dict[str, Any]]:
+        return [s.to_dict() for s in self.steps]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_list(), sort_keys=False)
+
+
+def _parse_step(item: Any, where: str) -> Step:
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: each step is a mapping with a 'pass:' key, got {type(item).__name__}")
+    if "pass" not in item:
+        raise ValueError(f"{where}: missing 'pass:'; known passes: {', '.join(PASSES.names())}")
+    name = item["pass"]
+    if not isinstance(name, str):
+        raise ValueError(f"{where}: 'pass' must be a string")
+    try:
+        spec = PASSES.get(name)  # unknown name -> ValueError listing the known ones
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    fields = {f.name: f for f in spec.fields()}
+    kwargs: dict[str, Any] = {}
+    for key, value in item.items():
+        if key == "pass":
+            continue
+        if key not in fields:
+            raise ValueError(
+                f"{where} ({name}): unknown key {key!r}; valid keys: {', '.join(fields)}"
+            )
+        kwargs[key] = _coerce(value, _field_types(spec.config_cls)[key], f"{where} ({name}).{key}")
+    try:
+        cfg = spec.config_cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where} ({name}): {e}") from None
+    return Step(name, cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check `value` (from YAML or the CLI) against annotation `tp`; lists become tuples."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        raise ValueError(f"{where}: nested configs are not supported in recipes")
+    return value

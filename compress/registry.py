@@ -1,0 +1,141 @@
+"""Name -> spec registries for passes, exporters and eval tasks.
+
+These registries are the only global mutable state of the package. Built-in
+entries and plugin entries arrive the same way: through the pluggy hooks in
+`compress.hookspecs`, called once by `compress.plugins.load_plugins()` the
+first time a registry is read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    """A pass: a frozen config dataclass plus `run(model, cfg, calib) -> PassReport`."""
+
+    name: str
+    config_cls: type
+    run: Callable[..., Any]
+    needs_calibration: bool = False
+
+    @property
+    def summary(self) -> str:
+        return _first_line(inspect.getmodule(self.run).__doc__ or self.run.__doc__)
+
+    def fields(self) -> list[dataclasses.Field]:
+        return [f for f in dataclasses.fields(self.config_cls) if f.init]
+
+
+@dataclass(frozen=True)
+class ExporterSpec:
+    """An exporter: `export(loaded_model, out_dir, **options)` writing one artifact format."""
+
+    name: str
+    export: Callable[..., Any]
+
+    @property
+    def summary(self) -> str:
+        return _first_line(self.export.__doc__)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """An eval task: `run(backend, **options) -> result dict`."""
+
+    name: str
+    run: Callable[..., Any]
+
+    @property
+    def summary(self) -> str:
+        return _first_line(self.run.__doc__)
+
+
+S = TypeVar("S", PassSpec, ExporterSpec, TaskSpec)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if (doc or "").strip() else ""
+
+
+class Registry(Generic[S]):
+    """A name -> spec mapping that refuses silent redefinition."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._specs: dict[str, S] = {}
+
+    def add(self, spec: S) -> S:
+        old = self._specs.get(spec.name)
+        if old is not None and old != spec:
+            raise ValueError(f"{self.kind} {spec.name!r} is registered twice ({old} and {spec})")
+        self._specs[spec.name] = spec
+        return spec
+
+    def get(self, name: str) -> S:
+        _ensure_plugins()
+        try:
+            return self._specs[name]
+        except KeyError:
+            known = ", ".join(sorted(self._specs)) or "(none)"
+            raise ValueError(f"unknown {self.kind} {name!r}; known: {known}") from None
+
+    def names(self) -> list[str]:
+        _ensure_plugins()
+        return sorted(self._specs)
+
+    def __iter__(self) -> Iterator[S]:
+        _ensure_plugins()
+        return iter([self._specs[n] for n in sorted(self._specs)])
+
+    def __contains__(self, name: object) -> bool:
+        _ensure_plugins()
+        return name in self._specs
+
+
+PASSES: Registry[PassSpec] = Registry("pass")
+EXPORTERS: Registry[ExporterSpec] = Registry("exporter")
+TASKS: Registry[TaskSpec] = Registry("task")
+
+
+def register_pass(name: str, config_cls: type, *, needs_calibration: bool = False):
+    """Decorator: register `run(model, cfg, calib) -> PassReport` as pass `name`."""
+    if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
+        raise TypeError(f"pass {name!r}: config must be a frozen dataclass, got {config_cls!r}")
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.pass_spec = PASSES.add(PassSpec(name, config_cls, fn, needs_calibration))
+        return fn
+
+    return deco
+
+
+def register_exporter(name: str):
+    """Decorator: register `export(loaded_model, out_dir, **options)` as format `name`."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.exporter_spec = EXPORTERS.add(ExporterSpec(name, fn))
+        return fn
+
+    return deco
+
+
+def register_task(name: str):
+    """Decorator: register an eval task function under `name`."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        fn.task_spec = TASKS.add(TaskSpec(name, fn))
+        return fn
+
+    return deco
+
+
+def _ensure_plugins() -> None:
+    from compress.plugins import load_plugins
+
+    load_plugins()

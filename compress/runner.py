@@ -1,0 +1,70 @@
+"""The library calls behind the CLI commands: load -> passes -> export, and load -> eval."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compress.models import LoadedModel, load_model
+from compress.pipeline import Progress, apply
+from compress.recipe import Recipe
+from compress.registry import EXPORTERS, TASKS
+
+log = logging.getLogger(__name__)
+
+
+def weights_bytes(path: str | Path) -> int:
+    """Bytes of the weight files (safetensors / gguf) of a model directory or file."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+
+
+def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
+                   fmt: str = "safetensors", force: bool = False, allow_pickle: bool = False,
+                   calib: Any = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Load `model`, apply `recipe`, write the artifact to `out`; return a summary."""
+    exporter = EXPORTERS.get(fmt)  # fail on a bad format before loading anything
+    out = Path(out)
+    if out.exists() and not force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    lm = load_model(model, allow_pickle=allow_pickle)
+    reports = apply(lm.model, recipe, calib, progress=progress)
+    exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
+    return {
+        "model": lm.source,
+        "out": str(out),
+        "format": fmt,
+        "reports": [r.to_dict() for r in reports],
+        "bytes": weights_bytes(out),
+    }
+
+
+def evaluate(lm: LoadedModel, tasks: list[str], *, options: dict[str, Any] | None = None,
+             device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
+    """Run eval tasks ("wikitext2", "text:PATH") on a loaded model; return {task: result}."""
+    from eval.backends import TorchBackend
+    from eval.perplexity import PerplexityConfig
+
+    specs = []
+    for t in tasks:
+        name, _, arg = t.partition(":")
+        specs.append((t, TASKS.get(name), arg))
+    cfg = PerplexityConfig(**(options or {}))
+    backend = TorchBackend(lm.model, lm.tokenizer, device=device)
+    results = {}
+    for label, spec, arg in specs:
+        kwargs: dict[str, Any] = {"progress": progress}
+        if arg:
+            kwargs["path"] = arg
+        results[label] = spec.run(backend, cfg, **kwargs)
+    return results
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,84 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from compress.cli import cli
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_passes_lists_rtn_with_defaults(runner):
+    r = runner.invoke(cli, ["passes"])
+    assert r.exit_code == 0, r.output
+    assert "rtn:" in r.output and "group_size = 128" in r.output and "ignore = ['lm_head']" in r.output
+
+
+def test_quantize_then_eval_artifact(runner, model_dir, tmp_path):
+    out = tmp_path / "q"
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--bits", "4", "--group-size", "32", "--asym", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["reports"][0]["config"]["symmetric"] is False
+    assert (out / "compress.json").is_file()
+    res = tmp_path / "res.json"
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 80)
+    r = runner.invoke(cli, ["eval", str(out), "--task", "wikitext2", "--task", f"text:{text}",
+                            "--windows", "2", "--seq-len", "64", "--output", str(res)])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(res.read_text())
+    assert doc["results"]["wikitext2"]["windows"] == 2
+    assert doc["results"]["wikitext2"]["protocol"]["seq_len"] == 64
+    assert doc["results"][f"text:{text}"]["perplexity"] > 1
+    # refuses to overwrite
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--out", str(out)])
+    assert r.exit_code == 1 and "--force" in r.output
+
+
+def test_run_recipe_validates_before_loading(runner, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- pass: rtn\n  bitz: 4\n")
+    r = runner.invoke(cli, ["run", str(recipe), str(tmp_path / "no-such-model"), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1
+    assert "unknown key 'bitz'; valid keys: bits" in r.output and "no-such-model" not in r.output
+    recipe.write_text("- pass: awqq\n")
+    r = runner.invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "known: " in r.output and "rtn" in r.output
+
+
+def test_run_recipe_writes_artifact(runner, model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- pass: rtn\n  bits: 8\n  group_size: -1\n")
+    r = runner.invoke(cli, ["run", str(recipe), str(model_dir), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 0, r.output
+    prov = json.loads((tmp_path / "o" / "compress.json").read_text())
+    assert prov["recipe"][0]["bits"] == 8
+
+
+def test_missing_model_is_one_line_error(runner, tmp_path):
+    r = runner.invoke(cli, ["eval", str(tmp_path / "missing")])
+    assert r.exit_code == 1
+    assert r.output.strip().splitlines() == [f"Error: model path not found: {tmp_path / 'missing'}"]
+
+
+def test_bin_checkpoint_refused_in_one_line(runner, model_dir, tmp_path):
+    from compress.models import load_model
+
+    lm = load_model(model_dir)
+    d = tmp_path / "pickled"
+    lm.model.save_pretrained(d, safe_serialization=False)
+    lm.tokenizer.save_pretrained(d)
+    r = runner.invoke(cli, ["eval", str(d), "--windows", "1", "--seq-len", "32"])
+    assert r.exit_code == 1
+    assert len(r.output.strip().splitlines()) == 1 and "--allow-pickle" in r.output
+
+
+def test_bad_option_values(runner, tmp_path):
+    r = runner.invoke(cli, ["quantize", "--bits", "5", "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "'5' is not one of" in r.output
+    r = runner.invoke(cli, ["eval", "--windows", "0"])
+    assert r.exit_code == 1 and "windows must be" in r.output
