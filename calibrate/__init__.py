@@ -1,5 +1,16 @@
-"""Calibration data and statistics shared by every calibrated pass."""
+"""Calibration data, block-input capture with sequential replay, and statistics collectors."""
 
+from calibrate.blocks import BlockInputs, capture_first_block_inputs, decoder_blocks, run_block
 from calibrate.data import CalibConfig, load_calibration
+from calibrate.stats import ChannelStats, HessianCollector
 
-__all__ = ["CalibConfig", "load_calibration"]
+__all__ = [
+    "BlockInputs",
+    "CalibConfig",
+    "ChannelStats",
+    "HessianCollector",
+    "capture_first_block_inputs",
+    "decoder_blocks",
+    "load_calibration",
+    "run_block",
+]

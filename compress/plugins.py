@@ -19,9 +19,10 @@ class _Builtin:
 
     @hookimpl
     def register_passes(self, register):
-        from compress.quantize import rtn
+        from compress.quantize import gptq, rtn
 
         register(rtn.run)
+        register(gptq.run)
 
     @hookimpl
     def register_exporters(self, register):

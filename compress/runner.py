@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from calibrate.data import CalibConfig, load_calibration, read_text
 from compress.models import LoadedModel, load_model
 from compress.pipeline import Progress, apply
 from compress.recipe import Recipe
@@ -26,20 +27,32 @@ def weights_bytes(path: str | Path) -> int:
 
 def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
                    fmt: str = "safetensors", force: bool = False, allow_pickle: bool = False,
-                   calib: Any = None, progress: Progress | None = None) -> dict[str, Any]:
-    """Load `model`, apply `recipe`, write the artifact to `out`; return a summary."""
+                   calib: CalibConfig | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Load `model`, apply `recipe`, write the artifact to `out`; return a summary.
+
+    Calibration windows are drawn (per `calib`, default: 128 x 512 tokens of
+    the WikiText-2 validation split) only when a step needs them.
+    """
     exporter = EXPORTERS.get(fmt)  # fail on a bad format before loading anything
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    calib = calib or CalibConfig()
+    if calib.source != "wikitext2":
+        read_text(calib.source)  # a missing calibration file fails before the model loads
     lm = load_model(model, allow_pickle=allow_pickle)
-    reports = apply(lm.model, recipe, calib, progress=progress)
+    ids = None
+    if any(s.spec.needs_calibration for s in recipe.steps):
+        ids = load_calibration(lm.tokenizer, calib)
+    reports = apply(lm.model, recipe, ids, progress=progress)
     exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
     return {
         "model": lm.source,
         "out": str(out),
         "format": fmt,
         "reports": [r.to_dict() for r in reports],
+        "calibration": None if ids is None else {"source": calib.source, "samples": calib.samples,
+                                                 "seq_len": calib.seq_len, "seed": calib.seed},
         "bytes": weights_bytes(out),
     }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import console, echo_json, progress_bar
+from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
 
 
 @click.command("quantize")
@@ -18,7 +18,8 @@ from compress.cli._common import console, echo_json, progress_bar
 @click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-def command(model, bits, group_size, symmetric, method, scale_dtype, ignore, out, force, allow_pickle) -> None:
+@calib_options
+def command(model, bits, group_size, symmetric, method, scale_dtype, ignore, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -36,6 +37,7 @@ def command(model, bits, group_size, symmetric, method, scale_dtype, ignore, out
         fields["ignore"] = list(ignore)
     recipe = Recipe.single(method, **fields)
     with progress_bar() as progress:
-        summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle, progress=progress)
+        summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
+                                   calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
     console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB)")
     echo_json(summary)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import console, echo_json, progress_bar
+from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
 
 
 @click.command("run")
@@ -14,7 +14,8 @@ from compress.cli._common import console, echo_json, progress_bar
 @click.option("--format", "fmt", default="safetensors", show_default=True, help="Exporter (see `compress passes`).")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-def command(recipe, model, out, fmt, force, allow_pickle) -> None:
+@calib_options
+def command(recipe, model, out, fmt, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Apply the steps of RECIPE (a YAML file) to MODEL and write the artifact.
 
     The recipe is validated before the model is loaded.
@@ -28,6 +29,7 @@ def command(recipe, model, out, fmt, force, allow_pickle) -> None:
 
     r = Recipe.from_file(recipe)
     with progress_bar() as progress:
-        summary = compress_model(model, r, out, fmt=fmt, force=force, allow_pickle=allow_pickle, progress=progress)
+        summary = compress_model(model, r, out, fmt=fmt, force=force, allow_pickle=allow_pickle,
+                                   calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
     console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB)")
     echo_json(summary)

@@ -82,3 +82,20 @@ def test_bad_option_values(runner, tmp_path):
     assert r.exit_code == 2 and "'5' is not one of" in r.output
     r = runner.invoke(cli, ["eval", "--windows", "0"])
     assert r.exit_code == 1 and "windows must be" in r.output
+
+
+def test_quantize_gptq_with_calibration_options(runner, model_dir, tmp_path):
+    calib = tmp_path / "c.jsonl"
+    calib.write_text("\n".join(json.dumps({"text": f"Sample {i}: the river flows past the old mill. " * 8})
+                               for i in range(20)))
+    out = tmp_path / "g"
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "gptq", "--bits", "3", "--group-size", "32",
+                            "--calib", f"{str(calib)[:-6]}.jsonl:text", "--calib-samples", "4",
+                            "--calib-seq-len", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["calibration"]["samples"] == 4
+    assert summary["reports"][0]["config"]["calibration_tokens"] == 4 * 32
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "gptq", "--calib", str(tmp_path / "none.txt"),
+                            "--out", str(tmp_path / "h")])
+    assert r.exit_code == 1 and "calibration source not found" in r.output

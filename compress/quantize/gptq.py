@@ -1,0 +1,175 @@
+"""GPTQ: accurate post-training quantization for generative pre-trained transformers.
+
+Frantar, Ashkboos, Hoefler, Alistarh, ICLR 2023, https://arxiv.org/abs/2210.17323.
+Columns of each weight are quantized one at a time; the rounding error of a
+column is spread over the not-yet-quantized columns through the inverse
+Hessian H^-1 of the layer's reconstruction loss ||XW^T - XQ^T||^2
+(H = 2 X^T X from calibration inputs). The Cholesky factor of H^-1 gives the
+update rows, and updates are applied lazily in blocks of columns.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibrate.blocks import (
+    capture_first_block_inputs,
+    decoder_blocks,
+    input_stages,
+    observe_block,
+    run_block,
+)
+from calibrate.stats import HessianCollector
+from compress import targets as tg
+from compress.pipeline import PassReport, Progress
+from compress.quantize.grid import qparams
+from compress.quantize.qlinear import QuantLinear
+from compress.quantize.scheme import QuantScheme, WeightQuantConfig
+from compress.registry import register_pass
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQConfig(WeightQuantConfig):
+    block_size: int = 128  # columns per lazy batch update (paper: 128)
+    dampening: float = 0.01  # fraction of mean diag(H) added to the diagonal (paper: 1 %)
+    act_order: bool = True  # quantize columns by decreasing diag(H); groups stay static
+    true_sequential: bool = True  # within a block, re-collect inputs after each stage is quantized
+    batch_size: int = 8  # calibration samples per forward pass
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+
+def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
+                    dampening: float = 0.01, act_order: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """GPTQ for one weight W (out, in) with Hessian H (in, in).
+
+    Returns unsigned codes (out, in) int32, scale and zero (out, n_groups), and
+    the loss sum over columns of ((w - q)^2 / [H^-1]_jj^2) / 2 (as in the paper's code).
+    With `act_order` the group parameters are computed up front from W (static
+    groups), so groups stay contiguous in the original column order.
+    """
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    out, n = W.shape
+    g, ng = scheme.group_len(n), scheme.n_groups(n)
+
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    scale = torch.empty(out, ng)
+    zero = torch.empty(out, ng)
+    column_scheme = QuantScheme(bits=scheme.bits, group_size=-1, symmetric=scheme.symmetric,
+                                scale_dtype=scheme.scale_dtype)
+    if act_order:  # static groups: from the (dead-column-zeroed) weights before any update
+        scale, zero = qparams(W, scheme)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        group_of = (perm // g).tolist()  # (in,) original group of each permuted column
+    else:
+        perm = None
+        group_of = [j // g for j in range(n)]
+
+    damp = dampening * torch.mean(torch.diag(H))
+    H.diagonal().add_(damp)
+    # Upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    Q = torch.zeros(out, n, dtype=torch.int32)
+    loss = torch.zeros(out)
+    qmax = scheme.qmax
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        W1 = W[:, i1:i2].clone()  # (out, b)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            gi = group_of[j]
+            if not act_order and j % g == 0:  # first column of a group: its grid from current weights
+                s, z = qparams(_group_slice(W, W1, i1, i2, j, g), column_scheme)
+                scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
+            w = W1[:, i]
+            q = torch.clamp(torch.round(w / scale[:, gi]) + zero[:, gi], 0, qmax)
+            dq = (q - zero[:, gi]) * scale[:, gi]
+            Q[:, j] = q.to(torch.int32)
+            d = Hinv1[i, i]
+            err = (w - dq) / d
+            loss += (w - dq).pow(2) / d**2 / 2
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # spread the error in the block
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the remaining columns
+
+    if perm is not None:
+        Q = Q[:, torch.argsort(perm)]
+    return Q, scale, zero, float(loss.sum())
+
+
+def _group_slice(W: torch.Tensor, W1: torch.Tensor, i1: int, i2: int, j: int, g: int) -> torch.Tensor:
+    """Current weights of the group starting at column j: the in-block part is in W1, the rest in W."""
+    end = min(j + g, W.shape[1])
+    inside = W1[:, j - i1 : min(end, i2) - i1]
+    return inside if end <= i2 else torch.cat([inside, W[:, i2:end]], dim=1)
+
+
+@register_pass("gptq", GPTQConfig, needs_calibration=True)
+def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
+    """Quantize selected Linears block by block with GPTQ on calibration token windows `calib` (samples, seq_len)."""
+    selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
+    path, blocks = decoder_blocks(model)
+    outside = [n for n in selected if not n.startswith(f"{path}.")]
+    if outside:
+        raise ValueError(f"gptq works inside the decoder blocks ({path}); add these to ignore: {', '.join(outside[:5])}")
+    scheme = cfg.scheme
+    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
+    total_loss, done, bits, weights = 0.0, 0, 0, 0
+    for b, block in enumerate(blocks):
+        prefix = f"{path}.{b}."
+        mods = {n[len(prefix):]: m for n, m in selected.items() if n.startswith(prefix)}
+        if not mods:
+            inputs.hidden = run_block(block, inputs)
+            continue
+        # modules in one stage read the same tensor, so they share one Hessian
+        stages = input_stages(block, inputs, mods)
+        rounds = [[st] for st in stages] if cfg.true_sequential else [stages]
+        for group in rounds:
+            hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device) for st in group}
+            observe_block(block, inputs, {lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x))
+            for st in group:
+                H = hs[st[0]].hessian
+                for n in st:
+                    lin = mods[n]
+                    q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, block_size=cfg.block_size,
+                                                           dampening=cfg.dampening, act_order=cfg.act_order)
+                    qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
+                    tg.set_submodule(block, n, qlin)
+                    total_loss += loss
+                    bits += qlin.storage_bits()
+                    weights += q.numel()
+                    done += 1
+        inputs.hidden = run_block(block, inputs)  # the quantized block feeds the next one
+        if progress:
+            progress("gptq", b + 1, len(blocks))
+    log.info("gptq: quantized %d modules, loss %.4g", done, total_loss)
+    return PassReport(
+        name="gptq",
+        config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
+                "block_size": cfg.block_size, "dampening": cfg.dampening, "act_order": cfg.act_order,
+                "true_sequential": cfg.true_sequential, "calibration_tokens": int(calib.numel())},
+        modules=done,
+        metrics={"gptq_loss": total_loss, "bits_per_weight": bits / max(weights, 1)},
+    )
