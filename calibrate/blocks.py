@@ -100,13 +100,29 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def observe_block(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module],
-                  on_input: Callable[[str, torch.Tensor], None]) -> None:
-    """Run the block over all batches, calling on_input(name, x) with each watched module's input."""
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: on_input(n, args[0]))
-               for n, m in modules.items()]
+                  on_input: Callable[[str, torch.Tensor], None], *, stop_early: bool = False) -> None:
+    """Run the block over all batches, calling on_input(name, x) with each watched module's input.
+
+    With `stop_early`, each batch's forward ends as soon as every watched module
+    has seen its input: observing the first modules of a block then costs
+    almost nothing, instead of a full block forward.
+    """
+    seen: set[str] = set()
+
+    def hook(mod, args, n):
+        on_input(n, args[0])
+        seen.add(n)
+        if stop_early and len(seen) == len(modules):
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in modules.items()]
     try:
         for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
-            block(h, **kw)
+            seen.clear()
+            try:
+                block(h, **kw)
+            except _Stop:
+                pass
     finally:
         for hd in handles:
             hd.remove()

@@ -148,7 +148,8 @@ def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Pro
         rounds = [[st] for st in stages] if cfg.true_sequential else [stages]
         for group in rounds:
             hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device) for st in group}
-            observe_block(block, inputs, {lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x))
+            observe_block(block, inputs, {lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x),
+                          stop_early=True)
             for st in group:
                 H = hs[st[0]].hessian
                 for n in st:
