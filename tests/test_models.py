@@ -124,3 +124,15 @@ def test_sigterm_during_cli_save_cleans_up(model_dir, tmp_path):
     p.terminate()
     assert p.wait(timeout=30) == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+
+
+def test_quantized_lm_head_of_tied_model_round_trips(model_dirs, tmp_path, tokens):
+    lm = load_model(model_dirs["llama"])  # tie_word_embeddings=True
+    apply(lm.model, Recipe.single("rtn", bits=8, ignore=[]))
+    assert isinstance(lm.model.lm_head, QuantLinear)
+    with torch.no_grad():
+        ref = lm.model(tokens).logits
+    back = load_model(save_model(lm, tmp_path / "o"))
+    assert isinstance(back.model.lm_head, QuantLinear)
+    with torch.no_grad():
+        assert torch.equal(back.model(tokens).logits, ref)
