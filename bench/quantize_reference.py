@@ -25,7 +25,7 @@ from pathlib import Path
 DEFAULT = "rtn:4:128,gptq:4:128,rtn:4:64,gptq:4:64,gptq:3:64,gptq:8:-1,rtn:8:-1"
 
 
-def one(method: str, bits: int, group: int, windows: int, threads: int) -> dict:
+def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threads: int) -> dict:
     import torch
     from safetensors import safe_open
 
@@ -37,7 +37,7 @@ def one(method: str, bits: int, group: int, windows: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     lm = load_model()
-    recipe = Recipe.single(method, bits=bits, group_size=group, symmetric=True)
+    recipe = Recipe.single(method, bits=bits, group_size=group, symmetric=symmetric)
     calib = load_calibration(lm.tokenizer, CalibConfig()) if recipe.steps[0].spec.needs_calibration else None
     t0 = time.perf_counter()
     reports = apply(lm.model, recipe, calib)
@@ -57,7 +57,7 @@ def one(method: str, bits: int, group: int, windows: int, threads: int) -> dict:
                         n_b += x.numel() * x.element_size() * 8
         del lm
         r = evaluate(load_model(out), ["wikitext2"], options={"windows": windows})["wikitext2"]
-    return {"method": method, "bits": bits, "group_size": group, "symmetric": True,
+    return {"method": method, "bits": bits, "group_size": group, "symmetric": symmetric,
             "perplexity": r["perplexity"], "bits_per_weight_on_disk": n_b / n_w,
             "quantize_seconds": round(seconds, 1), "peak_rss_bytes_during_quantize": rss,
             "protocol": r["protocol"]}
@@ -65,15 +65,17 @@ def one(method: str, bits: int, group: int, windows: int, threads: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default=DEFAULT, help="method:bits:group,...")
+    ap.add_argument("--configs", default=DEFAULT, help="method:bits:group[:asym],... (symmetric unless :asym)")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "quantize_reference.json"))
     args = ap.parse_args()
     if args.one:
-        m, b, g = args.one.split(":")
-        print(json.dumps(one(m, int(b), int(g), args.windows, args.threads)))
+        m, b, g, *sym = args.one.split(":")
+        if sym not in ([], ["sym"], ["asym"]):
+            raise SystemExit(f"bad config {args.one!r}: method:bits:group[:sym|asym]")
+        print(json.dumps(one(m, int(b), int(g), sym != ["asym"], args.windows, args.threads)))
         return
     from compress.artifact import package_versions, write_json_atomic
 
