@@ -51,10 +51,6 @@ class BlockInputs:
     hidden: list[torch.Tensor]
     kwargs: list[dict]
 
-    @property
-    def tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
-
 
 def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8) -> BlockInputs:
     """Run `ids` (samples, seq_len) through the model up to block 0 and keep its inputs."""
@@ -140,17 +136,16 @@ def input_stages(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Mo
     # keep the tensors alive so that `id` cannot be reused by a later, different input
     observe_block(block, one, modules, lambda n, x: order.append((n, x)))
     stages: list[list[str]] = []
-    ptr_stage: dict[int, int] = {}
+    stage_of_input: dict[int, int] = {}  # id(input tensor) -> stage index
     seen: set[str] = set()
     for name, x in order:
-        ptr = id(x)
         if name in seen:
             continue
         seen.add(name)
-        if ptr in ptr_stage:
-            stages[ptr_stage[ptr]].append(name)
+        if id(x) in stage_of_input:
+            stages[stage_of_input[id(x)]].append(name)
         else:
-            ptr_stage[ptr] = len(stages)
+            stage_of_input[id(x)] = len(stages)
             stages.append([name])
     missing = [n for n in modules if n not in seen]
     if missing:

@@ -51,9 +51,11 @@ def read_text(source: str) -> str:
     return p.read_text(encoding="utf-8")
 
 
-def load_calibration(tokenizer, cfg: CalibConfig) -> torch.Tensor:
-    """(samples, seq_len) int64 token windows."""
-    ids = tokenizer(read_text(cfg.source), add_special_tokens=False, return_tensors="pt").input_ids[0]
+def load_calibration(tokenizer, cfg: CalibConfig, *, text: str | None = None) -> torch.Tensor:
+    """(samples, seq_len) int64 token windows; `text` is `read_text(cfg.source)` when already read."""
+    if text is None:
+        text = read_text(cfg.source)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if ids.numel() <= cfg.seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens; need more than seq_len={cfg.seq_len}")
     g = torch.Generator().manual_seed(cfg.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -38,12 +39,11 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
     calib = calib or CalibConfig()
-    if calib.source != "wikitext2":
-        read_text(calib.source)  # a missing calibration file fails before the model loads
+    needs_calib = any(s.spec.needs_calibration for s in recipe.steps)
+    # read once, before the model loads, so a missing calibration file fails early
+    text = read_text(calib.source) if needs_calib or calib.source != "wikitext2" else None
     lm = load_model(model, allow_pickle=allow_pickle)
-    ids = None
-    if any(s.spec.needs_calibration for s in recipe.steps):
-        ids = load_calibration(lm.tokenizer, calib)
+    ids = load_calibration(lm.tokenizer, calib, text=text) if needs_calib else None
     reports = apply(lm.model, recipe, ids, progress=progress)
     exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
     return {
@@ -51,8 +51,7 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
         "out": str(out),
         "format": fmt,
         "reports": [r.to_dict() for r in reports],
-        "calibration": None if ids is None else {"source": calib.source, "samples": calib.samples,
-                                                 "seq_len": calib.seq_len, "seed": calib.seed},
+        "calibration": dataclasses.asdict(calib) if needs_calib else None,
         "bytes": weights_bytes(out),
     }
 

@@ -71,8 +71,6 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    scale = torch.empty(out, ng)
-    zero = torch.empty(out, ng)
     column_scheme = QuantScheme(bits=scheme.bits, group_size=-1, symmetric=scheme.symmetric,
                                 scale_dtype=scheme.scale_dtype)
     if act_order:  # static groups: from the (dead-column-zeroed) weights before any update
@@ -80,7 +78,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
         group_of = (perm // g).tolist()  # (in,) original group of each permuted column
-    else:
+    else:  # each group's grid is set when its first column comes up
+        scale, zero = torch.empty(out, ng), torch.empty(out, ng)
         perm = None
         group_of = [j // g for j in range(n)]
 
