@@ -14,7 +14,7 @@ EXTRAS ?= dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.compress-installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean peers-setup
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) out
+
+# Benchmark only: the separate venv (.venv-peers) of the peer quantizers run by bench/quantize_reference.py.
+peers-setup:
+	PYTHON="$(PYTHON)" TORCH="$(TORCH)" TORCH_ARGS="$(TORCH_ARGS)" bash bench/peers/setup.sh
