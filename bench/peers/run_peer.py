@@ -1,0 +1,352 @@
+"""Run one peer toolkit's weight quantizer on a model and score it under our perplexity protocol.
+
+Runs inside `.venv-peers/bin/python` (see bench/peers/setup.sh) and never
+imports our own packages: the calibration and evaluation token windows come
+ready-made from bench/quantize_reference.py as safetensors files, so every
+peer sees exactly the tokens our methods see.
+
+    run_peer.py --method {none,hqq,bnb-nf4,llmc-gptq,llmc-awq} --bits B --group G \\
+        --model DIR --calib CALIB.safetensors --eval EVAL.safetensors --out RESULT.json \\
+        [--threads 2] [--work DIR]
+
+CALIB holds `ids` (samples, seq_len) int64, EVAL holds `windows` (n, seq_len)
+int64. Perplexity = exp(sum of NLL over every predicted token / their count):
+for each window, logits at positions 0..L-2 predict tokens 1..L-1, no BOS,
+float32 logits. The quantize time covers the quantizer only (not loading, not
+scoring); the peak RSS is ru_maxrss right after quantization (as in our bench)
+and again at the end. Bits per weight count what the tool actually stores for
+the quantized Linear modules (the JSON's bits_note says how). On failure the
+JSON carries "error" and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from importlib import metadata
+from pathlib import Path
+
+METHODS = ("none", "hqq", "bnb-nf4", "llmc-gptq", "llmc-awq")
+PEER_PACKAGE = {"none": None, "hqq": "hqq", "bnb-nf4": "bitsandbytes",
+                "llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor"}
+
+
+def rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def version(dist: str | None) -> str | None:
+    if dist is None:
+        return None
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def decoder_linears(model) -> list[tuple[str, object]]:
+    """Every nn.Linear inside the decoder blocks (so never lm_head)."""
+    import torch
+
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}"]
+
+
+def set_module(model, name: str, new) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def load_model(path: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+# --- perplexity ---------------------------------------------------------------
+
+def perplexity(model, windows) -> tuple[float, int]:
+    """exp(mean NLL) over every predicted token of `windows` (n, L), one window per forward."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for i in range(windows.shape[0]):
+            ids = windows[i : i + 1]
+            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+            total += float(nll.double().sum())
+            count += nll.numel()
+    return math.exp(total / count), count
+
+
+# --- HQQ ----------------------------------------------------------------------
+
+def run_hqq(model, bits: int, group: int, calib) -> dict:
+    import torch
+    from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+    cfg = BaseQuantizeConfig(nbits=bits, group_size=group)  # axis=1: groups along the input dimension
+    linears = decoder_linears(model)
+    t0 = time.perf_counter()
+    for name, lin in linears:
+        set_module(model, name, HQQLinear(lin, cfg, compute_dtype=torch.float32, device="cpu", del_orig=True))
+    seconds = time.perf_counter() - t0
+    rss = rss_bytes()
+    n_w = n_b = 0
+    for name, _ in linears:
+        q = model.get_submodule(name)
+        n_w += q.in_features * q.out_features
+        tensors = [q.W_q] + [v for v in q.meta.values() if torch.is_tensor(v)]
+        for sub in ("meta_scale", "meta_zero"):  # quantized / offloaded meta (deprecated options, off here)
+            if isinstance(q.meta.get(sub), dict):
+                tensors += [v for v in q.meta[sub].values() if torch.is_tensor(v)]
+        n_b += sum(t.numel() * t.element_size() * 8 for t in tensors)
+    meta_dtypes = sorted({str(v.dtype) for v in model.get_submodule(linears[0][0]).meta.values() if torch.is_tensor(v)})
+    q0 = model.get_submodule(linears[0][0])
+    return {
+        "quantize_seconds": seconds, "peak_rss_bytes": rss, "bits_per_weight": n_b / n_w,
+        "symmetric": False, "quantized_modules": len(linears), "quantized_weights": n_w,
+        "bits_note": ("HQQ in memory: bytes of W_q (packing " + str(q0.meta["packing"]) + ") plus every tensor "
+                      f"in HQQLinear.meta (scale and zero, dtype {meta_dtypes}; no quantized/offloaded meta) "
+                      "over the quantized Linears, divided by their weights"),
+        "notes": ["HQQ is affine (scale and zero point per group); BaseQuantizeConfig defaults: axis=1, "
+                  "optimize=True, round_zero=" + str(bits == 4) + ", meta not quantized",
+                  "HQQLinear on every Linear of the decoder blocks, compute_dtype float32, device cpu, "
+                  "PyTorch backend (dequantize then matmul); lm_head and embeddings stay float32",
+                  "data-free: the calibration windows are not used"],
+    }
+
+
+# --- bitsandbytes NF4 -----------------------------------------------------------
+
+def run_bnb(model, bits: int, group: int, calib) -> dict:
+    import bitsandbytes as bnb
+    import torch
+
+    if bits != 4:
+        raise ValueError(f"bnb-nf4 is 4-bit only, got --bits {bits}")
+    linears = decoder_linears(model)
+    t0 = time.perf_counter()
+    for name, lin in linears:
+        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                              compute_dtype=torch.float32, compress_statistics=False, quant_type="nf4",
+                              quant_storage=torch.uint8, device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=group,
+                                     compress_statistics=False, quant_type="nf4",
+                                     quant_storage=torch.uint8).to("cpu")  # .to() quantizes
+        if lin.bias is not None:
+            q.bias = torch.nn.Parameter(lin.bias.data, requires_grad=False)
+        # On CPUs with AVX512-BF16 bnb repacks the weight at the first eval-mode forward and turns
+        # absmax and the compute into bfloat16; keep the generic path so the compute stays float32
+        # (checked: output equals x @ dequantize_4bit(W).T in float32 exactly).
+        q.support_avx512bf16_for_cpu = False
+        set_module(model, name, q)
+    seconds = time.perf_counter() - t0
+    rss = rss_bytes()
+    n_w = n_b = 0
+    for name, _ in linears:
+        q = model.get_submodule(name)
+        st = q.weight.quant_state
+        n_w += q.in_features * q.out_features
+        tensors = [q.weight.data, st.absmax]
+        if st.nested:
+            tensors += [st.state2.absmax, st.offset]
+        n_b += sum(t.numel() * t.element_size() * 8 for t in tensors)
+    st = model.get_submodule(linears[0][0]).weight.quant_state
+    return {
+        "quantize_seconds": seconds, "peak_rss_bytes": rss, "bits_per_weight": n_b / n_w,
+        "symmetric": True, "quantized_modules": len(linears), "quantized_weights": n_w,
+        "bits_note": (f"bitsandbytes in memory: bytes of Params4bit storage ({q.weight.data.dtype}) plus "
+                      f"quant_state.absmax ({st.absmax.dtype}, one per {st.blocksize} weights; no nested "
+                      "statistics) over the quantized Linears, divided by their weights; the 16-entry NF4 "
+                      "code table, shared by all layers, is not counted"),
+        "notes": ["NF4: absmax-scaled 16-value normal-float code book per block (symmetric, no zero point), "
+                  f"blocksize {st.blocksize}, compress_statistics (double quant) off",
+                  "bnb.nn.Linear4bit replacing every Linear of the decoder blocks, compute_dtype float32, "
+                  "support_avx512bf16_for_cpu disabled so the CPU path does not switch to bfloat16; "
+                  "lm_head and embeddings stay float32",
+                  "data-free: the calibration windows are not used"],
+    }
+
+
+# --- llm-compressor ------------------------------------------------------------
+
+def run_llmc(model, bits: int, group: int, calib, *, awq: bool, work: Path):
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
+
+    scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group))
+    extra_notes = []
+    if awq:
+        from llmcompressor.modifiers.transform.awq import AWQModifier
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        if not torch.accelerator.is_available():
+            # AWQ's smoothing pins its cached block inputs (a host-to-device transfer speed-up); on a
+            # machine without an accelerator torch refuses with "Cannot access accelerator device
+            # when none is available". Pinning changes no value, so skip it here.
+            IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+            extra_notes.append("IntermediatesCache.pin_memory patched to a no-op (no accelerator: "
+                               "llm-compressor's AWQ otherwise fails with 'RuntimeError: Cannot access "
+                               "accelerator device when none is available'); pinning changes no values")
+        recipe = [AWQModifier(), QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])]
+    else:
+        recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"])
+    n, seq_len = calib.shape
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=n, max_seq_length=seq_len,
+            shuffle_calibration_samples=False, tokenizer=model.config.name_or_path)
+    seconds = time.perf_counter() - t0
+    res = {
+        "quantize_seconds": seconds, "peak_rss_bytes": rss_bytes(), "symmetric": True,
+        "notes": [("AWQModifier() (default Llama mappings, duo_scaling, n_grid 20) then QuantizationModifier"
+                   if awq else
+                   "GPTQModifier defaults: block_size 128, dampening_frac 0.01, actorder static"),
+                  f"config_groups: int{bits} symmetric, strategy group, group_size {group}, targets Linear, "
+                  "ignore lm_head",
+                  f"calibration: {n} windows x {seq_len} tokens given as a datasets.Dataset "
+                  "(input_ids, attention_mask), unshuffled",
+                  "perplexity scored on the in-memory model after oneshot (compressed-tensors fake-quantized "
+                  "weights), before saving (save_pretrained compresses the model in place)",
+                  "lm_head and embeddings stay float32", *extra_notes],
+    }
+
+    def after_eval() -> dict:
+        out = work / "llmc-compressed"
+        model.save_pretrained(out, save_compressed=True)
+        return llmc_bits(out)
+
+    return res, after_eval
+
+
+def llmc_bits(out: Path) -> dict:
+    """Bits per weight of the quantized Linears from a compressed-tensors checkpoint on disk."""
+    from safetensors import safe_open
+
+    qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+    n_w = n_b = 0
+    mods: set[str] = set()
+    dtypes: dict[str, str] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            keys = set(fh.keys())
+            here = {k[: -len(".weight_packed")] for k in keys if k.endswith(".weight_packed")}
+            mods |= here
+            for m in sorted(here):
+                for t in ("weight_packed", "weight_scale", "weight_zero_point"):
+                    if f"{m}.{t}" in keys:
+                        x = fh.get_tensor(f"{m}.{t}")
+                        n_b += x.numel() * x.element_size() * 8
+                        dtypes.setdefault(t, str(x.dtype))
+                rows, cols = fh.get_tensor(f"{m}.weight_shape").tolist()
+                n_w += rows * cols
+    if not mods or n_w == 0:
+        raise RuntimeError(f"no packed weights found in {out} (format {qc.get('format')!r})")
+    if any("lm_head" in m for m in mods):
+        raise RuntimeError("lm_head was quantized although it is ignored")
+    return {
+        "bits_per_weight": n_b / n_w, "quantized_modules": len(mods), "quantized_weights": n_w,
+        "bits_note": (f"compressed checkpoint (save_compressed=True, format {qc.get('format')!r}): bytes of "
+                      f"weight_packed + weight_scale + weight_zero_point tensors present (dtypes {dtypes}) of "
+                      "the quantized Linear modules in the safetensors on disk, divided by their weights "
+                      "(from weight_shape)"),
+        "quantization_config": qc,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", required=True, choices=METHODS)
+    ap.add_argument("--bits", type=int, required=True)
+    ap.add_argument("--group", type=int, required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--calib", required=True)
+    ap.add_argument("--eval", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", help="scratch directory (llm-compressor's saved checkpoint); default: a temp dir")
+    ap.add_argument("--rescore-saved", action="store_true",
+                    help="llm-compressor: also reload the saved compressed checkpoint and score it")
+    args = ap.parse_args()
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from safetensors.torch import load_file
+
+    torch.set_num_threads(args.threads)
+    row: dict = {"method": args.method, "bits": args.bits, "group_size": args.group,
+                 "model": args.model, "threads": args.threads,
+                 "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                              "transformers": version("transformers")}}
+    pkg = PEER_PACKAGE[args.method]
+    if pkg:
+        row["versions"][pkg] = version(pkg)
+    if args.method.startswith("llmc"):
+        row["versions"]["compressed-tensors"] = version("compressed-tensors")
+    status = 0
+    try:
+        calib = load_file(args.calib)["ids"].to(torch.int64)
+        windows = load_file(args.eval)["windows"].to(torch.int64)
+        model = load_model(args.model)
+        with tempfile.TemporaryDirectory() as tmp:
+            work = Path(args.work) if args.work else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            after_eval = None
+            if args.method == "none":
+                lin = decoder_linears(model)
+                res = {"quantize_seconds": 0.0, "peak_rss_bytes": rss_bytes(), "bits_per_weight": 32.0,
+                       "symmetric": None, "quantized_modules": 0,
+                       "bits_note": f"unquantized: {len(lin)} decoder Linears as float32 weights",
+                       "notes": ["protocol-parity check: the float32 model as loaded by transformers"]}
+            elif args.method == "hqq":
+                res = run_hqq(model, args.bits, args.group, calib)
+            elif args.method == "bnb-nf4":
+                res = run_bnb(model, args.bits, args.group, calib)
+            else:
+                res, after_eval = run_llmc(model, args.bits, args.group, calib,
+                                           awq=args.method == "llmc-awq", work=work)
+            row.update(res)
+            row["quantize_seconds"] = round(row["quantize_seconds"], 2)
+            model.eval()  # replaced modules start in training mode
+            t0 = time.perf_counter()
+            ppl, count = perplexity(model, windows)
+            row.update({"perplexity": ppl, "n_windows": int(windows.shape[0]), "window_tokens": int(windows.shape[1]),
+                        "predicted_tokens": count, "eval_seconds": round(time.perf_counter() - t0, 2),
+                        "calibration_windows": list(calib.shape)})
+            if not math.isfinite(ppl):
+                raise FloatingPointError(f"perplexity is not finite: {ppl}")
+            if after_eval is not None:
+                row.update(after_eval())
+                if args.rescore_saved:
+                    del model
+                    row["perplexity_reloaded"] = perplexity(load_model(str(work / "llmc-compressed")), windows)[0]
+    except Exception as e:  # recorded in the JSON, non-zero exit
+        row["error"] = f"{type(e).__name__}: {e}"
+        row["traceback"] = traceback.format_exc()[-4000:]
+        status = 1
+    row["peak_rss_bytes_end"] = rss_bytes()
+    Path(args.out).write_text(json.dumps(row, indent=1, default=str) + "\n")
+    print(json.dumps({k: row.get(k) for k in ("method", "bits", "group_size", "perplexity", "bits_per_weight",
+                                               "quantize_seconds", "error")}))
+    sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()
