@@ -8,7 +8,19 @@ Calibration: 128 windows x 512 tokens of the WikiText-2 validation split, seed 0
 
     .venv/bin/python bench/quantize_reference.py [--configs rtn:4:128,gptq:4:128,...] [--windows 64]
 
-Peers (llm-compressor, HQQ, bitsandbytes) are not run by this script yet.
+Peers: a config `peer:METHOD:BITS:GROUP` (METHOD one of none, hqq, bnb-nf4,
+llmc-gptq, llmc-awq; e.g. peer:hqq:4:64, peer:llmc-gptq:4:64, peer:bnb-nf4:4:64,
+peer:none:32:0 for the unquantized model) runs another toolkit's quantizer
+(llm-compressor, HQQ, bitsandbytes) on the same fp32 reference model
+directory, in its own virtual environment `.venv-peers` (`make peers-setup`),
+through bench/peers/run_peer.py. Once per run this script writes the same
+calibration windows our methods get (128 x 512, seed 0) and the first
+`--windows` evaluation windows of our perplexity protocol (tokenized here, with
+our tokenizer and window cutting) to safetensors files, so every tool sees the
+same tokens; the peer scores them with the same NLL definition. A peer row has
+the keys of ours where they overlap plus "tool" and the peer's full JSON under
+"peer"; a failing peer is recorded with its "error" and the run goes on.
+Configs of both kinds mix freely in --configs.
 """
 
 from __future__ import annotations
@@ -23,6 +35,11 @@ import time
 from pathlib import Path
 
 DEFAULT = "rtn:4:128,gptq:4:128,rtn:4:64,gptq:4:64,gptq:3:64,gptq:8:-1,rtn:8:-1"
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+PEER_SCRIPT = ROOT / "bench" / "peers" / "run_peer.py"
+PEER_TOOLS = {"none": "transformers", "hqq": "hqq", "bnb-nf4": "bitsandbytes",
+              "llmc-gptq": "llm-compressor", "llmc-awq": "llm-compressor"}
 
 
 def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threads: int) -> dict:
@@ -63,6 +80,87 @@ def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threa
             "protocol": r["protocol"]}
 
 
+class _WindowRecorder:
+    """A scoring backend that keeps the windows our perplexity task cuts instead of scoring them."""
+
+    name = "record"
+
+    def __init__(self, tokenizer) -> None:
+        from torch import nn
+
+        from eval.backends import TorchBackend
+
+        self._inner = TorchBackend(nn.Identity(), tokenizer)  # its encode(): the tokenization we score
+        self.bos_token_id = tokenizer.bos_token_id
+        self.windows: list = []
+
+    def encode(self, text: str) -> list[int]:
+        return self._inner.encode(text)
+
+    def token_nll(self, ids, *, bos=None):
+        import torch
+
+        self.windows.append(ids.clone())
+        return torch.zeros(ids.shape[0], ids.shape[1] - 1, dtype=torch.float64)
+
+
+def write_peer_inputs(dest: Path, windows: int, calib_cfg=None) -> dict:
+    """Write calib.safetensors (`ids`) and eval.safetensors (`windows`) for the reference model."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from calibrate.data import CalibConfig, load_calibration
+    from compress.reference import reference_model_dir
+    from eval.perplexity import PerplexityConfig, wikitext2
+
+    model_dir = reference_model_dir()
+    tok = AutoTokenizer.from_pretrained(model_dir)  # what load_model() gives for the reference model
+    calib_cfg = calib_cfg or CalibConfig()
+    ids = load_calibration(tok, calib_cfg)
+    rec = _WindowRecorder(tok)
+    proto = wikitext2(rec, PerplexityConfig(windows=windows))  # the task itself cuts the windows
+    ev = torch.cat(rec.windows).contiguous()
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file({"ids": ids.contiguous()}, str(dest / "calib.safetensors"))
+    save_file({"windows": ev}, str(dest / "eval.safetensors"))
+    return {"model": str(model_dir), "calib": str(dest / "calib.safetensors"),
+            "eval": str(dest / "eval.safetensors"), "calib_shape": list(ids.shape),
+            "eval_shape": list(ev.shape), "protocol": proto["protocol"]}
+
+
+def run_peer(cfg: str, inputs: dict, threads: int, tmp: Path) -> dict:
+    """Run one `peer:METHOD:BITS:GROUP` config in .venv-peers; a failure comes back as a row with "error"."""
+    parts = cfg.split(":")
+    method = parts[1] if len(parts) > 1 else ""
+    row: dict = {"config": cfg, "method": method, "tool": PEER_TOOLS.get(method, "?")}
+    if len(parts) != 4 or method not in PEER_TOOLS or not all(x.lstrip("-").isdigit() for x in parts[2:]):
+        return {**row, "error": f"bad peer config {cfg!r}: peer:METHOD:BITS:GROUP, METHOD in {sorted(PEER_TOOLS)}"}
+    row.update(bits=int(parts[2]), group_size=int(parts[3]))
+    if not PEER_PYTHON.is_file():
+        return {**row, "error": f"{PEER_PYTHON} not found: run `make peers-setup` (bash bench/peers/setup.sh)"}
+    out = tmp / f"{method}-{parts[2]}-{parts[3]}.json"
+    cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--method", method, "--bits", parts[2], "--group", parts[3],
+           "--model", inputs["model"], "--calib", inputs["calib"], "--eval", inputs["eval"],
+           "--out", str(out), "--threads", str(threads), "--work", str(tmp / f"work-{method}-{parts[2]}-{parts[3]}")]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    row["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    if not out.is_file():
+        return {**row, "error": f"run_peer.py exited {p.returncode} without a result: {p.stderr[-2000:]}"}
+    peer = json.loads(out.read_text())
+    row.update(symmetric=peer.get("symmetric"), peer=peer)
+    if p.returncode != 0 or "error" in peer:
+        return {**row, "error": peer.get("error", f"run_peer.py exited {p.returncode}"),
+                "stderr_tail": p.stderr[-2000:]}
+    row.update(perplexity=peer["perplexity"], bits_per_weight_on_disk=peer["bits_per_weight"],
+               bits_note=peer["bits_note"], quantize_seconds=round(peer["quantize_seconds"], 1),
+               peak_rss_bytes_during_quantize=peer["peak_rss_bytes"],
+               protocol={**inputs["protocol"], "scored_by": "bench/peers/run_peer.py in .venv-peers",
+                         "windows_scored": peer["n_windows"]})
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=DEFAULT, help="method:bits:group[:asym],... (symmetric unless :asym)")
@@ -82,23 +180,37 @@ def main() -> None:
     fp32 = json.loads((Path(__file__).parent / "results" / "rtn_reference.json").read_text())
     base = fp32["results"]["fp32"]["perplexity"]
     rows = []
-    for cfg in args.configs.split(","):
-        p = subprocess.run([sys.executable, __file__, "--one", cfg, "--windows", str(args.windows),
-                            "--threads", str(args.threads)], capture_output=True, text=True)
-        if p.returncode != 0:
-            print(p.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{cfg} failed")
-        row = json.loads(p.stdout.strip().splitlines()[-1])
-        row["rise_over_fp32"] = row["perplexity"] / base - 1
-        rows.append(row)
-        print(f"{cfg:12s} ppl {row['perplexity']:.3f} (+{100 * row['rise_over_fp32']:.1f} %) "
-              f"{row['bits_per_weight_on_disk']:.3f} bpw  {row['quantize_seconds']:.0f} s  "
-              f"{row['peak_rss_bytes_during_quantize'] / 2**30:.2f} GiB", flush=True)
+    configs = args.configs.split(",")
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
+        inputs = None
+        if any(c.startswith("peer:") for c in configs):
+            inputs = write_peer_inputs(Path(tmp), args.windows)
+        for cfg in configs:
+            if cfg.startswith("peer:"):
+                row = run_peer(cfg, inputs, args.threads, Path(tmp))
+                if "error" in row:
+                    rows.append(row)
+                    print(f"{cfg:12s} FAILED: {row['error'][:500]}", flush=True)
+                    continue
+            else:
+                p = subprocess.run([sys.executable, __file__, "--one", cfg, "--windows", str(args.windows),
+                                    "--threads", str(args.threads)], capture_output=True, text=True)
+                if p.returncode != 0:
+                    print(p.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"{cfg} failed")
+                row = json.loads(p.stdout.strip().splitlines()[-1])
+            row["rise_over_fp32"] = row["perplexity"] / base - 1
+            rows.append(row)
+            print(f"{cfg:12s} ppl {row['perplexity']:.3f} (+{100 * row['rise_over_fp32']:.1f} %) "
+                  f"{row['bits_per_weight_on_disk']:.3f} bpw  {row['quantize_seconds']:.0f} s  "
+                  f"{row['peak_rss_bytes_during_quantize'] / 2**30:.2f} GiB", flush=True)
     write_json_atomic(Path(args.output), {
         "command": " ".join(["python", *sys.argv]),
         "fp32_perplexity": base, "fp32_from": "bench/results/rtn_reference.json",
         "calibration": "wikitext2 validation, 128 x 512 tokens, seed 0",
-        "threads": args.threads, "versions": package_versions(), "results": rows})
+        "threads": args.threads, "versions": package_versions(),
+        **({"peer_inputs": {k: inputs[k] for k in ("model", "calib_shape", "eval_shape")}} if inputs else {}),
+        "results": rows})
 
 
 if __name__ == "__main__":
