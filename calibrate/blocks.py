@@ -13,11 +13,13 @@ in `BLOCK_PATHS`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from compress import lazy
 
 # attribute path of the decoder-block ModuleList, one row per architecture family
 BLOCK_PATHS: tuple[str, ...] = (
@@ -40,6 +42,50 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}; known paths: {', '.join(BLOCK_PATHS)}")
 
 
+def modules_by_block(model: nn.Module, selected: dict[str, nn.Module], pass_name: str
+                     ) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
+    """The decoder blocks and, for each, its selected modules keyed by their name inside the block.
+
+    Block-wise passes calibrate only what lives inside a decoder block; a selected
+    module outside (an embedding projection, lm_head) is an error naming it.
+    """
+    path, blocks = decoder_blocks(model)
+    outside = [n for n in selected if not n.startswith(f"{path}.")]
+    if outside:
+        raise ValueError(f"{pass_name} works inside the decoder blocks ({path}); "
+                         f"add these to ignore: {', '.join(outside[:5])}")
+    per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
+    for n, m in selected.items():
+        b, _, rest = n[len(path) + 1:].partition(".")
+        per_block[int(b)][rest] = m
+    return blocks, per_block
+
+
+def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[list[tuple[str, nn.Module]]]:
+    """Batches of `modules` (name -> module) whose tensors are in memory while the batch is processed.
+
+    In memory: one batch with everything. Lazily loaded: the modules outside
+    the decoder blocks first, then one batch per block, as in `blocks_in_turn`.
+    """
+    if lazy.store_of(model) is None:
+        yield list(modules.items())
+        return
+    path, blocks = decoder_blocks(model)
+    inside: dict[int, list[str]] = {}
+    outside = []
+    for n in modules:
+        if n.startswith(f"{path}."):
+            inside.setdefault(int(n[len(path) + 1:].partition(".")[0]), []).append(n)
+        else:
+            outside.append(n)
+    if outside:
+        with lazy.outside_blocks(model, path):
+            yield [(n, model.get_submodule(n)) for n in outside]
+    for b, _ in blocks_in_turn(model, blocks):
+        if b in inside:
+            yield [(n, model.get_submodule(n)) for n in inside[b]]
+
+
 class _Stop(Exception):
     """Raised by the capture hook to end the forward pass at the first block."""
 
@@ -54,8 +100,7 @@ class BlockInputs:
 
 def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8) -> BlockInputs:
     """Run `ids` (samples, seq_len) through the model up to block 0 and keep its inputs."""
-    _, blocks = decoder_blocks(model)
-    device = next(model.parameters()).device
+    path, blocks = decoder_blocks(model)
     got = BlockInputs([], [])
 
     def hook(module, args, kwargs):
@@ -73,7 +118,8 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), lazy.outside_blocks(model, path):
+            device = model.get_input_embeddings().weight.device
             for i in range(0, ids.shape[0], batch_size):
                 try:
                     model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
@@ -89,9 +135,26 @@ def _first(out):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> list[torch.Tensor]:
-    """The block's outputs for every captured batch."""
-    return [_first(block(h, **kw)) for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True)]
+def run_block(block: nn.Module, inputs: BlockInputs) -> None:
+    """Replace each captured batch's hidden states by the block's output (in place: one copy in memory)."""
+    for i, kw in enumerate(inputs.kwargs):
+        inputs.hidden[i] = _first(block(inputs.hidden[i], **kw)).detach()
+
+
+def blocks_in_turn(model: nn.Module, blocks: nn.ModuleList) -> Iterator[tuple[int, nn.Module]]:
+    """Yield (index, block) in order; a lazily loaded model has only the yielded block in memory.
+
+    The block's tensors are read from disk before it is yielded and, once the
+    caller asks for the next one, written back (if changed) and freed.
+    """
+    store = lazy.store_of(model)
+    path, _ = decoder_blocks(model)
+    for b, block in enumerate(blocks):
+        if store is None:
+            yield b, block
+            continue
+        with store.loaded(f"{path}.{b}", block):
+            yield b, block
 
 
 @torch.no_grad()

@@ -49,12 +49,17 @@ class LoadedModel:
 
 
 def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
-               dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a model directory, `.gguf` file, compress artifact, or (None) the reference model."""
+               dtype: torch.dtype = torch.float32, lazy: bool = False) -> LoadedModel:
+    """Load a model directory, `.gguf` file, compress artifact, or (None) the reference model.
+
+    With `lazy`, a safetensors model directory is not read: its weights stay on
+    disk until a block-wise pass asks for them (see `compress.lazy`). Other
+    sources load fully.
+    """
     if path is None:
         from compress.reference import reference_model_dir
 
-        lm = load_model(reference_model_dir(), dtype=dtype)
+        lm = load_model(reference_model_dir(), dtype=dtype, lazy=lazy)
         src = json.loads((Path(lm.source) / "compress-source.json").read_text())
         lm._sha256 = src["sha256"]
         lm.source = src["name"]
@@ -80,6 +85,11 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
                 "so it is refused unless you pass --allow-pickle (then loaded with weights_only=True)")
         weights = pickled
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if lazy and weights[0].suffix == ".safetensors":
+        from compress.lazy import load_lazy
+
+        return LoadedModel(load_lazy(p, weights, dtype), AutoTokenizer.from_pretrained(p), str(p), weights, prov)
 
     model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype, use_safetensors=not allow_pickle or weights[0].suffix == ".safetensors",
@@ -174,8 +184,17 @@ def save_model(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]]
 
         floats = [n for n, m in lm.model.named_modules() if isinstance(m, nn.Linear)]
         config_extra = {**(config_extra or {}), "quantization_config": quantization_config(modules, floats)}
+    from compress.lazy import store_of
+
+    store = store_of(lm.model)
     with artifact.atomic_dir(out, force=force) as tmp:
-        lm.model.save_pretrained(tmp, safe_serialization=True)
+        if store is None:
+            lm.model.save_pretrained(tmp, safe_serialization=True)
+        else:  # weights on disk: stream them tensor by tensor
+            lm.model.config.save_pretrained(tmp)
+            if getattr(lm.model, "generation_config", None) is not None:
+                lm.model.generation_config.save_pretrained(tmp)
+            store.save(tmp)
         lm.tokenizer.save_pretrained(tmp)
         if config_extra:
             cfg_path = tmp / "config.json"

@@ -19,10 +19,11 @@ class _Builtin:
 
     @hookimpl
     def register_passes(self, register):
-        from compress.quantize import gptq, rtn
+        from compress.quantize import awq, gptq, rtn
 
         register(rtn.run)
         register(gptq.run)
+        register(awq.run)
 
     @hookimpl
     def register_exporters(self, register):

@@ -23,6 +23,7 @@ class PassSpec:
     config_cls: type
     run: Callable[..., Any]
     needs_calibration: bool = False
+    streams_blocks: bool = False  # works on a lazily loaded model, one decoder block in memory at a time
 
     @property
     def summary(self) -> str:
@@ -103,13 +104,13 @@ EXPORTERS: Registry[ExporterSpec] = Registry("exporter")
 TASKS: Registry[TaskSpec] = Registry("task")
 
 
-def register_pass(name: str, config_cls: type, *, needs_calibration: bool = False):
+def register_pass(name: str, config_cls: type, *, needs_calibration: bool = False, streams_blocks: bool = False):
     """Decorator: register `run(model, cfg, calib) -> PassReport` as pass `name`."""
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
         raise TypeError(f"pass {name!r}: config must be a frozen dataclass, got {config_cls!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.pass_spec = PASSES.add(PassSpec(name, config_cls, fn, needs_calibration))
+        fn.pass_spec = PASSES.add(PassSpec(name, config_cls, fn, needs_calibration, streams_blocks))
         return fn
 
     return deco

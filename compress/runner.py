@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from calibrate.data import CalibConfig, load_calibration, read_text
+from compress.lazy import store_of
 from compress.models import LoadedModel, load_model
 from compress.pipeline import Progress, apply
 from compress.recipe import Recipe
@@ -28,8 +29,13 @@ def weights_bytes(path: str | Path) -> int:
 
 def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
                    fmt: str = "safetensors", force: bool = False, allow_pickle: bool = False,
-                   calib: CalibConfig | None = None, progress: Progress | None = None) -> dict[str, Any]:
+                   calib: CalibConfig | None = None, progress: Progress | None = None,
+                   low_memory: bool = True) -> dict[str, Any]:
     """Load `model`, apply `recipe`, write the artifact to `out`; return a summary.
+
+    With `low_memory` (the default) and a recipe of block-wise passes, a
+    safetensors model is processed one decoder block at a time, its other
+    weights left on disk; the result is the same as loading it whole.
 
     Calibration windows are drawn (per `calib`, default: 128 x 512 tokens of
     the WikiText-2 validation split) only when a step needs them.
@@ -42,10 +48,17 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     needs_calib = any(s.spec.needs_calibration for s in recipe.steps)
     # read once, before the model loads, so a missing calibration file fails early
     text = read_text(calib.source) if needs_calib or calib.source != "wikitext2" else None
-    lm = load_model(model, allow_pickle=allow_pickle)
-    ids = load_calibration(lm.tokenizer, calib, text=text) if needs_calib else None
-    reports = apply(lm.model, recipe, ids, progress=progress)
-    exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
+    # passes that work block by block leave the weights on disk until they need them
+    lazy = low_memory and all(s.spec.streams_blocks for s in recipe.steps)
+    lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
+    store = store_of(lm.model)
+    try:
+        ids = load_calibration(lm.tokenizer, calib, text=text) if needs_calib else None
+        reports = apply(lm.model, recipe, ids, progress=progress)
+        exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
+    finally:
+        if store is not None:
+            store.close()
     return {
         "model": lm.source,
         "out": str(out),

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from calibrate.blocks import (
+    blocks_in_turn,
     capture_first_block_inputs,
-    decoder_blocks,
     input_stages,
+    modules_by_block,
     observe_block,
     run_block,
 )
@@ -27,7 +28,7 @@ from calibrate.stats import HessianCollector
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import qparams
-from compress.quantize.qlinear import QuantLinear
+from compress.quantize.qlinear import PendingSwaps
 from compress.quantize.scheme import QuantScheme, WeightQuantConfig
 from compress.registry import register_pass
 
@@ -125,25 +126,22 @@ def _group_slice(W: torch.Tensor, W1: torch.Tensor, i1: int, i2: int, j: int, g:
     return inside if end <= i2 else torch.cat([inside, W[:, i2:end]], dim=1)
 
 
-@register_pass("gptq", GPTQConfig, needs_calibration=True)
+@register_pass("gptq", GPTQConfig, needs_calibration=True, streams_blocks=True)
 def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Quantize selected Linears block by block with GPTQ on calibration token windows `calib` (samples, seq_len)."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    path, blocks = decoder_blocks(model)
-    outside = [n for n in selected if not n.startswith(f"{path}.")]
-    if outside:
-        raise ValueError(f"gptq works inside the decoder blocks ({path}); add these to ignore: {', '.join(outside[:5])}")
+    blocks, per_block = modules_by_block(model, selected, "gptq")
     scheme = cfg.scheme
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
     total_loss, done, bits, weights = 0.0, 0, 0, 0
-    for b, block in enumerate(blocks):
-        prefix = f"{path}.{b}."
-        mods = {n[len(prefix):]: m for n, m in selected.items() if n.startswith(prefix)}
+    for b, block in blocks_in_turn(model, blocks):
+        mods = per_block[b]
         if not mods:
-            inputs.hidden = run_block(block, inputs)
+            run_block(block, inputs)
             continue
         # modules in one stage read the same tensor, so they share one Hessian
         stages = input_stages(block, inputs, mods)
+        pending = PendingSwaps()
         rounds = [[st] for st in stages] if cfg.true_sequential else [stages]
         for group in rounds:
             hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device) for st in group}
@@ -155,13 +153,12 @@ def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Pro
                     lin = mods[n]
                     q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, block_size=cfg.block_size,
                                                            dampening=cfg.dampening, act_order=cfg.act_order)
-                    qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
-                    tg.set_submodule(block, n, qlin)
+                    pending.add(n, lin, q, scale, zero, scheme)
                     total_loss += loss
-                    bits += qlin.storage_bits()
                     weights += q.numel()
                     done += 1
-        inputs.hidden = run_block(block, inputs)  # the quantized block feeds the next one
+        run_block(block, inputs)  # the quantized block feeds the next one
+        bits += pending.commit(block)
         if progress:
             progress("gptq", b + 1, len(blocks))
     log.info("gptq: quantized %d modules, loss %.4g", done, total_loss)

@@ -14,7 +14,7 @@ import torch
 from compress.quantize.scheme import QuantScheme
 
 
-def _grouped(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+def grouped(W: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """(out, in) -> (out, n_groups, g), zero-padded."""
     out, n_in = W.shape
     g, ng = scheme.group_len(n_in), scheme.n_groups(n_in)
@@ -30,7 +30,7 @@ def qparams(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.T
     so codes computed from it are the codes of the stored artifact. Zero points
     are float32 holding integers in [0, 2^bits - 1].
     """
-    Wg = _grouped(W.float(), scheme)  # (out, ng, g)
+    Wg = grouped(W.float(), scheme)  # (out, ng, g)
     if scheme.symmetric:
         half = 2 ** (scheme.bits - 1)
         scale = Wg.abs().amax(-1) / (half - 1)  # (out, ng)
@@ -51,7 +51,7 @@ def qparams(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.T
 def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """Unsigned integer codes (out, in), int32, in [0, 2^bits - 1]."""
     out, n_in = W.shape
-    Wg = _grouped(W.float(), scheme)  # (out, ng, g)
+    Wg = grouped(W.float(), scheme)  # (out, ng, g)
     q = torch.round(Wg / scale[..., None]) + zero[..., None]
     return q.clamp(0, scheme.qmax).reshape(out, -1)[:, :n_in].to(torch.int32)
 
@@ -59,7 +59,7 @@ def quantize(W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: Q
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
     """(q - zero) * scale per group -> float32 (out, in)."""
     out, n_in = q.shape
-    qg = _grouped(q.float(), scheme)  # (out, ng, g)
+    qg = grouped(q.float(), scheme)  # (out, ng, g)
     W = (qg - zero.float()[..., None]) * scale.float()[..., None]
     return W.reshape(out, -1)[:, :n_in]
 

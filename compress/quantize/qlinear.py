@@ -94,3 +94,34 @@ class QuantLinear(nn.Module):
         if not self.scheme.symmetric:
             n += self.weight_zero_point.numel() * 32
         return n
+
+
+class PendingSwaps:
+    """Linears of one block already given their codes, swapped for QuantLinears when the block is done.
+
+    While a block is calibrated and then run to feed the next one, its Linears
+    hold the dequantized weights in float (the exact values a QuantLinear
+    multiplies by, so outputs are identical) and skip unpacking the codes on
+    every batch; `commit` then replaces them by the packed modules.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor, QuantScheme]] = []
+
+    @torch.no_grad()
+    def add(self, name: str, lin: nn.Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            scheme: QuantScheme) -> None:
+        lin.weight.copy_(dequantize(q, scale, zero, scheme).to(lin.weight.dtype))
+        self._items.append((name, lin, q, scale, zero, scheme))
+
+    def commit(self, parent: nn.Module) -> int:
+        """Replace every pending Linear under `parent` by its QuantLinear; return their storage bits."""
+        from compress.targets import set_submodule
+
+        bits = 0
+        for name, lin, q, scale, zero, scheme in self._items:
+            qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
+            set_submodule(parent, name, qlin)
+            bits += qlin.storage_bits()
+        self._items.clear()
+        return bits

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calibrate.blocks import modules_in_turn
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import dequantize, quantize_weight
@@ -30,25 +31,35 @@ class RTNConfig(WeightQuantConfig):
     """Round-to-nearest: the shared weight scheme and module selection, nothing else."""
 
 
-@register_pass("rtn", RTNConfig)
+@torch.no_grad()
+def _quantize_one(model: nn.Module, name: str, lin: nn.Linear, scheme) -> tuple[int, float, float]:
+    """Swap in the QuantLinear of `lin`; return (storage bits, squared weight error, squared weight norm)."""
+    W = lin.weight.detach().float()  # (out, in)
+    q, scale, zero = quantize_weight(W, scheme)
+    err = float((dequantize(q, scale, zero, scheme) - W).pow(2).sum())
+    qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
+    tg.set_submodule(model, name, qlin)
+    return qlin.storage_bits(), err, float(W.pow(2).sum())
+
+
+@register_pass("rtn", RTNConfig, streams_blocks=True)
 def run(model: nn.Module, cfg: RTNConfig, calib=None, *, progress: Progress | None = None) -> PassReport:
     """Replace every selected Linear by a QuantLinear holding its round-to-nearest codes."""
     modules = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
     scheme = cfg.scheme
     err_sum = ref_sum = 0.0
     bits = weights = 0
-    for i, (name, lin) in enumerate(modules.items()):
-        with torch.no_grad():
-            W = lin.weight.detach().float()  # (out, in)
-            q, scale, zero = quantize_weight(W, scheme)
-            err_sum += float((dequantize(q, scale, zero, scheme) - W).pow(2).sum())
-            ref_sum += float(W.pow(2).sum())
-            qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
-        tg.set_submodule(model, name, qlin)
-        bits += qlin.storage_bits()
-        weights += W.numel()
-        if progress:
-            progress("rtn", i + 1, len(modules))
+    done = 0
+    for batch in modules_in_turn(model, modules):  # a lazily loaded model: one block in memory at a time
+        for name, lin in batch:
+            bits_n, err, ref = _quantize_one(model, name, lin, scheme)
+            bits += bits_n
+            err_sum += err
+            ref_sum += ref
+            weights += lin.weight.numel()
+            done += 1
+            if progress:
+                progress("rtn", done, len(modules))
     log.info("rtn: quantized %d modules to %d bits", len(modules), cfg.bits)
     return PassReport(
         name="rtn",

@@ -1,0 +1,124 @@
+"""Where a per-input-channel scale can be folded, found by testing the block itself.
+
+AWQ and SmoothQuant multiply the weights of the Linears that share an input by
+a per-channel scale s and divide that input by s. Nothing extra runs at
+inference when the division is folded into the module that *produces* the
+input: a norm's weight (and bias), or the output rows of an earlier Linear
+whose output reaches the stage through channel-wise positively homogeneous ops
+only (SiLU(gate) * up -> down: fold into up; ReLU(fc1) -> fc2: fold into fc1;
+attention is linear in V, so v -> o when their shapes agree).
+
+Rather than a per-architecture table of such pairs, each candidate producer is
+tested on real block inputs: its parameters are divided by a random positive
+s, and the fold is accepted only if the stage's input becomes exactly x / s.
+Norms whose output is `(1 + weight) * x` (Gemma), nonlinear paths and residual
+adds are rejected by the same test.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from calibrate.blocks import BlockInputs, observe_block
+
+log = logging.getLogger(__name__)
+
+
+def channel_params(module: nn.Module) -> list[torch.Tensor] | None:
+    """The tensors to divide by s (one entry per output channel) to scale `module`'s output by 1/s."""
+    if isinstance(module, nn.Linear):
+        return [module.weight] + ([module.bias] if module.bias is not None else [])
+    w = getattr(module, "weight", None)
+    if isinstance(w, torch.Tensor) and w.dim() == 1 and not list(module.children()):
+        b = getattr(module, "bias", None)  # LayerNorm
+        return [w] + ([b] if isinstance(b, torch.Tensor) and b.shape == w.shape else [])
+    return None
+
+
+@torch.no_grad()
+def fold_into_producer(producer: nn.Module, s: torch.Tensor) -> None:
+    """Scale `producer`'s output channels by 1/s (s of shape (channels,))."""
+    for p in channel_params(producer):
+        shape = (-1,) + (1,) * (p.dim() - 1)  # weight rows (out, in) or a vector (out,)
+        p.div_(s.to(p.dtype).reshape(shape))
+
+
+@torch.no_grad()
+def scale_consumer(linear: nn.Linear, s: torch.Tensor) -> None:
+    """Scale a Linear's input columns by s: W (out, in) -> W diag(s)."""
+    linear.weight.mul_(s.to(linear.weight.dtype))
+
+
+def _run_order(block: nn.Module, inputs: BlockInputs) -> list[tuple[str, nn.Module]]:
+    """Submodules of `block` that produce outputs, in the order they first run."""
+    order: list[tuple[str, nn.Module]] = []
+    handles = []
+    for name, mod in block.named_modules():
+        if name and channel_params(mod) is not None:
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, name=name: order.append((name, m)) if all(n != name for n, _ in order) else None))
+    try:
+        with torch.no_grad():
+            block(inputs.hidden[0], **inputs.kwargs[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+@torch.no_grad()
+def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]],
+                   modules: dict[str, nn.Module], *, rtol: float = 1e-3) -> dict[str, str | None]:
+    """For each stage (keyed by its first module's name), the block submodule that can absorb 1/s, or None.
+
+    Candidates are modules that run before the stage, produce as many channels
+    as the stage reads, and hold per-channel parameters; the one closest to the
+    stage that passes the fold test wins.
+    """
+    one = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])  # one calibration batch is enough to tell
+    order = _run_order(block, one)
+    names = [n for n, _ in order]
+    result: dict[str, str | None] = {}
+    gen = torch.Generator().manual_seed(0)
+    for stage in stages:
+        lead = stage[0]
+        result[lead] = None
+        if lead not in names:
+            continue
+        width = modules[lead].in_features
+        before = [(n, m) for n, m in order[: names.index(lead)]
+                  if n not in stage and _out_channels(m) == width]
+        if not before:
+            continue
+        x0 = _stage_input(block, one, lead, modules[lead])
+        for name, mod in reversed(before):  # closest producer first
+            s = torch.rand(width, generator=gen) * 1.5 + 0.5  # (width,) in [0.5, 2)
+            saved = [p.detach().clone() for p in channel_params(mod)]
+            fold_into_producer(mod, s.to(saved[0].device))
+            try:
+                x1 = _stage_input(block, one, lead, modules[lead])
+            finally:
+                for p, v in zip(channel_params(mod), saved, strict=True):
+                    p.copy_(v)
+            want = x0 / s.to(x0.device, x0.dtype)
+            if torch.allclose(x1, want, rtol=rtol, atol=rtol * float(want.abs().max())):
+                result[lead] = name
+                break
+        log.debug("fold target of %s: %s", lead, result[lead])
+    return result
+
+
+def _out_channels(m: nn.Module) -> int | None:
+    if isinstance(m, nn.Linear):
+        return m.out_features
+    w = getattr(m, "weight", None)
+    return w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 1 else None
+
+
+def _stage_input(block: nn.Module, inputs: BlockInputs, name: str, module: nn.Module) -> torch.Tensor:
+    got: list[torch.Tensor] = []
+    observe_block(block, inputs, {name: module}, lambda n, x: got.append(x.detach().clone()), stop_early=True)
+    return got[0]

@@ -1,0 +1,248 @@
+"""Low-memory models: weights stay on disk until a pass works on them.
+
+`load_lazy` builds the model skeleton with no weights (parameters on the
+`meta` device) and a `TensorStore` that knows, for every tensor name, which
+safetensors file holds its current value. A block-wise pass materialises one
+decoder block at a time (`loaded`), changes it, and on the way out the block's
+tensors are written to a spill file, if anything changed, and freed. Saving
+streams the tensors block by block into a sharded checkpoint. Peak memory is
+one block plus the calibration activations, not the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+STORE_ATTR = "compress_tensor_store"  # where a lazy model keeps its store
+
+
+class TensorStore:
+    """tensor name -> safetensors file with its current value; spill files live in a private temp dir."""
+
+    def __init__(self, model: nn.Module, files: list[Path], *, tied: set[str] = frozenset(),
+                 spill_root: str | Path | None = None) -> None:
+        self.model = model
+        self.tied = set(tied)  # names that alias another tensor (a tied lm_head): never loaded or written
+        self.where: dict[str, Path] = {}
+        for f in files:
+            with safe_open(f, "pt") as h:
+                for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    self.where[k] = Path(f)
+        self._tmp = tempfile.TemporaryDirectory(prefix="compress-spill-", dir=spill_root)
+        self._spills = 0
+        self._loaded: dict[str, dict[str, tuple[int, int]]] = {}  # prefix -> {name: (id, version)}
+
+    def close(self) -> None:
+        self._tmp.cleanup()
+
+    def _own(self, prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        """The module's persistent tensors by local name, without tied aliases."""
+        return {n: t for n, t in module.state_dict(keep_vars=True).items()
+                if (f"{prefix}.{n}" if prefix else n) not in self.tied}
+
+    def load(self, prefix: str, module: nn.Module) -> None:
+        """Give `module` (the submodule named `prefix`) its tensors from disk."""
+        current = self._own(prefix, module)
+        by_file: dict[Path, list[str]] = {}
+        for name in current:
+            key = f"{prefix}.{name}" if prefix else name
+            if key not in self.where:
+                raise ValueError(f"tensor {key} is not in the checkpoint")
+            by_file.setdefault(self.where[key], []).append(name)
+        state = {}
+        for f, names in by_file.items():
+            with safe_open(f, "pt") as h:
+                for name in names:
+                    t = h.get_tensor(f"{prefix}.{name}" if prefix else name)
+                    want = current[name]
+                    if t.is_floating_point() and want.is_floating_point():
+                        t = t.to(want.dtype)
+                    state[name] = t
+        module.load_state_dict(state, strict=False, assign=True)
+        self._loaded[prefix] = {n: (id(t), t._version) for n, t in self._own(prefix, module).items()}
+
+    def release(self, prefix: str, module: nn.Module) -> None:
+        """Free `module`'s tensors, first writing them to a spill file if the pass changed them."""
+        state = self._own(prefix, module)
+        before = self._loaded.pop(prefix, None)
+        now = {n: (id(t), t._version) for n, t in state.items()}
+        if now != before:
+            self._spills += 1
+            f = Path(self._tmp.name) / f"{self._spills:06d}.safetensors"
+            full = {(f"{prefix}.{n}" if prefix else n): t.detach().contiguous() for n, t in state.items()}
+            save_file(full, str(f))
+            stale = [k for k in self.where if k.startswith(f"{prefix}.") and k not in full]
+            for k in stale:  # e.g. a Linear's `weight` replaced by a QuantLinear's packed tensors
+                del self.where[k]
+            self.where.update(dict.fromkeys(full, f))
+        _free(module)
+
+    @contextlib.contextmanager
+    def loaded(self, prefix: str, module: nn.Module) -> Iterator[nn.Module]:
+        self.load(prefix, module)
+        try:
+            yield module
+        finally:
+            self.release(prefix, module)
+
+    def save(self, out: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write every tensor into `out` as `model.safetensors` (or shards plus an index, past
+        `max_shard_bytes`, as Hugging Face does), streaming one tensor at a time.
+
+        Floating tensors are cast to the model's dtype, as a full save would write them.
+        """
+        meta = self.model.state_dict(keep_vars=True)
+        entries = []  # (key, torch dtype, shape) in model order: blocks stay contiguous
+        for k in [k for k in meta if k in self.where] + sorted(k for k in self.where if k not in meta):
+            with safe_open(self.where[k], "pt") as h:
+                sl = h.get_slice(k)
+                dtype, shape = _DTYPES[sl.get_dtype()], list(sl.get_shape())
+            if k in meta and dtype.is_floating_point and meta[k].dtype.is_floating_point:
+                dtype = meta[k].dtype
+            entries.append((k, dtype, shape))
+        shards: list[list[tuple[str, torch.dtype, list[int]]]] = [[]]
+        size = 0
+        for e in entries:
+            nbytes = _nbytes(e[1], e[2])
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += nbytes
+        if len(shards) == 1:
+            self._write(out / "model.safetensors", shards[0])
+            return
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            self._write(out / name, shard)
+            weight_map.update(dict.fromkeys((k for k, _, _ in shard), name))
+        total = sum(_nbytes(d, sh) for _, d, sh in entries)
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+
+    def _write(self, path: Path, entries: list[tuple[str, torch.dtype, list[int]]]) -> None:
+        """A safetensors file written tensor by tensor: 8-byte header length, JSON header, raw data."""
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for k, dtype, shape in entries:
+            n = _nbytes(dtype, shape)
+            header[k] = {"dtype": _NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for k, dtype, _ in entries:
+                with safe_open(self.where[k], "pt") as h:
+                    t = h.get_tensor(k).to(dtype).contiguous()
+                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                del t
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:
+    n = dtype.itemsize
+    for d in shape:
+        n *= d
+    return n
+
+
+def _free(module: nn.Module) -> None:
+    """Replace every parameter and persistent buffer by a meta tensor (computed buffers stay)."""
+    for mod in module.modules():
+        for n, p in list(mod._parameters.items()):
+            if p is not None:
+                mod._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for n, b in list(mod._buffers.items()):
+            if b is not None and n not in mod._non_persistent_buffers_set:
+                mod._buffers[n] = torch.empty_like(b, device="meta")
+
+
+def store_of(model: nn.Module) -> TensorStore | None:
+    """The model's tensor store when it was loaded lazily, else None."""
+    return getattr(model, STORE_ATTR, None)
+
+
+@contextlib.contextmanager
+def outside_blocks(model: nn.Module, blocks_path: str) -> Iterator[None]:
+    """Materialise the tensors that live outside the decoder blocks (embeddings, final norm, head)."""
+    store = store_of(model)
+    if store is None:
+        yield
+        return
+    parts = [(p, m) for p, m in _outside(model, blocks_path) if store._own(p, m)]
+    for prefix, mod in parts:
+        store.load(prefix, mod)
+    _tie(model)
+    try:
+        yield
+    finally:
+        for prefix, _ in parts:
+            store.release(prefix, model.get_submodule(prefix))  # a pass may have replaced the module
+        _tie(model)  # a tied head pointed at the freed embedding: point it at the meta one
+
+
+def _outside(model: nn.Module, blocks_path: str) -> list[tuple[str, nn.Module]]:
+    """Smallest set of submodules covering every tensor not under `blocks_path` (with their names)."""
+    found: list[tuple[str, nn.Module]] = []
+
+    def walk(prefix: str, mod: nn.Module) -> None:
+        for name, child in mod.named_children():
+            full = f"{prefix}.{name}" if prefix else name
+            if full == blocks_path:
+                continue
+            if blocks_path.startswith(full + "."):
+                walk(full, child)
+            elif list(child.state_dict(keep_vars=True)):
+                found.append((full, child))
+        if list(mod._parameters) or any(n not in mod._non_persistent_buffers_set for n in mod._buffers):
+            raise ValueError(f"{prefix or 'the model'} holds tensors directly; lazy loading cannot split it")
+
+    walk("", model)
+    return found
+
+
+def _tie(model: nn.Module) -> None:
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+
+
+def load_lazy(path: Path, files: list[Path], dtype: torch.dtype) -> nn.Module:
+    """The model at `path` with every weight left on disk; see `store_of(model)`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):  # buffers such as rotary inv_freq are computed, keep them
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings", False) else set()
+    store = TensorStore(model, files, tied=tied, spill_root=os.environ.get("COMPRESS_SPILL_DIR"))
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(store.where) - tied)
+    if missing:
+        store.close()
+        raise ValueError(f"{path}: checkpoint names do not match the model (missing {missing[:3]})")
+    setattr(model, STORE_ATTR, store)
+    model.eval()
+    return model

@@ -1,0 +1,82 @@
+"""Low-memory processing: the artifact equals the in-memory one, with one block in memory at a time."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from calibrate.data import CalibConfig
+from compress.lazy import store_of
+from compress.models import load_model
+from compress.pipeline import apply
+from compress.recipe import Recipe
+from compress.runner import compress_model
+
+
+def _tensors(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("steps", [
+    [{"pass": "rtn", "bits": 4, "group_size": 32}],
+    [{"pass": "gptq", "bits": 3, "group_size": 32}],
+    [{"pass": "awq", "bits": 4, "group_size": 32, "quantize": False}, {"pass": "gptq", "bits": 4, "group_size": 32}],
+])
+def test_low_memory_artifact_is_identical(model_dir, tmp_path, steps):
+    calib = CalibConfig(samples=8, seq_len=64)
+    for low in (False, True):
+        compress_model(model_dir, Recipe.from_steps(steps), tmp_path / str(low), calib=calib, low_memory=low)
+    a, b = _tensors(tmp_path / "False"), _tensors(tmp_path / "True")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ja, jb = (json.loads((tmp_path / str(x) / "config.json").read_text()) for x in (False, True))
+    assert ja["quantization_config"] == jb["quantization_config"]
+    assert (tmp_path / "True" / "model.safetensors").exists()
+
+
+def test_lazy_model_holds_no_block_weights(model_dir):
+    lm = load_model(model_dir, lazy=True)
+    assert store_of(lm.model) is not None
+    assert all(p.is_meta for p in lm.model.parameters())  # nothing read yet
+    seen = []
+    orig = store_of(lm.model).load
+    blocks = lm.model.model.layers if hasattr(lm.model.model, "layers") else lm.model.model.decoder.layers
+
+    def spy(prefix, module):
+        # when a block is read, every other block is still on meta
+        seen.append(all(p.is_meta for blk in blocks for p in blk.parameters()))
+        orig(prefix, module)
+
+    store_of(lm.model).load = spy
+    apply(lm.model, Recipe.single("gptq", bits=4, group_size=32), torch.randint(0, 100, (4, 32)))
+    assert seen and all(seen)
+    assert all(t.is_meta for t in lm.model.state_dict().values())  # everything written back to disk
+
+
+def test_sharded_streaming_save_loads(model_dir, tmp_path):
+    lm = load_model(model_dir, lazy=True)
+    apply(lm.model, Recipe.single("rtn", bits=4, group_size=32))
+    store_of(lm.model).save(tmp_path, max_shard_bytes=20_000)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(shards) > 2 and set(index["weight_map"].values()) == {f.name for f in shards}
+    ref = tmp_path / "ref"
+    compress_model(model_dir, Recipe.single("rtn", bits=4, group_size=32), ref, low_memory=False)
+    a, b = _tensors(ref), _tensors(tmp_path)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bfloat16_source_is_saved_like_a_full_load(model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(model_dirs["llama"], dtype=torch.bfloat16).save_pretrained(src)
+    AutoTokenizer.from_pretrained(model_dirs["llama"]).save_pretrained(src)
+    for low in (False, True):
+        compress_model(src, Recipe.single("rtn", bits=8), tmp_path / str(low), low_memory=low)
+    a, b = _tensors(tmp_path / "False"), _tensors(tmp_path / "True")
+    assert a["model.norm.weight"].dtype == torch.float32
+    assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
