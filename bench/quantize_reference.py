@@ -1,9 +1,12 @@
 """Weight quantization methods on the reference model; writes bench/results/quantize_reference.json.
 
-For each (method, bits, group size) it runs, in a fresh subprocess: load the
-fp32 reference model, quantize (wall time, peak RSS of the process so far),
-save the packed artifact, count bits per quantized weight from the tensors on
-disk, reload the artifact and score it under the DESIGN.md perplexity protocol.
+For each (method, bits, group size) it runs, in a fresh subprocess, what
+`compress quantize` runs: the fp32 reference model processed block by block
+(low-memory path), quantized (wall time of the passes, peak RSS of the process
+up to the saved artifact), saved as a packed artifact; then it counts bits
+per quantized weight from the tensors on disk, reloads the artifact and scores
+it under the DESIGN.md perplexity protocol. Method `awq+gptq` is AWQ's scales
+and clipping followed by GPTQ's rounding.
 Calibration: 128 windows x 512 tokens of the WikiText-2 validation split, seed 0.
 
     .venv/bin/python bench/quantize_reference.py [--configs rtn:4:128,gptq:4:128,...] [--windows 64]
@@ -42,40 +45,44 @@ PEER_TOOLS = {"none": "transformers", "hqq": "hqq", "bnb-nf4": "bitsandbytes",
               "llmc-gptq": "llm-compressor", "llmc-awq": "llm-compressor"}
 
 
+def recipe_steps(method: str, bits: int, group: int, symmetric: bool) -> list[dict]:
+    """`awq+gptq` is AWQ's scales and clipping, then GPTQ's rounding; any other name is one pass."""
+    scheme = {"bits": bits, "group_size": group, "symmetric": symmetric}
+    if method == "awq+gptq":
+        return [{"pass": "awq", **scheme, "quantize": False}, {"pass": "gptq", **scheme}]
+    return [{"pass": method, **scheme}]
+
+
 def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threads: int) -> dict:
+    """Quantize with the product path (`compress_model`: low-memory, block by block) and score the artifact."""
     import torch
     from safetensors import safe_open
 
-    from calibrate.data import CalibConfig, load_calibration
-    from compress.models import load_model, save_model
-    from compress.pipeline import apply
+    from compress.models import load_model
     from compress.recipe import Recipe
-    from compress.runner import evaluate
+    from compress.runner import compress_model, evaluate
 
     torch.set_num_threads(threads)
-    lm = load_model()
-    recipe = Recipe.single(method, bits=bits, group_size=group, symmetric=symmetric)
-    calib = load_calibration(lm.tokenizer, CalibConfig()) if recipe.steps[0].spec.needs_calibration else None
-    t0 = time.perf_counter()
-    reports = apply(lm.model, recipe, calib)
-    seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    recipe = Recipe.from_steps(recipe_steps(method, bits, group, symmetric))
     with tempfile.TemporaryDirectory() as d:
-        out = save_model(lm, Path(d) / "a", recipe=recipe.to_list(), reports=reports)
+        summary = compress_model(None, recipe, Path(d) / "a")
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        seconds = sum(r["seconds"] for r in summary["reports"])
+        out = Path(summary["out"])
         mods = json.loads((out / "compress.json").read_text())["quantization"]["modules"]
         n_w = sum(m["in_features"] * m["out_features"] for m in mods.values())
         n_b = 0
-        with safe_open(out / "model.safetensors", "pt") as f:
-            keys = set(f.keys())
-            for name in mods:
-                for t in ("weight_packed", "weight_scale", "weight_zero_point"):
-                    if f"{name}.{t}" in keys:
-                        x = f.get_tensor(f"{name}.{t}")
-                        n_b += x.numel() * x.element_size() * 8
-        del lm
+        for shard in sorted(out.glob("*.safetensors")):
+            with safe_open(shard, "pt") as f:
+                keys = set(f.keys())
+                for name in mods:
+                    for t in ("weight_packed", "weight_scale", "weight_zero_point"):
+                        if f"{name}.{t}" in keys:
+                            x = f.get_tensor(f"{name}.{t}")
+                            n_b += x.numel() * x.element_size() * 8
         r = evaluate(load_model(out), ["wikitext2"], options={"windows": windows})["wikitext2"]
     return {"method": method, "bits": bits, "group_size": group, "symmetric": symmetric,
-            "perplexity": r["perplexity"], "bits_per_weight_on_disk": n_b / n_w,
+            "steps": recipe.to_list(), "perplexity": r["perplexity"], "bits_per_weight_on_disk": n_b / n_w,
             "quantize_seconds": round(seconds, 1), "peak_rss_bytes_during_quantize": rss,
             "protocol": r["protocol"]}
 
