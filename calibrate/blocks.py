@@ -43,8 +43,8 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def modules_by_block(model: nn.Module, selected: dict[str, nn.Module], pass_name: str
-                     ) -> tuple[nn.ModuleList, list[dict[str, nn.Module]]]:
-    """The decoder blocks and, for each, its selected modules keyed by their name inside the block.
+                     ) -> tuple[str, nn.ModuleList, list[dict[str, nn.Module]]]:
+    """The blocks' path, the decoder blocks and, for each, its selected modules keyed by their name inside it.
 
     Block-wise passes calibrate only what lives inside a decoder block; a selected
     module outside (an embedding projection, lm_head) is an error naming it.
@@ -58,7 +58,7 @@ def modules_by_block(model: nn.Module, selected: dict[str, nn.Module], pass_name
     for n, m in selected.items():
         b, _, rest = n[len(path) + 1:].partition(".")
         per_block[int(b)][rest] = m
-    return blocks, per_block
+    return path, blocks, per_block
 
 
 def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[list[tuple[str, nn.Module]]]:

@@ -19,11 +19,12 @@ class _Builtin:
 
     @hookimpl
     def register_passes(self, register):
-        from compress.quantize import awq, gptq, rtn
+        from compress.quantize import awq, gptq, mixed, rtn
 
         register(rtn.run)
         register(gptq.run)
         register(awq.run)
+        register(mixed.run)
 
     @hookimpl
     def register_exporters(self, register):

@@ -53,6 +53,8 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
     store = store_of(lm.model)
     try:
+        if needs_calib:
+            calib = _fit_positions(calib, lm.model)
         ids = load_calibration(lm.tokenizer, calib, text=text) if needs_calib else None
         reports = apply(lm.model, recipe, ids, progress=progress)
         exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
@@ -67,6 +69,15 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
         "calibration": dataclasses.asdict(calib) if needs_calib else None,
         "bytes": weights_bytes(out),
     }
+
+
+def _fit_positions(calib: CalibConfig, model: torch.nn.Module) -> CalibConfig:
+    """Calibration windows no longer than the model's position table (a small model may have 256)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if limit and calib.seq_len > limit:
+        log.warning("calibration windows shortened from %d to the model's %d positions", calib.seq_len, limit)
+        return dataclasses.replace(calib, seq_len=limit)
+    return calib
 
 
 def evaluate(lm: LoadedModel, tasks: list[str], *, options: dict[str, Any] | None = None,

@@ -143,7 +143,7 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, grid: 
 def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Scale, clip and (unless `quantize` is false) round the selected Linears block by block."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    blocks, per_block = modules_by_block(model, selected, "awq")
+    _, blocks, per_block = modules_by_block(model, selected, "awq")
     scheme = cfg.scheme
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
     totals = {"scale_before": 0.0, "scale_after": 0.0, "clip_before": 0.0, "clip_after": 0.0}

@@ -11,6 +11,7 @@ update rows, and updates are applied lazily in blocks of columns.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -126,12 +127,15 @@ def _group_slice(W: torch.Tensor, W1: torch.Tensor, i1: int, i2: int, j: int, g:
     return inside if end <= i2 else torch.cat([inside, W[:, i2:end]], dim=1)
 
 
-@register_pass("gptq", GPTQConfig, needs_calibration=True, streams_blocks=True)
-def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
-    """Quantize selected Linears block by block with GPTQ on calibration token windows `calib` (samples, seq_len)."""
+def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
+                    scheme_for: Callable[[str], QuantScheme], *, label: str = "gptq",
+                    progress: Progress | None = None) -> tuple[int, float, int, int]:
+    """GPTQ over the decoder blocks, each module on `scheme_for(full name)`.
+
+    Returns (modules, summed loss, storage bits, weights).
+    """
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    blocks, per_block = modules_by_block(model, selected, "gptq")
-    scheme = cfg.scheme
+    path, blocks, per_block = modules_by_block(model, selected, label)
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
     total_loss, done, bits, weights = 0.0, 0, 0, 0
     for b, block in blocks_in_turn(model, blocks):
@@ -150,7 +154,7 @@ def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Pro
             for st in group:
                 H = hs[st[0]].hessian
                 for n in st:
-                    lin = mods[n]
+                    lin, scheme = mods[n], scheme_for(f"{path}.{b}.{n}")
                     q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, block_size=cfg.block_size,
                                                            dampening=cfg.dampening, act_order=cfg.act_order)
                     pending.add(n, lin, q, scale, zero, scheme)
@@ -160,8 +164,16 @@ def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Pro
         run_block(block, inputs)  # the quantized block feeds the next one
         bits += pending.commit(block)
         if progress:
-            progress("gptq", b + 1, len(blocks))
-    log.info("gptq: quantized %d modules, loss %.4g", done, total_loss)
+            progress(label, b + 1, len(blocks))
+    log.info("%s: quantized %d modules, loss %.4g", label, done, total_loss)
+    return done, total_loss, bits, weights
+
+
+@register_pass("gptq", GPTQConfig, needs_calibration=True, streams_blocks=True)
+def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
+    """Quantize selected Linears block by block with GPTQ on calibration token windows `calib` (samples, seq_len)."""
+    scheme = cfg.scheme
+    done, total_loss, bits, weights = quantize_blocks(model, cfg, calib, lambda name: scheme, progress=progress)
     return PassReport(
         name="gptq",
         config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),

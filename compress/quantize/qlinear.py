@@ -122,6 +122,7 @@ class PendingSwaps:
         for name, lin, q, scale, zero, scheme in self._items:
             qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
             set_submodule(parent, name, qlin)
+            lin.to("meta")  # free the float weight now: callers may still hold the old module
             bits += qlin.storage_bits()
         self._items.clear()
         return bits

@@ -39,7 +39,9 @@ def _quantize_one(model: nn.Module, name: str, lin: nn.Linear, scheme) -> tuple[
     err = float((dequantize(q, scale, zero, scheme) - W).pow(2).sum())
     qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
     tg.set_submodule(model, name, qlin)
-    return qlin.storage_bits(), err, float(W.pow(2).sum())
+    ref = float(W.pow(2).sum())
+    lin.to("meta")  # free the float weight now: the selection dict still holds the old module
+    return qlin.storage_bits(), err, ref
 
 
 @register_pass("rtn", RTNConfig, streams_blocks=True)
@@ -56,7 +58,7 @@ def run(model: nn.Module, cfg: RTNConfig, calib=None, *, progress: Progress | No
             bits += bits_n
             err_sum += err
             ref_sum += ref
-            weights += lin.weight.numel()
+            weights += lin.in_features * lin.out_features
             done += 1
             if progress:
                 progress("rtn", done, len(modules))
