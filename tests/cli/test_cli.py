@@ -99,3 +99,12 @@ def test_quantize_gptq_with_calibration_options(runner, model_dir, tmp_path):
     r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "gptq", "--calib", str(tmp_path / "none.txt"),
                             "--out", str(tmp_path / "h")])
     assert r.exit_code == 1 and "calibration source not found" in r.output
+
+
+def test_calibration_windows_fit_a_short_model(runner, model_dir, tmp_path):
+    """The tiny models have 256 positions; the default 512-token calibration windows are shortened."""
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "gptq", "--calib-samples", "4",
+                            "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "g" / "compress.json").read_text())["reports"][0]
+    assert rep["config"]["calibration_tokens"] == 4 * 256

@@ -39,3 +39,22 @@ def test_asymmetric_zero_points_packed_along_output_dim():
     m = QuantLinear.from_codes(q, scale, zero, s)
     assert m.weight_zero_point.shape == (3, 2)  # ceil(20 / 8) words x 2 groups
     assert torch.equal(m.zero_point(), zero)
+
+
+def test_pending_swaps_free_the_float_weights():
+    from torch import nn
+
+    from compress.quantize.qlinear import PendingSwaps
+
+    parent = nn.Sequential(nn.Linear(64, 32))
+    lin = parent[0]
+    s = QuantScheme(bits=4, group_size=32)
+    q, scale, zero = quantize_weight(lin.weight.detach(), s)
+    pending = PendingSwaps()
+    pending.add("0", lin, q, scale, zero, s)
+    x = torch.randn(3, 64)
+    y = parent(x)  # the float module now computes with the dequantized weight
+    bits = pending.commit(parent)
+    assert isinstance(parent[0], QuantLinear) and bits == parent[0].storage_bits()
+    assert torch.equal(parent(x), y)
+    assert lin.weight.is_meta  # the replaced module no longer holds memory
