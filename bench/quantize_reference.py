@@ -45,25 +45,17 @@ PEER_TOOLS = {"none": "transformers", "hqq": "hqq", "bnb-nf4": "bitsandbytes",
               "llmc-gptq": "llm-compressor", "llmc-awq": "llm-compressor"}
 
 
-def recipe_steps(method: str, bits: int, group: int, symmetric: bool) -> list[dict]:
-    """`awq+gptq` is AWQ's scales and clipping, then GPTQ's rounding; any other name is one pass."""
-    scheme = {"bits": bits, "group_size": group, "symmetric": symmetric}
-    if method == "awq+gptq":
-        return [{"pass": "awq", **scheme, "quantize": False}, {"pass": "gptq", **scheme}]
-    return [{"pass": method, **scheme}]
-
-
 def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threads: int) -> dict:
     """Quantize with the product path (`compress_model`: low-memory, block by block) and score the artifact."""
     import torch
     from safetensors import safe_open
 
     from compress.models import load_model
-    from compress.recipe import Recipe
+    from compress.quantize.presets import quantize_recipe
     from compress.runner import compress_model, evaluate
 
     torch.set_num_threads(threads)
-    recipe = Recipe.from_steps(recipe_steps(method, bits, group, symmetric))
+    recipe = quantize_recipe(method, bits=bits, group_size=group, symmetric=symmetric)
     with tempfile.TemporaryDirectory() as d:
         summary = compress_model(None, recipe, Path(d) / "a")
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

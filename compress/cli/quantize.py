@@ -12,7 +12,8 @@ from compress.cli._common import calib_config, calib_options, console, echo_json
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
 @click.option("--group-size", type=int, default=128, show_default=True, help="Input columns per scale; -1 = per output channel.")
 @click.option("--sym/--asym", "symmetric", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
-@click.option("--method", default="rtn", show_default=True, help="Quantization pass (see `compress passes`).")
+@click.option("--method", default=None,
+              help="A quantization pass (see `compress passes`) or awq+gptq; default: gptq (calibrated).")
 @click.option("--target-bits", type=float, default=None,
               help="Average stored bits per weight: bits per layer chosen from measured sensitivity (GPTQ).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
@@ -32,18 +33,13 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
       compress quantize --bits 4 --group-size 128 --out out/smollm2-w4
       compress quantize --target-bits 3.5 --group-size 64 --asym --out out/smollm2-mixed
     """
-    from compress.recipe import Recipe
+    from compress.quantize.presets import quantize_recipe
     from compress.runner import compress_model
 
     fields = {"group_size": group_size, "symmetric": symmetric, "scale_dtype": scale_dtype}
     if ignore:
         fields["ignore"] = list(ignore)
-    if target_bits is not None:
-        if method not in ("rtn", "gptq", "mixed"):  # rtn: the default, not a choice
-            raise click.UsageError(f"--target-bits chooses bits per layer with GPTQ; it does not combine with --method {method}")
-        recipe = Recipe.single("mixed", target_bits=target_bits, **fields)
-    else:
-        recipe = Recipe.single(method, bits=int(bits), **fields)
+    recipe = quantize_recipe(method, bits=int(bits), target_bits=target_bits, **fields)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
                                    calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)

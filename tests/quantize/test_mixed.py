@@ -86,3 +86,15 @@ def test_cli_target_bits(model_dir, tmp_path):
     r = CliRunner().invoke(cli, ["quantize", str(model_dir), "--target-bits", "4", "--method", "awq",
                                  "--out", str(tmp_path / "p")])
     assert r.exit_code != 0 and "does not combine" in r.output
+
+
+def test_quantize_presets():
+    from compress.quantize.presets import DEFAULT_METHOD, quantize_recipe
+
+    assert [s.name for s in quantize_recipe(bits=4).steps] == [DEFAULT_METHOD]
+    chain = quantize_recipe("awq+gptq", bits=3, group_size=64, symmetric=False)
+    assert [s.name for s in chain.steps] == ["awq", "gptq"]
+    assert chain.steps[0].config.quantize is False and chain.steps[1].config.bits == 3
+    assert quantize_recipe(target_bits=3.5, group_size=64).steps[0].config.target_bits == 3.5
+    with pytest.raises(ValueError, match="does not combine"):
+        quantize_recipe("rtn", target_bits=3.5)

@@ -1,0 +1,28 @@
+"""What `compress quantize --method M` means: a pass name, or a preset chain of passes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compress.recipe import Recipe
+
+DEFAULT_METHOD = "gptq"  # the best single method measured on the reference model (bench/results)
+CHAINS = {"awq+gptq": "AWQ scales and clipping (quantize: false), then GPTQ rounding on the same grid"}
+
+
+def quantize_recipe(method: str | None = None, *, bits: int = 4, target_bits: float | None = None,
+                    **fields: Any) -> Recipe:
+    """The recipe for a weight-quantization method; `fields` are the shared scheme/selection fields.
+
+    `target_bits` asks for bits per layer under a budget (the `mixed` pass,
+    GPTQ at each layer's width); it combines with no method but gptq/mixed.
+    """
+    method = method or DEFAULT_METHOD
+    if target_bits is not None:
+        if method not in ("gptq", "mixed"):
+            raise ValueError(f"--target-bits chooses bits per layer with GPTQ; it does not combine with method {method!r}")
+        return Recipe.single("mixed", target_bits=target_bits, **fields)
+    if method == "awq+gptq":
+        return Recipe.from_steps([{"pass": "awq", "bits": bits, **fields, "quantize": False},
+                                  {"pass": "gptq", "bits": bits, **fields}])
+    return Recipe.single(method, bits=bits, **fields)
