@@ -13,7 +13,7 @@ from compress.cli._common import calib_config, calib_options, console, echo_json
 @click.option("--group-size", type=int, default=128, show_default=True, help="Input columns per scale; -1 = per output channel.")
 @click.option("--sym/--asym", "symmetric", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
 @click.option("--method", default=None,
-              help="A quantization pass (see `compress passes`) or awq+gptq; default: gptq (calibrated).")
+              help="A quantization pass (see `compress passes`) or awq+gptq (the default: AWQ scales, GPTQ rounding).")
 @click.option("--target-bits", type=float, default=None,
               help="Average stored bits per weight: bits per layer chosen from measured sensitivity (GPTQ).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)

@@ -91,7 +91,8 @@ def test_cli_target_bits(model_dir, tmp_path):
 def test_quantize_presets():
     from compress.quantize.presets import DEFAULT_METHOD, quantize_recipe
 
-    assert [s.name for s in quantize_recipe(bits=4).steps] == [DEFAULT_METHOD]
+    assert DEFAULT_METHOD == "awq+gptq" and [s.name for s in quantize_recipe(bits=4).steps] == ["awq", "gptq"]
+    assert [s.name for s in quantize_recipe("gptq", bits=4).steps] == ["gptq"]
     chain = quantize_recipe("awq+gptq", bits=3, group_size=64, symmetric=False)
     assert [s.name for s in chain.steps] == ["awq", "gptq"]
     assert chain.steps[0].config.quantize is False and chain.steps[1].config.bits == 3
