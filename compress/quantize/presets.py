@@ -19,11 +19,11 @@ def quantize_recipe(method: str | None = None, *, bits: int = 4, target_bits: fl
     `target_bits` asks for bits per layer under a budget (the `mixed` pass,
     GPTQ at each layer's width); it combines with no method but gptq/mixed.
     """
-    method = method or DEFAULT_METHOD
     if target_bits is not None:
-        if method not in ("gptq", "mixed"):
+        if method not in (None, "gptq", "mixed"):
             raise ValueError(f"--target-bits chooses bits per layer with GPTQ; it does not combine with method {method!r}")
         return Recipe.single("mixed", target_bits=target_bits, **fields)
+    method = method or DEFAULT_METHOD
     if method == "awq+gptq":
         return Recipe.from_steps([{"pass": "awq", "bits": bits, **fields, "quantize": False},
                                   {"pass": "gptq", "bits": bits, **fields}])
