@@ -56,9 +56,15 @@ def modules_by_block(model: nn.Module, selected: dict[str, nn.Module], pass_name
                          f"add these to ignore: {', '.join(outside[:5])}")
     per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
     for n, m in selected.items():
-        b, _, rest = n[len(path) + 1:].partition(".")
-        per_block[int(b)][rest] = m
+        b, rest = _split(path, n)
+        per_block[b][rest] = m
     return path, blocks, per_block
+
+
+def _split(path: str, name: str) -> tuple[int, str]:
+    """'model.layers.3.mlp.up_proj' -> (3, 'mlp.up_proj') for blocks at `path`."""
+    b, _, rest = name[len(path) + 1:].partition(".")
+    return int(b), rest
 
 
 def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[list[tuple[str, nn.Module]]]:
@@ -75,7 +81,7 @@ def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator
     outside = []
     for n in modules:
         if n.startswith(f"{path}."):
-            inside.setdefault(int(n[len(path) + 1:].partition(".")[0]), []).append(n)
+            inside.setdefault(_split(path, n)[0], []).append(n)
         else:
             outside.append(n)
     if outside:

@@ -5,8 +5,8 @@
 safetensors file holds its current value. A block-wise pass materialises one
 decoder block at a time (`loaded`), changes it, and on the way out the block's
 tensors are written to a spill file, if anything changed, and freed. Saving
-streams the tensors block by block into a sharded checkpoint. Peak memory is
-one block plus the calibration activations, not the model.
+streams the tensors one at a time into `model.safetensors` (shards past 5 GB).
+Peak memory is one block plus the calibration activations, not the model.
 """
 
 from __future__ import annotations
