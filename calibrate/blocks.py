@@ -13,6 +13,8 @@ in `BLOCK_PATHS`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -193,17 +195,220 @@ def observe_block(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.M
             hd.remove()
 
 
-@torch.no_grad()
-def input_stages(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> list[list[str]]:
-    """Group `modules` of a block into stages in execution order; modules fed the same tensor share a stage.
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
-    For a Llama block: [q, k, v], [o], [gate, up], [down]. Quantizing stage by
-    stage ("true sequential") lets each stage see the error of the ones before.
+
+def resolve_forward_dtype(name: str, param: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for calibration forwards of a model whose weights look like `param`; None: no autocast.
+
+    "auto" picks bfloat16 for a float32 model where the device multiplies
+    bfloat16 natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX,
+    where bf16 matmuls run about 3x faster than float32) and float32 elsewhere.
+    Statistics (Hessians, channel magnitudes) are still accumulated in float32.
     """
-    order: list[tuple[str, torch.Tensor]] = []
-    one = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
-    # keep the tensors alive so that `id` cannot be reused by a later, different input
-    observe_block(block, one, modules, lambda n, x: order.append((n, x)))
+    if name not in FORWARD_DTYPES:
+        raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {name!r}")
+    if name == "auto":
+        if param.dtype != torch.float32:
+            return None  # already a 16-bit model: run it as it is
+        dev = param.device.type
+        fast = (torch.cuda.is_bf16_supported() if dev == "cuda" else
+                dev == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
+        return torch.bfloat16 if fast else None
+    dtype = getattr(torch, name)
+    return None if dtype == param.dtype else dtype
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+@dataclass
+class _Child:
+    """A direct child of a block that runs once per forward and contains targets."""
+
+    name: str
+    module: nn.Module
+    targets: set[str]
+    last: str | None  # the target whose output is the child's output (Llama: o_proj, down_proj), if one is
+    tail: tuple | None  # the rest of a tuple output (e.g. (None,) for attention weights); None: the output itself
+
+
+class BlockReplay:
+    """The calibration passes over one decoder block of a pass that changes it stage by stage (GPTQ).
+
+    `observe` runs the block over every batch, calling on_input(name, x) with
+    the inputs of the watched modules; `freeze` tells it which modules reached
+    their final weights; `run` replaces the batches by the block's outputs for
+    the next block. Between passes only the target modules may change.
+
+    What no longer changes is not recomputed. For each child of the block (for
+    Llama: self_attn, mlp):
+    - once its targets and every target running before it are final, its
+      output is the same in every later pass: it is kept and returned;
+    - when its output is its last target's output (o_proj, down_proj) and all
+      targets before that one are final, that target's input is kept and the
+      child is replaced by the target applied to it.
+    So the attention runs twice per block (for o_proj's and for the MLP's
+    Hessians only through o_proj; later passes take its output), and the
+    output pass runs just down_proj for the MLP.
+    Forwards run under autocast to `dtype` when given; block outputs keep the
+    dtype of the block inputs.
+    """
+
+    def __init__(self, block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Module], *,
+                 dtype: torch.dtype | None = None, reuse: bool = True) -> None:
+        self.block, self.inputs, self.targets, self.dtype, self.reuse = block, inputs, targets, dtype, reuse
+        self.frozen: set[str] = set()
+        self._outs: dict[str, list] = {}  # child -> its output per batch
+        self._ins: dict[str, list] = {}  # child -> its last target's input per batch
+        self._i = 0
+        self._patched: list[tuple[nn.Module, Callable | None]] = []
+        self._handles: list = []
+        self._recording: list[tuple[dict[str, list], str, dict[int, object]]] = []
+        self._inspect()
+
+    def _inspect(self) -> None:
+        """One forward of the first batch: stage order, which children run once, what they return."""
+        order: list[tuple[str, torch.Tensor]] = []
+        calls: list[str] = []
+        child_out: dict[str, object] = {}
+        target_out: dict[str, list] = {}
+        children = dict(self.block.named_children())
+        handles = []
+        for n, m in self.targets.items():
+            handles.append(m.register_forward_pre_hook(lambda mod, args, n=n: order.append((n, args[0]))))
+            handles.append(m.register_forward_hook(lambda mod, args, out, n=n: target_out.setdefault(n, []).append(out)))
+        for n, m in children.items():
+            handles.append(m.register_forward_pre_hook(lambda mod, args, n=n: calls.append(n)))
+            handles.append(m.register_forward_hook(lambda mod, args, out, n=n: child_out.__setitem__(n, out)))
+        try:
+            with torch.no_grad(), _autocast(self.inputs.hidden[0].device, self.dtype):
+                self.block(self.inputs.hidden[0], **self.inputs.kwargs[0])
+        finally:
+            for h in handles:
+                h.remove()
+        self.stages = _stages(order, self.targets)
+        ran = [n for n, _ in order]
+        self._children = []
+        for c in dict.fromkeys(calls):
+            inside = {t for t in self.targets if t == c or t.startswith(f"{c}.")}
+            if calls.count(c) != 1 or not inside:
+                continue
+            last, tail = ([n for n in ran if n in inside] or [None])[-1], None
+            outs, out = target_out.get(last, []), child_out.get(c)
+            if last == c:
+                last = None  # the child is a target itself: nothing inside it to skip
+            elif len(outs) == 1 and out is outs[0]:
+                pass  # the child returns its last target's output
+            elif (len(outs) == 1 and isinstance(out, tuple) and out and out[0] is outs[0]
+                  and all(o is None for o in out[1:])):
+                tail = out[1:]  # ... as the first element of a tuple of Nones
+            else:
+                last = None
+            self._children.append(_Child(c, children[c], inside, last, tail))
+
+    def freeze(self, names) -> None:
+        self.frozen.update(names)
+
+    @torch.no_grad()
+    def observe(self, watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None], *,
+                stop_early: bool = True) -> None:
+        """One pass over all batches; with `stop_early` each forward ends once every watched module saw its input."""
+        seen: set[str] = set()
+
+        def hook(mod, args, n):
+            on_input(n, args[0])
+            seen.add(n)
+            if stop_early and len(seen) == len(watched):
+                raise _Stop
+
+        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in watched.items()]
+        self._begin_pass(watched, last_pass=False)
+        try:
+            for i in range(len(self.inputs.hidden)):
+                seen.clear()
+                try:
+                    self._forward(i)
+                except _Stop:
+                    pass
+        finally:
+            for hd in handles:
+                hd.remove()
+            self._end_pass()
+
+    @torch.no_grad()
+    def run(self) -> None:
+        """Replace each batch by the block's output (in place: one copy in memory); the last pass."""
+        self._begin_pass({}, last_pass=True)
+        try:
+            for i, h in enumerate(self.inputs.hidden):
+                self.inputs.hidden[i] = _first(self._forward(i)).detach().to(h.dtype)
+        finally:
+            self._end_pass()
+            self._outs.clear()
+            self._ins.clear()
+
+    def _forward(self, i: int):
+        self._i = i
+        with _autocast(self.inputs.hidden[i].device, self.dtype):
+            return self.block(self.inputs.hidden[i], **self.inputs.kwargs[i])
+
+    def _begin_pass(self, watched: dict[str, nn.Module], *, last_pass: bool) -> None:
+        """Serve what is kept from memory; start keeping what became final."""
+        if not self.reuse:
+            return
+        settled = True  # every target that runs before the current child is final
+        for ch in self._children:
+            inner_final = settled and ch.targets - {ch.last} <= self.frozen
+            settled = settled and ch.targets <= self.frozen
+            if settled and not ch.targets & watched.keys():
+                if ch.name in self._outs:
+                    self._patch(ch.module, lambda outs=self._outs[ch.name]: outs[self._i])
+                    continue
+                if not last_pass:
+                    self._keep(ch.name, self._outs, ch.module.register_forward_hook,
+                               lambda mod, args, out: out)
+            if ch.last is not None and inner_final:
+                if ch.name in self._ins:
+                    last, tail = self.targets[ch.last], ch.tail
+                    self._patch(ch.module, lambda ins=self._ins[ch.name], last=last, tail=tail:
+                                last(ins[self._i]) if tail is None else (last(ins[self._i]), *tail))
+                elif not last_pass:
+                    # prepended: recorded before a watching hook can end the forward
+                    self._keep(ch.name, self._ins,
+                               functools.partial(self.targets[ch.last].register_forward_pre_hook, prepend=True),
+                               lambda mod, args: args[0])
+
+    def _patch(self, module: nn.Module, fn: Callable[[], object]) -> None:
+        # an instance-level forward (e.g. an accelerate hook) is put back afterwards
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.forward = lambda *args, **kwargs: fn()
+
+    def _keep(self, name: str, into: dict[str, list], register: Callable, pick: Callable) -> None:
+        got: dict[int, object] = {}
+        self._recording.append((into, name, got))
+        self._handles.append(register(lambda *a: got.__setitem__(self._i, pick(*a))))
+
+    def _end_pass(self) -> None:
+        for module, before in self._patched:
+            if before is None:
+                del module.forward
+            else:
+                module.forward = before
+        for h in self._handles:
+            h.remove()
+        n = len(self.inputs.hidden)
+        for into, name, got in self._recording:
+            if len(got) == n:  # complete: no forward stopped before it was reached
+                into[name] = [got[i] for i in range(n)]
+        for name in self._outs:
+            self._ins.pop(name, None)  # the output is kept: the input it came from is not needed
+        self._patched, self._handles, self._recording = [], [], []
+
+
+def _stages(order: list[tuple[str, torch.Tensor]], modules: dict[str, nn.Module]) -> list[list[str]]:
+    """Group module names by the input tensor they were called with, in first-call order."""
     stages: list[list[str]] = []
     stage_of_input: dict[int, int] = {}  # id(input tensor) -> stage index
     seen: set[str] = set()
@@ -220,3 +425,17 @@ def input_stages(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Mo
     if missing:
         stages.append(missing)  # never called on calibration data: handled (dead) by the pass
     return stages
+
+
+@torch.no_grad()
+def input_stages(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> list[list[str]]:
+    """Group `modules` of a block into stages in execution order; modules fed the same tensor share a stage.
+
+    For a Llama block: [q, k, v], [o], [gate, up], [down]. Quantizing stage by
+    stage ("true sequential") lets each stage see the error of the ones before.
+    """
+    order: list[tuple[str, torch.Tensor]] = []
+    one = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
+    # keep the tensors alive so that `id` cannot be reused by a later, different input
+    observe_block(block, one, modules, lambda n, x: order.append((n, x)))
+    return _stages(order, modules)

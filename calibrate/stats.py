@@ -9,23 +9,32 @@ class HessianCollector:
     """H = (2 / N) * sum over tokens of x x^T for inputs x of width `n` (GPTQ, SparseGPT).
 
     Accumulated in float32 as a sum and normalised on read, so the result does
-    not depend on how the tokens were split into batches.
+    not depend on how the tokens were split into batches. X^T X is symmetric,
+    so only its lower triangle is computed (by row panels, about 60 % of the
+    multiply-adds of the full product for wide inputs) and mirrored on read.
     """
 
+    PANEL = 384  # columns per row panel; at most 4 panels (more and the GEMMs get too small to pay)
+
     def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
-        self.sum = torch.zeros(n, n, dtype=torch.float32, device=device)
+        self.sum = torch.zeros(n, n, dtype=torch.float32, device=device)  # lower triangle is valid
         self.tokens = 0
+        k = min(4, max(1, round(n / self.PANEL)))
+        self._bounds = [round(i * n / k) for i in range(k + 1)]
 
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, n)
-        self.sum.addmm_(x.T, x)
+        b = self._bounds
+        for i in range(len(b) - 1):  # panel i: its rows, every column up to its diagonal block's end
+            self.sum[b[i] : b[i + 1], : b[i + 1]].addmm_(x[:, b[i] : b[i + 1]].T, x[:, : b[i + 1]])
         self.tokens += x.shape[0]
 
     @property
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this layer")
-        return self.sum * (2.0 / self.tokens)
+        low = self.sum.tril()
+        return (low + low.tril(-1).T) * (2.0 / self.tokens)
 
 
 class ChannelStats:

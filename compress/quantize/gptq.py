@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from calibrate.blocks import (
+    FORWARD_DTYPES,
+    BlockReplay,
     blocks_in_turn,
     capture_first_block_inputs,
-    input_stages,
     modules_by_block,
-    observe_block,
+    resolve_forward_dtype,
     run_block,
 )
 from calibrate.stats import HessianCollector
@@ -43,9 +44,13 @@ class GPTQConfig(WeightQuantConfig):
     act_order: bool = True  # quantize columns by decreasing diag(H); groups stay static
     true_sequential: bool = True  # within a block, re-collect inputs after each stage is quantized
     batch_size: int = 8  # calibration samples per forward pass
+    # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
+    forward_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if not 0 <= self.dampening < 1:
@@ -93,9 +98,11 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
     Q = torch.zeros(out, n, dtype=torch.int32)
     loss = torch.zeros(out)
     qmax = scheme.qmax
+    hdiag = Hinv.diagonal().tolist()
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()  # (out, b)
+        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -104,15 +111,14 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
             if not act_order and j % g == 0:  # first column of a group: its grid from current weights
                 s, z = qparams(_group_slice(W, W1, i1, i2, j, g), column_scheme)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
-            w = W1[:, i]
-            q = torch.clamp(torch.round(w / scale[:, gi]) + zero[:, gi], 0, qmax)
-            dq = (q - zero[:, gi]) * scale[:, gi]
-            Q[:, j] = q.to(torch.int32)
-            d = Hinv1[i, i]
-            err = (w - dq) / d
-            loss += (w - dq).pow(2) / d**2 / 2
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)  # spread the error in the block
+            w, s, z = W1[:, i], scale[:, gi], zero[:, gi]
+            q = torch.round(w / s).add_(z).clamp_(0, qmax)
+            err = (w - (q - z) * s).div_(hdiag[j])  # rounding error over [H^-1]_jj
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # spread the error over the block's later columns
+            Q1[:, i] = q
             Err1[:, i] = err
+        Q[:, i1:i2] = Q1.to(torch.int32)
+        loss += Err1.pow(2).sum(1) / 2  # ((w - q)^2 / [H^-1]_jj^2) / 2 per column
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the remaining columns
 
     if perm is not None:
@@ -143,14 +149,15 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
         if not mods:
             run_block(block, inputs)
             continue
+        dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(mods.values())).weight)
+        replay = BlockReplay(block, inputs, mods, dtype=dtype)
         # modules in one stage read the same tensor, so they share one Hessian
-        stages = input_stages(block, inputs, mods)
+        stages = replay.stages
         pending = PendingSwaps()
         rounds = [[st] for st in stages] if cfg.true_sequential else [stages]
         for group in rounds:
             hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device) for st in group}
-            observe_block(block, inputs, {lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x),
-                          stop_early=True)
+            replay.observe({lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x))
             for st in group:
                 H = hs[st[0]].hessian
                 for n in st:
@@ -161,7 +168,8 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
                     total_loss += loss
                     weights += q.numel()
                     done += 1
-        run_block(block, inputs)  # the quantized block feeds the next one
+                replay.freeze(st)
+        replay.run()  # the quantized block feeds the next one
         bits += pending.commit(block)
         if progress:
             progress(label, b + 1, len(blocks))
@@ -178,7 +186,8 @@ def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Pro
         name="gptq",
         config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
                 "block_size": cfg.block_size, "dampening": cfg.dampening, "act_order": cfg.act_order,
-                "true_sequential": cfg.true_sequential, "calibration_tokens": int(calib.numel())},
+                "true_sequential": cfg.true_sequential, "forward_dtype": cfg.forward_dtype,
+                "calibration_tokens": int(calib.numel())},
         modules=done,
         metrics={"gptq_loss": total_loss, "bits_per_weight": bits / max(weights, 1)},
     )

@@ -48,6 +48,19 @@ def test_hessian_is_independent_of_batching():
         _ = HessianCollector(4).hessian
 
 
+@pytest.mark.parametrize("n", [1000, 1536])
+def test_hessian_from_lower_panels_equals_the_full_product(n):
+    x = torch.randn(2, 40, n, dtype=torch.float64)
+    h = HessianCollector(n)
+    assert len(h._bounds) > 2  # wide enough to be computed in panels
+    h.add_batch(x[0])
+    h.add_batch(x[1])
+    flat = x.reshape(-1, n)
+    want = (2 * flat.T @ flat / 80).float()
+    torch.testing.assert_close(h.hessian, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(h.hessian, h.hessian.T)
+
+
 def test_channel_stats():
     s = ChannelStats(3)
     s.add_batch(torch.tensor([[1.0, -2.0, 0.0], [3.0, 2.0, 0.0]]))

@@ -104,3 +104,64 @@ def test_gptq_needs_calibration(make_tiny):
 def test_gptq_refuses_modules_outside_blocks(make_tiny):
     with pytest.raises(ValueError, match="add these to ignore: lm_head"):
         apply(make_tiny("llama"), Recipe.single("gptq", ignore=[]), torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_block_replay_reuses_final_children_exactly(make_tiny, tiny_tokenizer, arch):
+    """What is final is not recomputed by later passes, and the block's output is bit for bit the same."""
+    from calibrate.blocks import BlockInputs, BlockReplay, run_block
+
+    model = make_tiny(arch)
+    ids = torch.randint(0, len(tiny_tokenizer), (4, 16))
+    inputs = capture_first_block_inputs(model, ids, batch_size=2)
+    _, blocks = decoder_blocks(model)
+    block = blocks[0]
+    mods = {n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    expected = BlockInputs(list(inputs.hidden), inputs.kwargs)
+    run_block(block, expected)
+
+    replay = BlockReplay(block, inputs, mods, dtype=None)
+    assert replay.stages == input_stages(block, inputs, mods)
+    first, mlp_first = replay.stages[0][0], replay.stages[2][0]
+    calls = []
+    for name in (first, mlp_first):  # counts real computations (a kept output skips forward)
+        m = mods[name]
+        m.forward = lambda *a, _f=m.forward, _n=name, **k: (calls.append(_n), _f(*a, **k))[1]
+    per_pass = []
+    for stage in replay.stages:
+        calls.clear()
+        replay.observe({stage[0]: mods[stage[0]]}, lambda n, x: None)
+        per_pass.append(calls.count(first))
+        replay.freeze(stage)
+    calls.clear()
+    replay.run()
+    # q/k/v run only in o's pass (their own pass stops at their input); later the attention's output
+    # comes from o on its kept input, then from memory
+    assert per_pass == [0, 2, 0, 0]
+    assert calls == []  # the output pass reuses the attention and the MLP's first stage
+    assert all("forward" in mods[n].__dict__ for n in (first, mlp_first))  # instance forwards put back
+    for got, want in zip(inputs.hidden, expected.hidden, strict=True):
+        assert torch.equal(got, want)
+
+
+def test_block_replay_autocast_keeps_the_residual_dtype(make_tiny, tiny_tokenizer):
+    from calibrate.blocks import BlockInputs, BlockReplay, resolve_forward_dtype, run_block
+
+    model = make_tiny("llama")
+    inputs = capture_first_block_inputs(model, torch.randint(0, len(tiny_tokenizer), (2, 16)), batch_size=1)
+    _, blocks = decoder_blocks(model)
+    mods = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    ref = BlockInputs(list(inputs.hidden), inputs.kwargs)
+    run_block(blocks[0], ref)  # float32
+    seen = []
+    replay = BlockReplay(blocks[0], inputs, mods, dtype=torch.bfloat16)
+    replay.observe({"mlp.down_proj": mods["mlp.down_proj"]}, lambda n, x: seen.append(x.dtype))
+    replay.run()
+    assert seen == [torch.bfloat16, torch.bfloat16]  # the Linears ran in bf16
+    for got, want in zip(inputs.hidden, ref.hidden, strict=True):
+        assert got.dtype == torch.float32 and not torch.equal(got, want)
+        assert torch.allclose(got, want, rtol=0.05, atol=0.05)
+    w = torch.zeros(1)
+    assert resolve_forward_dtype("float32", w) is None and resolve_forward_dtype("bfloat16", w) == torch.bfloat16
+    assert resolve_forward_dtype("auto", w.half()) is None
+    with pytest.raises(ValueError, match="forward_dtype"):
+        resolve_forward_dtype("int8", w)
