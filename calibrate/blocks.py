@@ -126,8 +126,10 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad(), lazy.outside_blocks(model, path):
+        with torch.no_grad(), lazy.outside_blocks(model, path, on_demand=True):
             device = model.get_input_embeddings().weight.device
+            if device.type == "meta":  # lazily loaded, read on first call: the store loads onto the CPU
+                device = torch.device("cpu")
             for i in range(0, ids.shape[0], batch_size):
                 try:
                     model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)

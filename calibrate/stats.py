@@ -33,8 +33,13 @@ class HessianCollector:
     def hessian(self) -> torch.Tensor:
         if self.tokens == 0:
             raise ValueError("no calibration tokens reached this layer")
-        low = self.sum.tril()
-        return (low + low.tril(-1).T) * (2.0 / self.tokens)
+        b = self._bounds
+        for i in range(len(b) - 1):  # mirror in place, panel by panel: no full-size temporaries
+            rows = self.sum[b[i] : b[i + 1]]
+            rows[:, b[i + 1] :] = self.sum[b[i + 1] :, b[i] : b[i + 1]].T
+            diag = rows[:, b[i] : b[i + 1]].tril()  # the diagonal block, exactly symmetric too
+            rows[:, b[i] : b[i + 1]] = diag + diag.tril(-1).T
+        return self.sum * (2.0 / self.tokens)
 
 
 class ChannelStats:

@@ -12,6 +12,8 @@ Peak memory is one block plus the calibration activations, not the model.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import json
 import logging
 import os
@@ -28,6 +30,28 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 STORE_ATTR = "compress_tensor_store"  # where a lazy model keeps its store
+CHUNK_BYTES = 64 * 2**20  # streamed save: at most this much of one tensor in memory
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+def trim_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    Freed tensors below glibc's (adaptive, up to 32 MiB) mmap threshold stay in
+    the heap, and with a block's worth of them freed per block the process
+    RSS would creep up over a long model; trimming after each block keeps the
+    peak at one block.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class TensorStore:
@@ -90,6 +114,7 @@ class TensorStore:
                 del self.where[k]
             self.where.update(dict.fromkeys(full, f))
         _free(module)
+        trim_memory()
 
     @contextlib.contextmanager
     def loaded(self, prefix: str, module: nn.Module) -> Iterator[nn.Module]:
@@ -148,11 +173,16 @@ class TensorStore:
         with open(path, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
-            for k, dtype, _ in entries:
-                with safe_open(self.where[k], "pt") as h:
-                    t = h.get_tensor(k).to(dtype).contiguous()
-                f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-                del t
+            for k, dtype, shape in entries:
+                # in slices of rows of at most CHUNK_BYTES: a large embedding never sits in memory whole
+                rows = shape[0] if shape else 1
+                step = max(1, rows * CHUNK_BYTES // max(_nbytes(dtype, shape), 1))
+                for a in range(0, rows, step):
+                    with safe_open(self.where[k], "pt") as h:  # reopened: the mapped pages go with it
+                        t = h.get_slice(k)[a : a + step] if shape else h.get_tensor(k)
+                    t = t.to(dtype).contiguous()
+                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+                    del t
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -185,20 +215,37 @@ def store_of(model: nn.Module) -> TensorStore | None:
 
 
 @contextlib.contextmanager
-def outside_blocks(model: nn.Module, blocks_path: str) -> Iterator[None]:
-    """Materialise the tensors that live outside the decoder blocks (embeddings, final norm, head)."""
+def outside_blocks(model: nn.Module, blocks_path: str, *, on_demand: bool = False) -> Iterator[None]:
+    """Materialise the tensors that live outside the decoder blocks (embeddings, final norm, head).
+
+    With `on_demand` each part is read from disk only when it is first called
+    (a forward up to the first block then loads the embeddings, not the head).
+    """
     store = store_of(model)
     if store is None:
         yield
         return
     parts = [(p, m) for p, m in _outside(model, blocks_path) if store._own(p, m)]
-    for prefix, mod in parts:
+    loaded: list[str] = []
+
+    def load(prefix: str, mod: nn.Module) -> None:
         store.load(prefix, mod)
-    _tie(model)
+        loaded.append(prefix)
+        _tie(model)
+
+    handles = []
+    for prefix, mod in parts:
+        if on_demand:
+            handles.append(mod.register_forward_pre_hook(
+                lambda m, args, prefix=prefix: None if prefix in loaded else load(prefix, m)))
+        else:
+            load(prefix, mod)
     try:
         yield
     finally:
-        for prefix, _ in parts:
+        for h in handles:
+            h.remove()
+        for prefix in loaded:
             store.release(prefix, model.get_submodule(prefix))  # a pass may have replaced the module
         _tie(model)  # a tied head pointed at the freed embedding: point it at the meta one
 

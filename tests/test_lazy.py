@@ -56,7 +56,10 @@ def test_lazy_model_holds_no_block_weights(model_dir):
     assert all(t.is_meta for t in lm.model.state_dict().values())  # everything written back to disk
 
 
-def test_sharded_streaming_save_loads(model_dir, tmp_path):
+def test_sharded_streaming_save_loads(model_dir, tmp_path, monkeypatch):
+    from compress import lazy
+
+    monkeypatch.setattr(lazy, "CHUNK_BYTES", 1000)  # every large tensor is written in several row slices
     lm = load_model(model_dir, lazy=True)
     apply(lm.model, Recipe.single("rtn", bits=4, group_size=32))
     store_of(lm.model).save(tmp_path, max_shard_bytes=20_000)
@@ -80,3 +83,18 @@ def test_bfloat16_source_is_saved_like_a_full_load(model_dirs, tmp_path):
     a, b = _tensors(tmp_path / "False"), _tensors(tmp_path / "True")
     assert a["model.norm.weight"].dtype == torch.float32
     assert set(a) == set(b) and all(a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a)
+
+
+def test_capture_reads_only_what_runs_before_the_first_block(model_dir):
+    from calibrate.blocks import capture_first_block_inputs, decoder_blocks
+
+    lm = load_model(model_dir, lazy=True)
+    store = store_of(lm.model)
+    read, orig = [], store.load
+    store.load = lambda prefix, module: (read.append(prefix), orig(prefix, module))[1]
+    got = capture_first_block_inputs(lm.model, torch.randint(0, 100, (2, 16)))
+    assert len(got.hidden) == 1 and got.hidden[0].shape[:2] == (2, 16) and not got.hidden[0].is_meta
+    assert any("embed_tokens" in p for p in read)
+    assert not any("norm" in p or "lm_head" in p for p in read)  # after the blocks: never read
+    path, _ = decoder_blocks(lm.model)
+    assert all(t.is_meta for k, t in lm.model.state_dict().items() if not k.startswith(path))  # released

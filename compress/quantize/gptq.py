@@ -69,31 +69,37 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
     With `act_order` the group parameters are computed up front from W (static
     groups), so groups stay contiguous in the original column order.
     """
-    W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    W = W.detach().float().clone()
     out, n = W.shape
     g, ng = scheme.group_len(n), scheme.n_groups(n)
 
     dead = torch.diag(H) == 0  # inputs that were always zero: their weights do not matter
-    H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
     column_scheme = QuantScheme(bits=scheme.bits, group_size=-1, symmetric=scheme.symmetric,
                                 scale_dtype=scheme.scale_dtype)
     if act_order:  # static groups: from the (dead-column-zeroed) weights before any update
         scale, zero = qparams(W, scheme)
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        perm = torch.argsort(torch.diag(H).float().masked_fill(dead, 1.0), descending=True)
+        W = W[:, perm]
+        H = H.detach().index_select(0, perm).index_select(1, perm).float()  # our own (permuted) copy
+        dead = dead[perm]
         group_of = (perm // g).tolist()  # (in,) original group of each permuted column
     else:  # each group's grid is set when its first column comes up
+        H = H.detach().float().clone()
         scale, zero = torch.empty(out, ng), torch.empty(out, ng)
         perm = None
         group_of = [j // g for j in range(n)]
+    H.diagonal()[dead] = 1.0
 
     damp = dampening * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
     # Upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    # (one step at a time, each result replacing the last: at most two n x n matrices alive)
+    Hinv = torch.linalg.cholesky(H)
+    del H
+    Hinv = torch.cholesky_inverse(Hinv)
+    Hinv = torch.linalg.cholesky(Hinv, upper=True)
 
     Q = torch.zeros(out, n, dtype=torch.int32)
     loss = torch.zeros(out)
@@ -159,7 +165,7 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
             hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device) for st in group}
             replay.observe({lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x))
             for st in group:
-                H = hs[st[0]].hessian
+                H = hs.pop(st[0]).hessian  # the collector's sum is freed here
                 for n in st:
                     lin, scheme = mods[n], scheme_for(f"{path}.{b}.{n}")
                     q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, block_size=cfg.block_size,

@@ -106,21 +106,22 @@ class PendingSwaps:
     """
 
     def __init__(self) -> None:
-        self._items: list[tuple[str, nn.Linear, torch.Tensor, torch.Tensor, torch.Tensor, QuantScheme]] = []
+        self._items: list[tuple[str, nn.Linear, QuantLinear]] = []
 
     @torch.no_grad()
     def add(self, name: str, lin: nn.Linear, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
             scheme: QuantScheme) -> None:
-        lin.weight.copy_(dequantize(q, scale, zero, scheme).to(lin.weight.dtype))
-        self._items.append((name, lin, q, scale, zero, scheme))
+        # packed now: a block's int32 codes would take 8x the memory of its packed weights until commit
+        qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
+        lin.weight.copy_(qlin.dequantize_weight().to(lin.weight.dtype))
+        self._items.append((name, lin, qlin))
 
     def commit(self, parent: nn.Module) -> int:
         """Replace every pending Linear under `parent` by its QuantLinear; return their storage bits."""
         from compress.targets import set_submodule
 
         bits = 0
-        for name, lin, q, scale, zero, scheme in self._items:
-            qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
+        for name, lin, qlin in self._items:
             set_submodule(parent, name, qlin)
             lin.to("meta")  # free the float weight now: callers may still hold the old module
             bits += qlin.storage_bits()
