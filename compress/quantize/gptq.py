@@ -82,7 +82,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
         scale, zero = qparams(W, scheme)
         perm = torch.argsort(torch.diag(H).float().masked_fill(dead, 1.0), descending=True)
         W = W[:, perm]
-        H = H.detach().index_select(0, perm).index_select(1, perm).float()  # our own (permuted) copy
+        H = H.detach().index_select(0, perm)  # our own permuted copy, rows then columns:
+        H = H.index_select(1, perm).float()  # never three n x n matrices at once
         dead = dead[perm]
         group_of = (perm // g).tolist()  # (in,) original group of each permuted column
     else:  # each group's grid is set when its first column comes up
@@ -95,11 +96,11 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
     damp = dampening * torch.mean(torch.diag(H))
     H.diagonal().add_(damp)
     # Upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
-    # (one step at a time, each result replacing the last: at most two n x n matrices alive)
-    Hinv = torch.linalg.cholesky(H)
-    del H
-    Hinv = torch.cholesky_inverse(Hinv)
-    Hinv = torch.linalg.cholesky(Hinv, upper=True)
+    # Computed in place in our copy of H (a 5632-wide down_proj Hessian is 121 MiB).
+    Hinv = H
+    torch.linalg.cholesky(Hinv, out=Hinv)
+    torch.cholesky_inverse(Hinv, out=Hinv)
+    torch.linalg.cholesky(Hinv, upper=True, out=Hinv)
 
     Q = torch.zeros(out, n, dtype=torch.int32)
     loss = torch.zeros(out)
@@ -165,10 +166,12 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
             hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device) for st in group}
             replay.observe({lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x))
             for st in group:
-                H = hs.pop(st[0]).hessian  # the collector's sum is freed here
+                hessian = [hs.pop(st[0]).hessian]  # the collector's sum is freed here
                 for n in st:
                     lin, scheme = mods[n], scheme_for(f"{path}.{b}.{n}")
-                    q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, block_size=cfg.block_size,
+                    # the stage's last module takes the Hessian (no reference left here): GPTQ frees it early
+                    q, scale, zero, loss = quantize_weight(lin.weight, hessian.pop() if n == st[-1] else hessian[0],
+                                                           scheme, block_size=cfg.block_size,
                                                            dampening=cfg.dampening, act_order=cfg.act_order)
                     pending.add(n, lin, q, scale, zero, scheme)
                     total_loss += loss
