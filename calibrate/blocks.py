@@ -176,20 +176,26 @@ def observe_block(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.M
     has seen its input: observing the first modules of a block then costs
     almost nothing, instead of a full block forward.
     """
+    _watching(modules, on_input, stop_early, len(inputs.hidden), lambda i: block(inputs.hidden[i], **inputs.kwargs[i]))
+
+
+def _watching(watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None], stop_early: bool,
+              n_batches: int, forward: Callable[[int], object]) -> None:
+    """Call forward(i) for every batch with pre-hooks on the watched modules (see `observe_block`)."""
     seen: set[str] = set()
 
     def hook(mod, args, n):
         on_input(n, args[0])
         seen.add(n)
-        if stop_early and len(seen) == len(modules):
+        if stop_early and len(seen) == len(watched):
             raise _Stop
 
-    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in modules.items()]
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in watched.items()]
     try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs, strict=True):
+        for i in range(n_batches):
             seen.clear()
             try:
-                block(h, **kw)
+                forward(i)
             except _Stop:
                 pass
     finally:
@@ -317,26 +323,10 @@ class BlockReplay:
     def observe(self, watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None], *,
                 stop_early: bool = True) -> None:
         """One pass over all batches; with `stop_early` each forward ends once every watched module saw its input."""
-        seen: set[str] = set()
-
-        def hook(mod, args, n):
-            on_input(n, args[0])
-            seen.add(n)
-            if stop_early and len(seen) == len(watched):
-                raise _Stop
-
-        handles = [m.register_forward_pre_hook(lambda mod, args, n=n: hook(mod, args, n)) for n, m in watched.items()]
-        self._begin_pass(watched, last_pass=False)
+        self._begin_pass(watched, last_pass=False)  # its recording hooks come before the watching ones
         try:
-            for i in range(len(self.inputs.hidden)):
-                seen.clear()
-                try:
-                    self._forward(i)
-                except _Stop:
-                    pass
+            _watching(watched, on_input, stop_early, len(self.inputs.hidden), self._forward)
         finally:
-            for hd in handles:
-                hd.remove()
             self._end_pass()
 
     @torch.no_grad()
