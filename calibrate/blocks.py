@@ -265,8 +265,8 @@ class BlockReplay:
     """
 
     def __init__(self, block: nn.Module, inputs: BlockInputs, targets: dict[str, nn.Module], *,
-                 dtype: torch.dtype | None = None, reuse: bool = True) -> None:
-        self.block, self.inputs, self.targets, self.dtype, self.reuse = block, inputs, targets, dtype, reuse
+                 dtype: torch.dtype | None = None) -> None:
+        self.block, self.inputs, self.targets, self.dtype = block, inputs, targets, dtype
         self.frozen: set[str] = set()
         self._outs: dict[str, list] = {}  # child -> its output per batch
         self._ins: dict[str, list] = {}  # child -> its last target's input per batch
@@ -348,8 +348,6 @@ class BlockReplay:
 
     def _begin_pass(self, watched: dict[str, nn.Module], *, last_pass: bool) -> None:
         """Serve what is kept from memory; start keeping what became final."""
-        if not self.reuse:
-            return
         settled = True  # every target that runs before the current child is final
         for ch in self._children:
             inner_final = settled and ch.targets - {ch.last} <= self.frozen
