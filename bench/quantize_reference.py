@@ -11,7 +11,7 @@ Calibration: 128 windows x 512 tokens of the WikiText-2 validation split, seed 0
 
     .venv/bin/python bench/quantize_reference.py [--configs rtn:4:128,gptq:4:128,...] [--windows 64]
 
-Peers: a config `peer:METHOD:BITS:GROUP` (METHOD one of none, hqq, bnb-nf4,
+Peers: a config `peer:METHOD:BITS:GROUP[:asym]` (:asym for llm-compressor only; METHOD one of none, hqq, bnb-nf4,
 llmc-gptq, llmc-awq; e.g. peer:hqq:4:64, peer:llmc-gptq:4:64, peer:bnb-nf4:4:64,
 peer:none:32:0 for the unquantized model) runs another toolkit's quantizer
 (llm-compressor, HQQ, bitsandbytes) on the same fp32 reference model
@@ -38,6 +38,17 @@ import time
 from pathlib import Path
 
 DEFAULT = "rtn:4:128,gptq:4:128,rtn:4:64,gptq:4:64,gptq:3:64,gptq:8:-1,rtn:8:-1"
+# issue 3's benchmark matrix: every method at W4 g64 / g128 / per-channel, W3 g64 and W8 per-channel
+# (asymmetric 2-4 bit grids, symmetric W8), beside the peers at the group size they all support (64).
+# "acceptance" is the part the issue's acceptance compares in one run: our best W4/W3 g64, our GPTQ
+# against llm-compressor's on the same grid (time), and every peer (llm-compressor AWQ, the slowest, last)
+_OURS = [f"{m}:{cfg}" for m in ("awq+gptq", "gptq", "awq", "rtn")
+         for cfg in ("4:64:asym", "3:64:asym", "4:128:asym", "4:-1:asym", "8:-1")]
+_PEERS = ["peer:llmc-gptq:4:64:asym", "peer:hqq:4:64", "peer:bnb-nf4:4:64", "peer:llmc-gptq:3:64:asym",
+          "peer:hqq:3:64", "peer:llmc-awq:4:64:asym"]
+ACCEPTANCE = ",".join(["awq+gptq:4:64:asym", "awq+gptq:3:64:asym", "gptq:4:64:asym", *_PEERS])
+MATRIX = ",".join([*ACCEPTANCE.split(","), *[c for c in _OURS if c not in ACCEPTANCE.split(",")]])
+NAMED = {"matrix": MATRIX, "acceptance": ACCEPTANCE}
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEER_SCRIPT = ROOT / "bench" / "peers" / "run_peer.py"
@@ -133,15 +144,18 @@ def run_peer(cfg: str, inputs: dict, threads: int, tmp: Path) -> dict:
     parts = cfg.split(":")
     method = parts[1] if len(parts) > 1 else ""
     row: dict = {"config": cfg, "method": method, "tool": PEER_TOOLS.get(method, "?")}
-    if len(parts) != 4 or method not in PEER_TOOLS or not all(x.lstrip("-").isdigit() for x in parts[2:]):
-        return {**row, "error": f"bad peer config {cfg!r}: peer:METHOD:BITS:GROUP, METHOD in {sorted(PEER_TOOLS)}"}
+    asym = parts[4:] == ["asym"]
+    if (len(parts) not in (4, 5) or method not in PEER_TOOLS or parts[4:] not in ([], ["asym"])
+            or not all(x.lstrip("-").isdigit() for x in parts[2:4])):
+        return {**row, "error": f"bad peer config {cfg!r}: peer:METHOD:BITS:GROUP[:asym], METHOD in {sorted(PEER_TOOLS)}"}
     row.update(bits=int(parts[2]), group_size=int(parts[3]))
     if not PEER_PYTHON.is_file():
         return {**row, "error": f"{PEER_PYTHON} not found: run `make peers-setup` (bash bench/peers/setup.sh)"}
-    out = tmp / f"{method}-{parts[2]}-{parts[3]}.json"
+    out = tmp / f"{method}-{'-'.join(parts[2:])}.json"
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--method", method, "--bits", parts[2], "--group", parts[3],
            "--model", inputs["model"], "--calib", inputs["calib"], "--eval", inputs["eval"],
-           "--out", str(out), "--threads", str(threads), "--work", str(tmp / f"work-{method}-{parts[2]}-{parts[3]}")]
+           "--out", str(out), "--threads", str(threads), "--work", str(tmp / f"work-{method}-{parts[2]}-{parts[3]}"),
+           *(["--asym"] if asym else [])]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)
     row["wall_seconds"] = round(time.perf_counter() - t0, 1)
@@ -162,7 +176,9 @@ def run_peer(cfg: str, inputs: dict, threads: int, tmp: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", default=DEFAULT, help="method:bits:group[:asym],... (symmetric unless :asym)")
+    ap.add_argument("--configs", default=DEFAULT,
+                    help="method:bits:group[:asym],... (symmetric unless :asym); 'matrix': issue 3's full matrix; "
+                         "'acceptance': its acceptance comparison")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -179,7 +195,18 @@ def main() -> None:
     fp32 = json.loads((Path(__file__).parent / "results" / "rtn_reference.json").read_text())
     base = fp32["results"]["fp32"]["perplexity"]
     rows = []
-    configs = args.configs.split(",")
+    configs = NAMED.get(args.configs, args.configs).split(",")
+    meta = {"command": " ".join(["python", *sys.argv]),
+            "fp32_perplexity": base, "fp32_from": "bench/results/rtn_reference.json",
+            "calibration": "wikitext2 validation, 128 x 512 tokens, seed 0",
+            "threads": args.threads, "versions": package_versions()}
+
+    def save(done: bool) -> None:  # after every row, so a long run that stops keeps what it measured
+        write_json_atomic(Path(args.output), {
+            **meta, "complete": done, "configs": configs,
+            **({"peer_inputs": {k: inputs[k] for k in ("model", "calib_shape", "eval_shape")}} if inputs else {}),
+            "results": rows})
+
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp:
         inputs = None
         if any(c.startswith("peer:") for c in configs):
@@ -189,27 +216,26 @@ def main() -> None:
                 row = run_peer(cfg, inputs, args.threads, Path(tmp))
                 if "error" in row:
                     rows.append(row)
+                    save(False)
                     print(f"{cfg:12s} FAILED: {row['error'][:500]}", flush=True)
                     continue
             else:
                 p = subprocess.run([sys.executable, __file__, "--one", cfg, "--windows", str(args.windows),
                                     "--threads", str(args.threads)], capture_output=True, text=True)
                 if p.returncode != 0:
-                    print(p.stderr[-3000:], file=sys.stderr)
-                    raise SystemExit(f"{cfg} failed")
+                    rows.append({"config": cfg, "error": f"exited {p.returncode}", "stderr_tail": p.stderr[-3000:]})
+                    save(False)
+                    print(f"{cfg:12s} FAILED:\n{p.stderr[-3000:]}", flush=True)
+                    continue
                 row = json.loads(p.stdout.strip().splitlines()[-1])
             row["rise_over_fp32"] = row["perplexity"] / base - 1
+            row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             rows.append(row)
+            save(False)
             print(f"{cfg:12s} ppl {row['perplexity']:.3f} (+{100 * row['rise_over_fp32']:.1f} %) "
                   f"{row['bits_per_weight_on_disk']:.3f} bpw  {row['quantize_seconds']:.0f} s  "
                   f"{row['peak_rss_bytes_during_quantize'] / 2**30:.2f} GiB", flush=True)
-    write_json_atomic(Path(args.output), {
-        "command": " ".join(["python", *sys.argv]),
-        "fp32_perplexity": base, "fp32_from": "bench/results/rtn_reference.json",
-        "calibration": "wikitext2 validation, 128 x 512 tokens, seed 0",
-        "threads": args.threads, "versions": package_versions(),
-        **({"peer_inputs": {k: inputs[k] for k in ("model", "calib_shape", "eval_shape")}} if inputs else {}),
-        "results": rows})
+        save(True)
 
 
 if __name__ == "__main__":

@@ -145,10 +145,15 @@ def _first(out):
 
 
 @torch.no_grad()
-def run_block(block: nn.Module, inputs: BlockInputs) -> None:
-    """Replace each captured batch's hidden states by the block's output (in place: one copy in memory)."""
+def run_block(block: nn.Module, inputs: BlockInputs, *, dtype: torch.dtype | None = None) -> None:
+    """Replace each captured batch's hidden states by the block's output (in place: one copy in memory).
+
+    With `dtype` the forward runs under autocast to it; outputs keep the dtype of the inputs.
+    """
     for i, kw in enumerate(inputs.kwargs):
-        inputs.hidden[i] = _first(block(inputs.hidden[i], **kw)).detach()
+        h = inputs.hidden[i]
+        with _autocast(h.device, dtype):
+            inputs.hidden[i] = _first(block(h, **kw)).detach().to(h.dtype)
 
 
 def blocks_in_turn(model: nn.Module, blocks: nn.ModuleList) -> Iterator[tuple[int, nn.Module]]:
@@ -169,14 +174,36 @@ def blocks_in_turn(model: nn.Module, blocks: nn.ModuleList) -> Iterator[tuple[in
 
 @torch.no_grad()
 def observe_block(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module],
-                  on_input: Callable[[str, torch.Tensor], None], *, stop_early: bool = False) -> None:
+                  on_input: Callable[[str, torch.Tensor], None], *, stop_early: bool = False,
+                  dtype: torch.dtype | None = None) -> None:
     """Run the block over all batches, calling on_input(name, x) with each watched module's input.
 
     With `stop_early`, each batch's forward ends as soon as every watched module
     has seen its input: observing the first modules of a block then costs
-    almost nothing, instead of a full block forward.
+    almost nothing, instead of a full block forward. With `dtype` the forwards
+    run under autocast to it.
     """
-    _watching(modules, on_input, stop_early, len(inputs.hidden), lambda i: block(inputs.hidden[i], **inputs.kwargs[i]))
+    def forward(i: int):
+        with _autocast(inputs.hidden[i].device, dtype):
+            return block(inputs.hidden[i], **inputs.kwargs[i])
+
+    _watching(modules, on_input, stop_early, len(inputs.hidden), forward)
+
+
+@torch.no_grad()
+def observe_stages(block: nn.Module, inputs: BlockInputs, stages: list[list[str]], modules: dict[str, nn.Module],
+                   collectors: Callable[[nn.Module], tuple], *, dtype: torch.dtype | None = None) -> dict[str, tuple]:
+    """Statistics of every stage's input (see `input_stages`) in one pass over the block.
+
+    `collectors(module)` makes the collectors (objects with `add_batch(x)`) of a
+    stage from its first module; the result maps each stage's first module name
+    to them, fed with that stage's input on every batch. Each forward ends once
+    the last stage has its input.
+    """
+    stats = {st[0]: collectors(modules[st[0]]) for st in stages}
+    observe_block(block, inputs, {lead: modules[lead] for lead in stats},
+                  lambda n, x: [c.add_batch(x) for c in stats[n]], stop_early=True, dtype=dtype)
+    return stats
 
 
 def _watching(watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None], stop_early: bool,
@@ -219,7 +246,7 @@ def resolve_forward_dtype(name: str, param: torch.Tensor) -> torch.dtype | None:
     if name == "auto":
         if param.dtype != torch.float32:
             return None  # already a 16-bit model: run it as it is
-        dev = param.device.type
+        dev = "cpu" if param.device.type == "meta" else param.device.type  # lazily loaded: the store loads onto the CPU
         fast = (torch.cuda.is_bf16_supported() if dev == "cuda" else
                 dev == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
         return torch.bfloat16 if fast else None

@@ -51,9 +51,10 @@ class ChannelStats:
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()  # (tokens, n)
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, n)
+        # float32 within a batch (pairwise summation), float64 across batches
         self.abs_sum += x.abs().sum(0)
-        self.sq_sum += x.pow(2).sum(0)
+        self.sq_sum += x.square().sum(0)
         self.tokens += x.shape[0]
 
     @property

@@ -7,7 +7,7 @@ peer sees exactly the tokens our methods see.
 
     run_peer.py --method {none,hqq,bnb-nf4,llmc-gptq,llmc-awq} --bits B --group G \\
         --model DIR --calib CALIB.safetensors --eval EVAL.safetensors --out RESULT.json \\
-        [--threads 2] [--work DIR]
+        [--threads 2] [--work DIR] [--asym]
 
 CALIB holds `ids` (samples, seq_len) int64, EVAL holds `windows` (n, seq_len)
 int64. Perplexity = exp(sum of NLL over every predicted token / their count):
@@ -183,7 +183,7 @@ def run_bnb(model, bits: int, group: int, calib) -> dict:
 
 # --- llm-compressor ------------------------------------------------------------
 
-def run_llmc(model, bits: int, group: int, calib, *, awq: bool, work: Path):
+def run_llmc(model, bits: int, group: int, calib, *, awq: bool, work: Path, symmetric: bool = True):
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -191,7 +191,7 @@ def run_llmc(model, bits: int, group: int, calib, *, awq: bool, work: Path):
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
     scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
-        num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group))
+        num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group))
     extra_notes = []
     if awq:
         from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -215,11 +215,12 @@ def run_llmc(model, bits: int, group: int, calib, *, awq: bool, work: Path):
             shuffle_calibration_samples=False, tokenizer=model.config.name_or_path)
     seconds = time.perf_counter() - t0
     res = {
-        "quantize_seconds": seconds, "peak_rss_bytes": rss_bytes(), "symmetric": True,
+        "quantize_seconds": seconds, "peak_rss_bytes": rss_bytes(), "symmetric": symmetric,
         "notes": [("AWQModifier() (default Llama mappings, duo_scaling, n_grid 20) then QuantizationModifier"
                    if awq else
                    "GPTQModifier defaults: block_size 128, dampening_frac 0.01, actorder static"),
-                  f"config_groups: int{bits} symmetric, strategy group, group_size {group}, targets Linear, "
+                  f"config_groups: int{bits} {'symmetric' if symmetric else 'asymmetric (zero points)'}, "
+                  f"strategy group, group_size {group}, targets Linear, "
                   "ignore lm_head",
                   f"calibration: {n} windows x {seq_len} tokens given as a datasets.Dataset "
                   "(input_ids, attention_mask), unshuffled",
@@ -281,17 +282,20 @@ def main() -> None:
     ap.add_argument("--eval", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--asym", action="store_true", help="llm-compressor only: asymmetric grid (zero points)")
     ap.add_argument("--work", help="scratch directory (llm-compressor's saved checkpoint); default: a temp dir")
     ap.add_argument("--rescore-saved", action="store_true",
                     help="llm-compressor: also reload the saved compressed checkpoint and score it")
     args = ap.parse_args()
+    if args.asym and not args.method.startswith("llmc"):
+        ap.error("--asym applies to llm-compressor only (HQQ is asymmetric already, NF4 has no zero points)")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from safetensors.torch import load_file
 
     torch.set_num_threads(args.threads)
-    row: dict = {"method": args.method, "bits": args.bits, "group_size": args.group,
+    row: dict = {"method": args.method, "bits": args.bits, "group_size": args.group, "asym_requested": args.asym,
                  "model": args.model, "threads": args.threads,
                  "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
                               "transformers": version("transformers")}}
@@ -321,7 +325,7 @@ def main() -> None:
                 res = run_bnb(model, args.bits, args.group, calib)
             else:
                 res, after_eval = run_llmc(model, args.bits, args.group, calib,
-                                           awq=args.method == "llmc-awq", work=work)
+                                           awq=args.method == "llmc-awq", work=work, symmetric=not args.asym)
             row.update(res)
             row["quantize_seconds"] = round(row["quantize_seconds"], 2)
             model.eval()  # replaced modules start in training mode

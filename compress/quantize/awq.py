@@ -30,7 +30,8 @@ from calibrate.blocks import (
     capture_first_block_inputs,
     input_stages,
     modules_by_block,
-    observe_block,
+    observe_stages,
+    resolve_forward_dtype,
     run_block,
 )
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
@@ -39,21 +40,20 @@ from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import fake_quantize, grouped, quantize_weight
 from compress.quantize.qlinear import PendingSwaps
-from compress.quantize.scheme import QuantScheme, WeightQuantConfig
+from compress.quantize.scheme import CalibratedQuantConfig, QuantScheme
 from compress.registry import register_pass
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class AWQConfig(WeightQuantConfig):
+class AWQConfig(CalibratedQuantConfig):
     n_grid: int = 20  # exponents a in {0, 1/n, ..., (n-1)/n} (paper: 20)
     duo_scaling: bool = True  # s = x^a / w^(1-a) (AutoAWQ); False: s = x^a (paper)
     clip: bool = True  # search a clipping ratio per (row, group)
     clip_grid: int = 20  # ratio steps of 1/clip_grid (paper code: 20)
     max_shrink: float = 0.5  # smallest ratio tried is 1 - max_shrink (paper code: 0.5)
     quantize: bool = True  # False: scale and clip the float weights only, for a following gptq step
-    batch_size: int = 8  # calibration samples per forward pass
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,8 +61,6 @@ class AWQConfig(WeightQuantConfig):
             raise ValueError(f"n_grid and clip_grid must be positive, got {self.n_grid}, {self.clip_grid}")
         if not 0 <= self.max_shrink < 1:
             raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
@@ -146,43 +144,51 @@ def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Prog
     _, blocks, per_block = modules_by_block(model, selected, "awq")
     scheme = cfg.scheme
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
+    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     totals = {"scale_before": 0.0, "scale_after": 0.0, "clip_before": 0.0, "clip_after": 0.0}
     folded, done, bits, weights = 0, 0, 0, 0
+    # where each stage's 1/s folds is a fact of the block's structure: tested on the first block of a
+    # kind (class and stages), then reused for the blocks like it
+    producers_of: dict[tuple, dict[str, str | None]] = {}
     for b, block in blocks_in_turn(model, blocks):
         mods = per_block[b]
-        if mods:
-            stages = input_stages(block, inputs, mods)
-            # statistics of every stage on the unmodified block, in one forward pass per batch
-            stats = {st[0]: (HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device),
-                             ChannelStats(mods[st[0]].in_features, device=mods[st[0]].weight.device))
-                     for st in stages}
-            observe_block(block, inputs, {lead: mods[lead] for lead in stats},
-                          lambda n, x, stats=stats: [c.add_batch(x) for c in stats[n]])
-            producers = find_producers(block, inputs, stages, mods)
-            hessians: dict[str, torch.Tensor | None] = {}
-            for st in stages:  # all scales are searched and folded before any weight is rounded
-                hc, cs = stats[st[0]]
-                H = hc.hessian if hc.tokens else None
-                if H is not None and producers[st[0]] is not None:
-                    s, after, before = search_scale([mods[n].weight for n in st], H, cs.mean_abs, scheme,
-                                                    n_grid=cfg.n_grid, duo_scaling=cfg.duo_scaling)
-                    fold_into_producer(block.get_submodule(producers[st[0]]), s)
-                    for n in st:
-                        scale_consumer(mods[n], s)
-                    H = H / s[:, None] / s[None, :]  # the stage now reads x / s
-                    totals["scale_before"] += before
-                    totals["scale_after"] += after
-                    folded += 1
-                hessians[st[0]] = H
-            pending = PendingSwaps()
-            for st in stages:
+        if not mods:
+            run_block(block, inputs, dtype=dtype)
+            continue
+        # AWQ changes the producers (norms) too, so nothing of the block is reused between its two passes
+        stages = input_stages(block, inputs, mods)
+        # statistics of every stage on the unmodified block, in one pass
+        stats = observe_stages(block, inputs, stages, mods,
+                               lambda m: (HessianCollector(m.in_features, device=m.weight.device),
+                                          ChannelStats(m.in_features, device=m.weight.device)), dtype=dtype)
+        kind = (type(block), tuple(map(tuple, stages)))
+        if kind not in producers_of:
+            producers_of[kind] = find_producers(block, inputs, stages, mods)
+        producers = producers_of[kind]
+        hessians: dict[str, torch.Tensor | None] = {}
+        for st in stages:  # all scales are searched and folded before any weight is rounded
+            hc, cs = stats.pop(st[0])
+            H = hc.hessian if hc.tokens else None
+            if H is not None and producers[st[0]] is not None:
+                s, after, before = search_scale([mods[n].weight for n in st], H, cs.mean_abs, scheme,
+                                                n_grid=cfg.n_grid, duo_scaling=cfg.duo_scaling)
+                fold_into_producer(block.get_submodule(producers[st[0]]), s)
                 for n in st:
-                    _finish(n, mods[n], hessians[st[0]], cfg, totals, pending)
-                    weights += mods[n].weight.numel()
-                    done += 1
-        run_block(block, inputs)
-        if mods:
-            bits += pending.commit(block)
+                    scale_consumer(mods[n], s)
+                H = H.div_(s[:, None]).div_(s[None, :])  # the stage now reads x / s
+                totals["scale_before"] += before
+                totals["scale_after"] += after
+                folded += 1
+            hessians[st[0]] = H
+        pending = PendingSwaps()
+        for st in stages:
+            H = hessians.pop(st[0])
+            for n in st:
+                _finish(n, mods[n], H, cfg, totals, pending)
+                weights += mods[n].weight.numel()
+                done += 1
+        run_block(block, inputs, dtype=dtype)
+        bits += pending.commit(block)
         if progress:
             progress("awq", b + 1, len(blocks))
     log.info("awq: %d modules, %d scale folds", done, folded)
@@ -195,7 +201,8 @@ def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Prog
         name="awq",
         config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
                 "n_grid": cfg.n_grid, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
-                "quantize": cfg.quantize, "calibration_tokens": int(calib.numel())},
+                "quantize": cfg.quantize, "forward_dtype": cfg.forward_dtype,
+                "calibration_tokens": int(calib.numel())},
         modules=done,
         metrics=metrics,
     )

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from calibrate.blocks import (
-    FORWARD_DTYPES,
     BlockReplay,
     blocks_in_turn,
     capture_first_block_inputs,
@@ -31,32 +30,25 @@ from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import qparams
 from compress.quantize.qlinear import PendingSwaps
-from compress.quantize.scheme import QuantScheme, WeightQuantConfig
+from compress.quantize.scheme import CalibratedQuantConfig, QuantScheme
 from compress.registry import register_pass
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class GPTQConfig(WeightQuantConfig):
+class GPTQConfig(CalibratedQuantConfig):
     block_size: int = 128  # columns per lazy batch update (paper: 128)
     dampening: float = 0.01  # fraction of mean diag(H) added to the diagonal (paper: 1 %)
     act_order: bool = True  # quantize columns by decreasing diag(H); groups stay static
     true_sequential: bool = True  # within a block, re-collect inputs after each stage is quantized
-    batch_size: int = 8  # calibration samples per forward pass
-    # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
-    forward_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.forward_dtype not in FORWARD_DTYPES:
-            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if not 0 <= self.dampening < 1:
             raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
 
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
@@ -150,13 +142,13 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
     path, blocks, per_block = modules_by_block(model, selected, label)
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
+    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     total_loss, done, bits, weights = 0.0, 0, 0, 0
     for b, block in blocks_in_turn(model, blocks):
         mods = per_block[b]
         if not mods:
-            run_block(block, inputs)
+            run_block(block, inputs, dtype=dtype)
             continue
-        dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(mods.values())).weight)
         replay = BlockReplay(block, inputs, mods, dtype=dtype)
         # modules in one stage read the same tensor, so they share one Hessian
         stages = replay.stages

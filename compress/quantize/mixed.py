@@ -24,7 +24,8 @@ from calibrate.blocks import (
     capture_first_block_inputs,
     input_stages,
     modules_by_block,
-    observe_block,
+    observe_stages,
+    resolve_forward_dtype,
     run_block,
 )
 from calibrate.stats import HessianCollector
@@ -113,16 +114,16 @@ def measure_sensitivity(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor,
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
     path, blocks, per_block = modules_by_block(model, selected, "mixed")
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
+    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     errors: dict[str, dict[int, float]] = {}
     for b, block in blocks_in_turn(model, blocks):
         mods = per_block[b]
         if mods:
             stages = input_stages(block, inputs, mods)
-            hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device)
-                  for st in stages}
-            observe_block(block, inputs, {lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x))
+            hs = observe_stages(block, inputs, stages, mods,
+                                lambda m: (HessianCollector(m.in_features, device=m.weight.device),), dtype=dtype)
             for st in stages:
-                H = hs[st[0]].hessian
+                H = hs.pop(st[0])[0].hessian
                 for n in st:
                     W = mods[n].weight.detach().float()
                     errors[f"{path}.{b}.{n}"] = {
@@ -130,7 +131,7 @@ def measure_sensitivity(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor,
                                                                        dampening=cfg.dampening,
                                                                        act_order=cfg.act_order)[:3], s) - W, H)
                         for bits in cfg.candidates for s in [_scheme(cfg, bits)]}
-        run_block(block, inputs)
+        run_block(block, inputs, dtype=dtype)
         if progress:
             progress("mixed: sensitivity", b + 1, len(blocks))
     return errors

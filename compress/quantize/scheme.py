@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from calibrate.blocks import FORWARD_DTYPES
 from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -71,3 +72,19 @@ class WeightQuantConfig(QuantScheme):
     def scheme(self) -> QuantScheme:
         return QuantScheme(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric,
                            scale_dtype=self.scale_dtype)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CalibratedQuantConfig(WeightQuantConfig):
+    """Fields of the weight quantizers that run calibration data through the blocks (GPTQ, AWQ, mixed)."""
+
+    batch_size: int = 8  # calibration samples per forward pass
+    # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
+    forward_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")

@@ -76,3 +76,18 @@ def test_non_homogeneous_paths_are_rejected():
         got = find_producers(toy, BlockInputs([x], [{}]), [["gate", "up"], ["down"]], mods)
         # tanh(up) * tanh(gate) is not homogeneous in up's output: down has no producer
         assert got == {"gate": want, "down": None}
+
+
+def test_blocks_of_one_kind_have_the_same_producers(make_tiny, tiny_tokenizer, arch):
+    # AWQ tests the fold targets on the first block of a kind and reuses them for the others
+    from calibrate.blocks import run_block
+
+    model = make_tiny(arch)
+    inputs = capture_first_block_inputs(model, torch.randint(0, len(tiny_tokenizer), (4, 16)), batch_size=2)
+    _, blocks = decoder_blocks(model)
+    found = []
+    for block in blocks:
+        mods = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        found.append(find_producers(block, inputs, input_stages(block, inputs, mods), mods))
+        run_block(block, inputs)
+    assert len(found) > 1 and all(f == EXPECTED[arch] for f in found)

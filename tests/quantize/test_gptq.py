@@ -165,3 +165,31 @@ def test_block_replay_autocast_keeps_the_residual_dtype(make_tiny, tiny_tokenize
     assert resolve_forward_dtype("auto", w.half()) is None
     with pytest.raises(ValueError, match="forward_dtype"):
         resolve_forward_dtype("int8", w)
+
+
+def test_observe_stages_and_run_block_under_autocast(make_tiny, tiny_tokenizer):
+    from calibrate.blocks import BlockInputs, input_stages, observe_stages, run_block
+    from calibrate.stats import ChannelStats, HessianCollector
+
+    model = make_tiny("llama")
+    inputs = capture_first_block_inputs(model, torch.randint(0, len(tiny_tokenizer), (4, 16)), batch_size=2)
+    _, blocks = decoder_blocks(model)
+    mods = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    stages = input_stages(blocks[0], inputs, mods)
+    got = {}
+    for dtype in (None, torch.bfloat16):
+        got[dtype] = observe_stages(blocks[0], inputs, stages, mods,
+                                    lambda m: (HessianCollector(m.in_features), ChannelStats(m.in_features)),
+                                    dtype=dtype)
+    assert list(got[None]) == [st[0] for st in stages]
+    for lead, (hc, cs) in got[None].items():
+        assert hc.tokens == cs.tokens == 4 * 16
+        hb, cb = got[torch.bfloat16][lead]
+        # bf16 forwards: the same statistics up to bf16 rounding of the activations
+        assert torch.allclose(hb.hessian, hc.hessian, rtol=0.05, atol=0.05 * float(hc.hessian.abs().max()))
+        assert torch.allclose(cb.mean_abs, cs.mean_abs, rtol=0.05, atol=1e-3)
+    ref = BlockInputs(list(inputs.hidden), inputs.kwargs)
+    run_block(blocks[0], ref)
+    run_block(blocks[0], inputs, dtype=torch.bfloat16)
+    for a, b in zip(inputs.hidden, ref.hidden, strict=True):
+        assert a.dtype == torch.float32 and not torch.equal(a, b) and torch.allclose(a, b, rtol=0.05, atol=0.05)
