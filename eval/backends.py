@@ -21,6 +21,9 @@ class Backend(Protocol):
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, no special tokens."""
 
+    def decode(self, ids: list[int]) -> str:
+        """The text of token ids."""
+
     def token_nll(self, ids: torch.Tensor, *, bos: int | None = None) -> torch.Tensor:
         """ids (B, L) -> NLL (B, L-1) of ids[:, 1:] given their prefixes (float64).
 
@@ -48,6 +51,9 @@ class TorchBackend:
         if key not in self._cache:
             self._cache[key] = self.tokenizer(text, add_special_tokens=False).input_ids
         return self._cache[key]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
 
     @torch.inference_mode()
     def token_nll(self, ids: torch.Tensor, *, bos: int | None = None) -> torch.Tensor:

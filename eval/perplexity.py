@@ -8,6 +8,7 @@ context only). The protocol travels with every result.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -15,10 +16,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from compress.data import wikitext2_path
 from compress.registry import register_task
+from eval.stats import perplexity_ci
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,8 +41,14 @@ class PerplexityConfig:
 
 
 def compute_perplexity(backend, text: str, cfg: PerplexityConfig, *, dataset: str,
-               progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
-    """Score `text` with `backend`; return perplexity, token counts, timing and the protocol."""
+                       progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Score `text` with `backend`: perplexity with its 95 % interval, per-window records, timing, protocol.
+
+    Besides token perplexity, word and byte perplexity and bits per byte are
+    reported as lm-evaluation-harness defines them (exp of the summed NLL over
+    the number of words / UTF-8 bytes), counting the words and bytes of the
+    text that the scored tokens decode to.
+    """
     t0 = time.perf_counter()
     ids = torch.tensor(backend.encode(text), dtype=torch.int64)
     available = ids.numel() // cfg.seq_len
@@ -52,28 +61,47 @@ def compute_perplexity(backend, text: str, cfg: PerplexityConfig, *, dataset: st
         bos = backend.bos_token_id
         if bos is None:
             raise ValueError("prepend_bos: the tokenizer has no BOS token")
-    total, count = 0.0, 0
+    t_fwd = 0.0
+    nll = torch.empty(n, dtype=torch.float64)  # summed NLL per window
     for i in range(0, n, cfg.batch_size):
-        nll = backend.token_nll(windows[i : i + cfg.batch_size], bos=bos)
-        total += float(nll.sum())
-        count += nll.numel()
+        t = time.perf_counter()
+        nll[i : i + cfg.batch_size] = backend.token_nll(windows[i : i + cfg.batch_size], bos=bos).sum(1)
+        t_fwd += time.perf_counter() - t
         if progress:
             progress(dataset, min(i + cfg.batch_size, n), n)
+    per_window = cfg.seq_len - 1
+    count = n * per_window
+    total = float(nll.sum())
+    scored = [backend.decode(w[1:].tolist()) for w in windows]  # the text each window's scored tokens spell
+    words = sum(len(t.split()) for t in scored)
+    n_bytes = sum(len(t.encode("utf-8")) for t in scored)
+    lo, hi = perplexity_ci(nll.numpy(), np.full(n, per_window))
     return {
         "task": dataset,
+        "metric": "perplexity",
+        "value": math.exp(total / count),
+        "ci95": [lo, hi],
         "perplexity": math.exp(total / count),
         "mean_nll": total / count,
+        "word_perplexity": math.exp(total / max(words, 1)),
+        "byte_perplexity": math.exp(total / max(n_bytes, 1)),
+        "bits_per_byte": total / max(n_bytes, 1) / math.log(2),
         "tokens_scored": count,
+        "words_scored": words,
+        "bytes_scored": n_bytes,
         "windows": n,
         "windows_available": available,
         "seconds": round(time.perf_counter() - t0, 2),
+        "forward_seconds": round(t_fwd, 2),
         "backend": backend.name,
         "protocol": {
             "text": "read as one string, tokenized without special tokens",
             "windows": "non-overlapping, first token of each window is context only",
             **{k: v for k, v in asdict(cfg).items() if k != "batch_size"},
             "requested_windows": cfg.windows,
+            "tokens_sha256": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
         },
+        "items": [{"id": f"window {i}", "nll": float(nll[i]), "tokens": per_window} for i in range(n)],
     }
 
 

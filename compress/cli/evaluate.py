@@ -29,6 +29,7 @@ def command(model, tasks, windows, seq_len, prepend_bos, batch_size, threads, de
     from compress.artifact import package_versions
     from compress.models import load_model
     from compress.runner import evaluate, set_threads
+    from eval import results as eval_results
     from eval.perplexity import PerplexityConfig
 
     opts = {"windows": windows, "seq_len": seq_len, "prepend_bos": prepend_bos, "batch_size": batch_size}
@@ -38,9 +39,10 @@ def command(model, tasks, windows, seq_len, prepend_bos, batch_size, threads, de
     with progress_bar() as progress:
         results = evaluate(lm, list(tasks), options=opts, device=device, progress=progress)
     for name, r in results.items():
-        click.echo(f"{name}: perplexity {r['perplexity']:.4f} ({r['tokens_scored']} tokens, "
-                   f"{r['windows']} x {seq_len}, {r['seconds']:.1f} s)")
-    doc = {"model": lm.source, "results": results, "versions": package_versions()}
+        lo, hi = r["ci95"]
+        click.echo(f"{name}: perplexity {r['perplexity']:.4f} (95 % CI {lo:.3f}-{hi:.3f}; {r['tokens_scored']} "
+                   f"tokens, {r['windows']} x {seq_len}, {r['seconds']:.1f} s)", err=bool(not output))
+    doc = eval_results.document(eval_results.model_identity(lm), results, package_versions())
     if output:
         write_json(output, doc)
     else:

@@ -20,6 +20,9 @@ class UniformBackend:
     def encode(self, text):
         return [ord(c) % self.vocab for c in text]
 
+    def decode(self, ids):
+        return "".join(chr(97 + i % 26) if i % 5 else " " for i in ids)
+
     def token_nll(self, ids, *, bos=None):
         return torch.full((ids.shape[0], ids.shape[1] - 1), math.log(self.vocab), dtype=torch.float64)
 
@@ -28,6 +31,13 @@ def test_uniform_model_has_perplexity_vocab_size():
     r = compute_perplexity(UniformBackend(50), "x" * 1000, PerplexityConfig(windows=-1, seq_len=100), dataset="t")
     assert r["perplexity"] == pytest.approx(50.0)
     assert r["windows"] == 10 and r["tokens_scored"] == 10 * 99
+    # per-window records sum to the total; the interval of a constant model is a point
+    assert len(r["items"]) == 10 and sum(it["nll"] for it in r["items"]) == pytest.approx(990 * math.log(50))
+    assert r["ci95"] == pytest.approx([50.0, 50.0])
+    # word and byte perplexity: the same summed NLL over the words / bytes the scored tokens spell
+    assert r["bytes_scored"] == 990 and r["byte_perplexity"] == pytest.approx(50.0)
+    assert r["bits_per_byte"] == pytest.approx(math.log2(50))
+    assert r["word_perplexity"] == pytest.approx(math.exp(990 * math.log(50) / r["words_scored"]))
 
 
 def test_matches_direct_computation(make_tiny, tiny_tokenizer):

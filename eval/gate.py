@@ -1,0 +1,173 @@
+"""`compress gate`: does a candidate's eval result regress against a baseline's?
+
+For every task of the baseline, the candidate must have the same task, scored
+under the same protocol on the same items (anything else is an error, never a
+silent comparison). Each task is then compared item by item:
+
+- perplexity: relative rise, paired bootstrap over windows (`eval.stats`);
+- accuracy: drop in points, exact McNemar test on the questions they disagree on.
+
+A task fails when its change is worse than the threshold *and* the change is
+statistically significant at `significance` (one-sided p-value below it), so a
+gate can be strict about real regressions without failing on noise; with
+significance 1 every change beyond the threshold fails.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+
+from eval.results import METRICS
+from eval.stats import PairedResult, mcnemar, paired_perplexity
+
+
+@dataclass(frozen=True, kw_only=True)
+class GateConfig:
+    max_ppl_rise: float = 0.05  # relative perplexity rise allowed (0.05 = +5 %)
+    max_acc_drop: float = 1.0  # accuracy drop allowed, in points
+    significance: float = 0.05  # a change fails only if its one-sided p-value is below this
+
+    def __post_init__(self) -> None:
+        if self.max_ppl_rise < 0 or self.max_acc_drop < 0:
+            raise ValueError("max_ppl_rise and max_acc_drop must be >= 0")
+        if not 0 < self.significance <= 1:
+            raise ValueError(f"significance must be in (0, 1], got {self.significance}")
+
+
+@dataclass
+class Row:
+    task: str
+    metric: str
+    baseline: float
+    candidate: float
+    paired: PairedResult
+    threshold: float
+    failed: bool
+    note: str
+
+
+@dataclass
+class GateReport:
+    rows: list[Row] = field(default_factory=list)
+    cfg: GateConfig = field(default_factory=GateConfig)
+
+    @property
+    def passed(self) -> bool:
+        return not any(r.failed for r in self.rows)
+
+
+def _protocol(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in r["protocol"].items() if k not in ("seconds",)}
+
+
+def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig = GateConfig()) -> GateReport:
+    """Compare two results documents (`eval.results.load`); mismatches are ValueErrors."""
+    report = GateReport(cfg=cfg)
+    cres, bres = candidate["results"], baseline["results"]
+    missing = [t for t in bres if t not in cres]
+    if missing:
+        raise ValueError(f"the candidate has no result for task(s) {', '.join(missing)} of the baseline")
+    for task, b in bres.items():
+        c = cres[task]
+        if c["metric"] != b["metric"]:
+            raise ValueError(f"{task}: metric {c['metric']!r} in the candidate, {b['metric']!r} in the baseline")
+        pc, pb = _protocol(c), _protocol(b)
+        if pc != pb:
+            diff = sorted(k for k in pc.keys() | pb.keys() if pc.get(k) != pb.get(k))
+            raise ValueError(f"{task}: candidate and baseline were scored under different protocols "
+                             f"(differ in {', '.join(diff)}: candidate "
+                             f"{ {k: pc.get(k) for k in diff} }, baseline { {k: pb.get(k) for k in diff} }); "
+                             "re-run both with the same options")
+        ids_c, ids_b = [it["id"] for it in c["items"]], [it["id"] for it in b["items"]]
+        if ids_c != ids_b:
+            only = sorted(set(ids_c) ^ set(ids_b))[:5]
+            raise ValueError(f"{task}: the candidate and baseline scored different items "
+                             f"({len(ids_c)} vs {len(ids_b)}; e.g. {only or 'same ids, other order'})")
+        report.rows.append(_compare_task(task, c, b, cfg))
+    return report
+
+
+def _compare_task(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConfig) -> Row:
+    metric = b["metric"]
+    if metric == "perplexity":
+        tok_c = np.array([it["tokens"] for it in c["items"]])
+        tok_b = np.array([it["tokens"] for it in b["items"]])
+        if not np.array_equal(tok_c, tok_b):
+            raise ValueError(f"{task}: per-window token counts differ between candidate and baseline")
+        paired = paired_perplexity(np.array([it["nll"] for it in c["items"]]),
+                                   np.array([it["nll"] for it in b["items"]]), tok_b)
+        threshold = cfg.max_ppl_rise
+    else:
+        paired = mcnemar(np.array([bool(it["correct"]) for it in c["items"]]),
+                         np.array([bool(it["correct"]) for it in b["items"]]))
+        threshold = cfg.max_acc_drop
+    beyond = paired.change > threshold
+    significant = paired.p_value < cfg.significance
+    failed = beyond and significant
+    if failed:
+        note = "regression beyond the threshold, significant"
+    elif beyond:
+        note = f"beyond the threshold but not significant (p = {paired.p_value:.3g})"
+    else:
+        note = "within the threshold"
+    return Row(task, metric, float(b["value"]), float(c["value"]), paired, threshold, failed, note)
+
+
+def _fmt_change(row: Row) -> str:
+    if row.metric == "perplexity":
+        lo, hi = row.paired.ci95
+        return f"{100 * row.paired.change:+.2f} % [{100 * lo:+.2f}, {100 * hi:+.2f}]"
+    lo, hi = row.paired.ci95
+    return f"{-row.paired.change:+.2f} pt [{-hi:+.2f}, {-lo:+.2f}]"
+
+
+def _fmt_threshold(row: Row) -> str:
+    return f"rise <= {100 * row.threshold:g} %" if row.metric == "perplexity" else f"drop <= {row.threshold:g} pt"
+
+
+def markdown(report: GateReport, candidate: str = "candidate", baseline: str = "baseline") -> str:
+    """The verdict as a Markdown table (what the CLI prints and writes to the CI step summary)."""
+    verdict = "PASSED" if report.passed else "FAILED"
+    lines = [f"### compress gate: {verdict}", "",
+             f"candidate `{candidate}` against baseline `{baseline}` "
+             f"(a task fails when worse than its threshold with one-sided p < {report.cfg.significance:g})", "",
+             "| task | metric | baseline | candidate | change [95 % CI] | p | threshold | result |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report.rows:
+        better = METRICS[r.metric]
+        lines.append(f"| {r.task} | {r.metric} ({better} is better) | {r.baseline:.4g} | {r.candidate:.4g} | "
+                     f"{_fmt_change(r)} | {r.paired.p_value:.3g} | {_fmt_threshold(r)} | "
+                     f"{'**FAIL**' if r.failed else 'pass'}: {r.note} |")
+    lines += ["", "Tests: " + "; ".join(f"{r.task}: {r.paired.test}" for r in report.rows)]
+    return "\n".join(lines) + "\n"
+
+
+def junit_xml(report: GateReport) -> str:
+    """JUnit XML: one test case per task, a <failure> for each failed one."""
+    cases = []
+    for r in report.rows:
+        body = ""
+        if r.failed:
+            msg = f"{r.task} {r.metric}: {_fmt_change(r)}, p = {r.paired.p_value:.3g}, {_fmt_threshold(r)}"
+            body = f"<failure message={quoteattr(msg)}>{escape(r.note)}</failure>"
+        cases.append(f'  <testcase classname="compress.gate" name={quoteattr(r.task)}>{body}</testcase>')
+    fails = sum(r.failed for r in report.rows)
+    return (f'<?xml version="1.0" encoding="utf-8"?>\n'
+            f'<testsuite name="compress gate" tests="{len(report.rows)}" failures="{fails}">\n'
+            + "\n".join(cases) + "\n</testsuite>\n")
+
+
+def write_step_summary(text: str) -> bool:
+    """Append to $GITHUB_STEP_SUMMARY when set (GitHub Actions); return whether it was written."""
+    path = os.environ.get("GITHUB_STEP_SUMMARY")
+    if not path:
+        return False
+    with open(Path(path), "a", encoding="utf-8") as f:
+        f.write(text)
+    return True

@@ -1,0 +1,92 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from compress.cli import cli
+from eval import results
+from eval.gate import GateConfig, compare, junit_xml, markdown
+
+
+def _ppl_doc(nll, tokens=100, windows=None):
+    nll = np.asarray(nll, float)
+    return {"schema": results.SCHEMA, "model": {"name": "m", "path": "/m", "bytes_on_disk": 1, "bits_per_parameter": 4},
+            "results": {"wikitext2": {
+                "metric": "perplexity", "value": float(np.exp(nll.sum() / (tokens * len(nll)))), "ci95": [0, 0],
+                "protocol": {"seq_len": 1024, "windows": windows or len(nll), "tokens_sha256": "abc"},
+                "items": [{"id": f"window {i}", "nll": float(x), "tokens": tokens} for i, x in enumerate(nll)]}}}
+
+
+def _acc_doc(correct):
+    return {"schema": results.SCHEMA, "model": {"name": "m"},
+            "results": {"arc_easy": {
+                "metric": "accuracy", "value": float(np.mean(correct)), "ci95": [0, 1],
+                "protocol": {"scoring": "cloze", "shots": 0},
+                "items": [{"id": f"q{i}", "choice": 0, "answer": 0, "correct": bool(c)} for i, c in enumerate(correct)]}}}
+
+
+BASE = np.random.default_rng(0).normal(300, 30, 64)
+
+
+def test_identical_candidate_passes():
+    r = compare(_ppl_doc(BASE), _ppl_doc(BASE))
+    assert r.passed and r.rows[0].paired.change == 0
+    assert "PASSED" in markdown(r) and 'failures="0"' in junit_xml(r)
+
+
+def test_planted_regression_fails_and_noise_does_not():
+    bad = compare(_ppl_doc(BASE * 1.05), _ppl_doc(BASE), GateConfig(max_ppl_rise=0.05))
+    assert not bad.passed and bad.rows[0].paired.change > 0.05
+    assert "FAIL" in markdown(bad) and "<failure" in junit_xml(bad)
+    # a rise beyond the threshold that is not significant passes, and says why
+    noisy = BASE + np.random.default_rng(5).normal(0, 40, 64)
+    r = compare(_ppl_doc(noisy), _ppl_doc(BASE), GateConfig(max_ppl_rise=0.0))
+    if r.rows[0].paired.change > 0:
+        assert r.rows[0].paired.p_value >= 0.05 and r.passed and "not significant" in r.rows[0].note
+    # with significance 1 any change past the threshold fails
+    assert not compare(_ppl_doc(BASE + 1), _ppl_doc(BASE), GateConfig(max_ppl_rise=0.0, significance=1)).passed
+
+
+def test_accuracy_gate_uses_mcnemar():
+    rng = np.random.default_rng(0)
+    base = rng.random(400) < 0.6
+    worse = base.copy()
+    worse[np.flatnonzero(base)[:30]] = False  # 30 questions lost, none gained: -7.5 points
+    r = compare(_acc_doc(worse), _acc_doc(base), GateConfig(max_acc_drop=1.0))
+    assert not r.passed and r.rows[0].paired.change == pytest.approx(7.5) and r.rows[0].paired.p_value < 1e-6
+    assert compare(_acc_doc(base), _acc_doc(base)).passed
+
+
+def test_mismatches_are_errors():
+    with pytest.raises(ValueError, match="different protocols"):
+        compare(_ppl_doc(BASE, windows=32), _ppl_doc(BASE))
+    with pytest.raises(ValueError, match="different items"):
+        compare(_ppl_doc(BASE[:32], windows=64), _ppl_doc(BASE))
+    with pytest.raises(ValueError, match="no result for task"):
+        compare(_acc_doc([True]), _ppl_doc(BASE))
+
+
+def test_gate_cli_exit_codes_summary_and_junit(tmp_path, monkeypatch):
+    base, same, bad, other = (tmp_path / f"{n}.json" for n in ("base", "same", "bad", "other"))
+    base.write_text(json.dumps(_ppl_doc(BASE)))
+    same.write_text(json.dumps(_ppl_doc(BASE)))
+    bad.write_text(json.dumps(_ppl_doc(BASE * 1.2)))
+    other.write_text(json.dumps(_ppl_doc(BASE, windows=8)))
+    summary = tmp_path / "summary.md"
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(summary))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["gate", str(same), "--baseline", str(base)])
+    assert r.exit_code == 0, r.output
+    assert "PASSED" in r.output and "PASSED" in summary.read_text()
+    junit = tmp_path / "gate.xml"
+    r = runner.invoke(cli, ["gate", str(bad), "--baseline", str(base), "--max-ppl-rise", "5%", "--junit", str(junit)])
+    assert r.exit_code == 1 and "FAILED" in r.output
+    assert 'failures="1"' in junit.read_text()
+    r = runner.invoke(cli, ["gate", str(other), "--baseline", str(base)])
+    assert r.exit_code == 2 and "different protocols" in r.output
+    (tmp_path / "junk.json").write_text("{not json")
+    r = runner.invoke(cli, ["gate", str(tmp_path / "junk.json"), "--baseline", str(base)])
+    assert r.exit_code == 2 and "not valid JSON" in r.output
+    r = runner.invoke(cli, ["gate", str(same), "--baseline", str(base), "--max-ppl-rise", "lots"])
+    assert r.exit_code == 2 and "percentage" in r.output
