@@ -107,6 +107,9 @@ class _WindowRecorder:
     def encode(self, text: str) -> list[int]:
         return self._inner.encode(text)
 
+    def decode(self, ids) -> str:
+        return self._inner.decode(ids)
+
     def token_nll(self, ids, *, bos=None):
         import torch
 
