@@ -34,10 +34,13 @@ class _Builtin:
 
     @hookimpl
     def register_tasks(self, register):
-        from eval import perplexity
+        from eval import multiple_choice, perplexity
 
         register(perplexity.wikitext2)
         register(perplexity.text_file)
+        register(multiple_choice.mmlu)
+        register(multiple_choice.arc_easy)
+        register(multiple_choice.user_mc)
 
 
 builtin = _Builtin()

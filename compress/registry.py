@@ -47,10 +47,11 @@ class ExporterSpec:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """An eval task: `run(backend, **options) -> result dict`."""
+    """An eval task: `run(backend, cfg, **options) -> result dict`, cfg an instance of `config` (a frozen dataclass)."""
 
     name: str
     run: Callable[..., Any]
+    config: type | None = None
 
     @property
     def summary(self) -> str:
@@ -126,11 +127,11 @@ def register_exporter(name: str):
     return deco
 
 
-def register_task(name: str):
-    """Decorator: register an eval task function under `name`."""
+def register_task(name: str, *, config: type | None = None):
+    """Decorator: register an eval task function under `name`, taking a `config` instance as its second argument."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.task_spec = TASKS.add(TaskSpec(name, fn))
+        fn.task_spec = TASKS.add(TaskSpec(name, fn, config))
         return fn
 
     return deco

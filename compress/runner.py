@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -80,24 +81,52 @@ def _fit_positions(calib: CalibConfig, model: torch.nn.Module) -> CalibConfig:
     return calib
 
 
-def evaluate(lm: LoadedModel, tasks: list[str], *, options: dict[str, Any] | None = None,
-             device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
-    """Run eval tasks ("wikitext2", "text:PATH") on a loaded model; return {task: result}."""
-    from eval.backends import TorchBackend
-    from eval.perplexity import PerplexityConfig
+def plan_tasks(tasks: list[str], options: dict[str, Any] | None = None) -> list[tuple[str, Any, str, Any]]:
+    """Check eval tasks and their options before any model loads: [(label, spec, argument, config)].
 
-    specs = []
+    `options` is one flat dict of task options (windows, seq_len, shots,
+    scoring, ...); each task takes the fields of its own config, None meaning
+    the task's default. An option no task takes is an error.
+    """
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    runs = []
+    used: set[str] = set()
     for t in tasks:
         name, _, arg = t.partition(":")
-        specs.append((t, TASKS.get(name), arg))
-    cfg = PerplexityConfig(**(options or {}))
-    backend = TorchBackend(lm.model, lm.tokenizer, device=device)
+        spec = TASKS.get(name)
+        cfg = None
+        if spec.config is not None:
+            names = {f.name for f in dataclasses.fields(spec.config)}
+            mine = {k: v for k, v in options.items() if k in names}
+            used |= mine.keys()
+            params = list(inspect.signature(spec.run).parameters.values())
+            default = params[1].default if len(params) > 1 else None
+            cfg = (dataclasses.replace(default, **mine) if isinstance(default, spec.config)
+                   else spec.config(**mine))
+        runs.append((t, spec, arg, cfg))
+    unused = sorted(options.keys() - used - {"batch_size"})
+    if unused:
+        raise ValueError(f"option(s) {', '.join(unused)} apply to none of the tasks {', '.join(tasks)}")
+    return runs
+
+
+def evaluate(lm: LoadedModel, tasks: list[str], *, options: dict[str, Any] | None = None,
+             device: str = "cpu", progress: Progress | None = None) -> dict[str, Any]:
+    """Run eval tasks ("wikitext2", "text:PATH", "mmlu", "arc_easy", "mc:PATH") on a loaded model.
+
+    Options as in `plan_tasks`; `batch_size` also sets the multiple-choice batch. Returns {task: result}.
+    """
+    from eval.backends import TorchBackend
+
+    runs = plan_tasks(tasks, options)
+    bs = (options or {}).get("batch_size")
+    backend = TorchBackend(lm.model, lm.tokenizer, device=device, **({"batch_size": bs} if bs else {}))
     results = {}
-    for label, spec, arg in specs:
+    for label, spec, arg, cfg in runs:
         kwargs: dict[str, Any] = {"progress": progress}
         if arg:
             kwargs["path"] = arg
-        results[label] = spec.run(backend, cfg, **kwargs)
+        results[label] = spec.run(backend, cfg, **kwargs) if cfg is not None else spec.run(backend, **kwargs)
     return results
 
 

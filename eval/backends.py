@@ -1,18 +1,43 @@
-"""Scoring backends: every backend turns token sequences into per-token negative log-likelihoods.
+"""Scoring backends: every backend turns token sequences into log-likelihoods.
 
-Tasks (perplexity, multiple choice) talk only to this interface, so a torch
-model in memory, a saved compressed artifact (loaded into torch) and, later,
-an ONNX Runtime session or a GGUF file are scored the same way.
+Two questions are asked of a backend, and tasks talk only to this interface,
+so a torch model in memory, a saved compressed artifact (loaded into torch)
+and an ONNX Runtime session or a GGUF file are scored the same way:
+
+- `token_nll(ids)`: the NLL of every token of a batch of windows given its
+  prefix (perplexity, rolling log-likelihood);
+- `loglikelihoods(requests)`: for each `Request`, the summed log-probability of
+  each continuation given the context (multiple choice). Requests of one
+  `group` share their first `shared` context tokens (an MMLU subject's header
+  and few-shot examples), which a backend may compute once.
+
+`generic_loglikelihoods` answers the second question with the first, for
+backends that implement only `token_nll`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import inspect
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class Request:
+    """Score each continuation (token ids) after the context (token ids)."""
+
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+    group: str = ""  # requests of one group share context[:shared]
+    shared: int = 0
 
 
 class Backend(Protocol):
@@ -30,17 +55,40 @@ class Backend(Protocol):
         With `bos`, that token is prepended as unscored context.
         """
 
+    def loglikelihoods(self, requests: Sequence[Request],
+                       progress: Callable[[int], None] | None = None) -> list[list[float]]:
+        """Per request, the summed log-probability of each continuation; progress(n) after n more requests."""
+
+
+def generic_loglikelihoods(backend, requests: Sequence[Request],
+                           progress: Callable[[int], None] | None = None) -> list[list[float]]:
+    """Continuation log-likelihoods through `token_nll`, one sequence per (request, continuation)."""
+    out = []
+    for r in requests:
+        scores = []
+        for cont in r.continuations:
+            ids = torch.tensor([list(r.context) + list(cont)])
+            nll = backend.token_nll(ids)[0]  # (L-1,)
+            scores.append(-float(nll[len(r.context) - 1:].sum()))
+        out.append(scores)
+        if progress:
+            progress(1)
+    return out
+
 
 class TorchBackend:
     """A PyTorch causal LM (float or with QuantLinear modules) on one device."""
 
     name = "torch"
 
-    def __init__(self, model: nn.Module, tokenizer: Any, *, device: str | torch.device = "cpu") -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, *, device: str | torch.device = "cpu",
+                 batch_size: int = 16) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
+        self.batch_size = batch_size  # contexts per forward in multiple-choice scoring
         self._cache: dict[str, list[int]] = {}
+        self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @property
     def bos_token_id(self) -> int | None:
@@ -67,3 +115,71 @@ class TorchBackend:
         logits = logits[:, :-1].float()  # predictions of ids[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         return nll.view(ids.shape[0], -1).double().cpu()
+
+    @torch.inference_mode()
+    def loglikelihoods(self, requests: Sequence[Request],
+                       progress: Callable[[int], None] | None = None) -> list[list[float]]:
+        """Continuation log-likelihoods with the shared context of a group computed once (KV cache).
+
+        Requests whose continuations are single tokens (letter answers) need one
+        forward of their context: contexts of equal length run as one batch
+        (no padding, so nothing in the model depends on a mask) and only the
+        last position's logits are computed. Longer continuations run after
+        their context's cache, all choices of a request in one batch.
+        """
+        out: list[list[float] | None] = [None] * len(requests)
+        by_group: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            by_group[(r.group, r.context[: r.shared])].append(i)
+        for (_, prefix), idx in by_group.items():
+            past = self._forward([list(prefix)])[1] if prefix else None
+            single = [i for i in idx if all(len(c) == 1 for c in requests[i].continuations)]
+            by_len: dict[int, list[int]] = defaultdict(list)
+            for i in single:
+                by_len[len(requests[i].context)].append(i)
+            for _, same in sorted(by_len.items()):
+                for k in range(0, len(same), self.batch_size):
+                    batch = same[k : k + self.batch_size]
+                    rows = [list(requests[i].context[len(prefix):]) for i in batch]
+                    logits, _ = self._forward(rows, past, last_only=True)
+                    logp = torch.log_softmax(logits[:, -1].float(), -1)  # (B, V)
+                    for b, i in enumerate(batch):
+                        out[i] = [float(logp[b, c[0]]) for c in requests[i].continuations]
+                    if progress:
+                        progress(len(batch))
+            for i in (i for i in idx if out[i] is None):
+                out[i] = self._score_long(requests[i], len(prefix), past)
+                if progress:
+                    progress(1)
+        return out  # type: ignore[return-value]
+
+    def _score_long(self, r: Request, start: int, past) -> list[float]:
+        """One request with multi-token continuations: its context once, then every choice in one batch."""
+        logits, cache = self._forward([list(r.context[start:])], past, last_only=True)
+        first = torch.log_softmax(logits[0, -1].float(), -1)  # (V,) predicts each continuation's first token
+        scores = [float(first[c[0]]) for c in r.continuations]
+        rest = [i for i, c in enumerate(r.continuations) if len(c) > 1]
+        if rest:
+            width = max(len(r.continuations[i]) - 1 for i in rest)
+            # right padding: causal attention keeps the pads (after the real tokens) out of every score
+            rows = [list(r.continuations[i][:-1]) + [0] * (width - len(r.continuations[i]) + 1) for i in rest]
+            logits, _ = self._forward(rows, cache)
+            logp = torch.log_softmax(logits.float(), -1)  # (k, width, V)
+            for b, i in enumerate(rest):
+                tgt = torch.tensor(r.continuations[i][1:], device=logp.device)
+                scores[i] += float(logp[b, torch.arange(len(tgt)), tgt].sum())
+        return scores
+
+    def _forward(self, rows: list[list[int]], past=None, *, last_only: bool = False):
+        """Logits and KV cache of equal-length rows after `past` (a batch-1 cache, copied and expanded)."""
+        ids = torch.tensor(rows, device=self.device)
+        kwargs: dict[str, Any] = {"use_cache": True}
+        if past is not None:
+            cache = copy.deepcopy(past)
+            if len(rows) > 1:
+                cache.batch_repeat_interleave(len(rows))
+            kwargs["past_key_values"] = cache
+        if last_only and self._keep:
+            kwargs["logits_to_keep"] = 1
+        o = self.model(input_ids=ids, **kwargs)
+        return o.logits, o.past_key_values

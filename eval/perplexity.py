@@ -83,9 +83,9 @@ def compute_perplexity(backend, text: str, cfg: PerplexityConfig, *, dataset: st
         "ci95": [lo, hi],
         "perplexity": math.exp(total / count),
         "mean_nll": total / count,
-        "word_perplexity": math.exp(total / max(words, 1)),
-        "byte_perplexity": math.exp(total / max(n_bytes, 1)),
-        "bits_per_byte": total / max(n_bytes, 1) / math.log(2),
+        "word_perplexity": _exp(total / words) if words else None,
+        "byte_perplexity": _exp(total / n_bytes) if n_bytes else None,
+        "bits_per_byte": total / n_bytes / math.log(2) if n_bytes else None,
         "tokens_scored": count,
         "words_scored": words,
         "bytes_scored": n_bytes,
@@ -105,14 +105,22 @@ def compute_perplexity(backend, text: str, cfg: PerplexityConfig, *, dataset: st
     }
 
 
-@register_task("wikitext2")
+def _exp(x: float) -> float | None:
+    """exp(x), or None where it overflows a float (kept out of the JSON as a number)."""
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return None
+
+
+@register_task("wikitext2", config=PerplexityConfig)
 def wikitext2(backend, cfg: PerplexityConfig = PerplexityConfig(), *, progress=None) -> dict[str, Any]:
     """WikiText-2 raw test split perplexity (DESIGN.md protocol)."""
     text = wikitext2_path("test").read_text(encoding="utf-8")
     return compute_perplexity(backend, text, cfg, dataset="wikitext2", progress=progress)
 
 
-@register_task("text")
+@register_task("text", config=PerplexityConfig)
 def text_file(backend, cfg: PerplexityConfig = PerplexityConfig(), *, path: str, progress=None) -> dict[str, Any]:
     """Perplexity of a user text file, or a JSONL field as `FILE.jsonl:FIELD` (`--task text:PATH`)."""
     from calibrate.data import read_text

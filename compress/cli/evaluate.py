@@ -10,38 +10,55 @@ from compress.cli._common import echo_json, progress_bar, write_json
 @click.command("eval")
 @click.argument("model", required=False)
 @click.option("--task", "tasks", multiple=True, default=["wikitext2"], show_default=True,
-              help="wikitext2, or text:PATH (a text file, or FILE.jsonl:FIELD). Repeatable.")
-@click.option("--windows", type=int, default=64, show_default=True, help="First N windows; -1 = all.")
-@click.option("--seq-len", type=int, default=1024, show_default=True, help="Tokens per window.")
-@click.option("--prepend-bos", is_flag=True, help="Prepend BOS to each window as unscored context.")
-@click.option("--batch-size", type=int, default=1, show_default=True)
+              help="wikitext2; text:PATH (a text file, or FILE.jsonl:FIELD); mmlu; arc_easy; "
+                   "mc:FILE.jsonl|.csv (your multiple-choice questions). Repeatable.")
+@click.option("--windows", type=int, help="Perplexity: first N windows; -1 = all.  [default: 64]")
+@click.option("--seq-len", type=int, help="Perplexity: tokens per window.  [default: 1024]")
+@click.option("--prepend-bos", is_flag=True, default=None, help="Perplexity: BOS before each window as unscored context.")
+@click.option("--scoring", type=click.Choice(["letter", "cloze"]),
+              help="Multiple choice: compare answer letters or answer texts.  [default: letter; arc_easy: cloze]")
+@click.option("--shots", type=int, help="Multiple choice: solved examples before each question.  [default: 0]")
+@click.option("--subjects", help="MMLU: comma-separated subjects (default: all 57).")
+@click.option("--limit", type=int, help="Multiple choice: first N questions (per MMLU subject).")
+@click.option("--batch-size", type=int, help="Windows (perplexity) or contexts (multiple choice) per forward pass.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--device", default="cpu", show_default=True)
-@click.option("--output", type=click.Path(), help="Write the results (with the protocol) to this JSON file.")
+@click.option("--output", type=click.Path(), help="Write the results file (compress.eval/1 JSON) here.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-def command(model, tasks, windows, seq_len, prepend_bos, batch_size, threads, device, output, allow_pickle) -> None:
-    """Evaluate MODEL (directory, artifact or .gguf; default: the reference model).
+def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subjects, limit, batch_size, threads,
+            device, output, allow_pickle) -> None:
+    """Evaluate MODEL (directory, artifact or .gguf; default: the reference model) and write a results file.
+
+    The results file (model identity, metric with 95 % interval, protocol,
+    per-item records) is what `compress gate` and `compress report` read.
 
     \b
     Example:
-      compress eval out/smollm2-w4 --task wikitext2 --output results.json
+      compress eval out/smollm2-w4 --task wikitext2 --task arc_easy --output w4.json
+      compress eval --task mmlu --subjects anatomy,astronomy --shots 5
     """
     from compress.artifact import package_versions
     from compress.models import load_model
-    from compress.runner import evaluate, set_threads
+    from compress.runner import evaluate, plan_tasks, set_threads
     from eval import results as eval_results
-    from eval.perplexity import PerplexityConfig
 
-    opts = {"windows": windows, "seq_len": seq_len, "prepend_bos": prepend_bos, "batch_size": batch_size}
-    PerplexityConfig(**opts)  # validate before loading the model
+    opts = {"windows": windows, "seq_len": seq_len, "prepend_bos": prepend_bos, "batch_size": batch_size,
+            "scoring": scoring, "shots": shots, "limit": limit,
+            "subjects": tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None}
+    plan_tasks(list(tasks), opts)  # validate tasks and options before loading the model
     set_threads(threads)
     lm = load_model(model, allow_pickle=allow_pickle)
     with progress_bar() as progress:
         results = evaluate(lm, list(tasks), options=opts, device=device, progress=progress)
     for name, r in results.items():
         lo, hi = r["ci95"]
-        click.echo(f"{name}: perplexity {r['perplexity']:.4f} (95 % CI {lo:.3f}-{hi:.3f}; {r['tokens_scored']} "
-                   f"tokens, {r['windows']} x {seq_len}, {r['seconds']:.1f} s)", err=bool(not output))
+        if r["metric"] == "perplexity":
+            line = (f"perplexity {r['value']:.4f} (95 % CI {lo:.3f}-{hi:.3f}; {r['tokens_scored']} tokens, "
+                    f"{r['windows']} windows)")
+        else:
+            line = (f"accuracy {100 * r['value']:.2f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f}; "
+                    f"{r['questions']} questions, macro {100 * r['accuracy_macro']:.2f} %)")
+        click.echo(f"{name}: {line}, {r['seconds']:.1f} s", err=not output)
     doc = eval_results.document(eval_results.model_identity(lm), results, package_versions())
     if output:
         write_json(output, doc)

@@ -1,0 +1,271 @@
+"""Multiple-choice tasks: MMLU (original CSV layout), ARC-Easy, and your own JSONL/CSV questions.
+
+Two ways to score a question, both by log-likelihood:
+
+- `letter` (MMLU's standard prompt, as lm-evaluation-harness's `mmlu`): the
+  question and its lettered options, then "Answer:"; the model's choice is the
+  letter (" A" .. " D") with the highest log-probability. One forward pass per
+  question.
+- `cloze` ("Question: ...\\nAnswer:" then each answer text, as lm-evaluation-
+  harness's `mmlu_continuation` / `arc_easy`): the choice is the answer text
+  with the highest log-likelihood per UTF-8 byte (`acc_norm`); the
+  unnormalised choice (`acc`) is reported too. Small models that sit at chance
+  with letters often score well above it this way.
+
+Contexts are tokenized as one string and each continuation as the tokens that
+`context + continuation` adds, as lm-evaluation-harness does. k-shot prompts
+take the first k questions of the few-shot pool (MMLU: the subject's dev file),
+each followed by its answer, separated by blank lines; every question of a
+subject shares that prefix, which the backend computes once.
+
+Your own tasks (`--task mc:FILE.jsonl` or `.csv`): one question per line/row
+with `question`, `choices` (JSONL: a list; CSV: columns `A`, `B`, ... in order)
+and `answer` (0-based index or letter), optional `id` and `subject`. Task
+types beyond these register like any task (`register_tasks` plugin hook).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from compress.data import arc_easy_path, mmlu_dir
+from compress.registry import register_task
+from eval.backends import Request, generic_loglikelihoods
+from eval.stats import wilson_ci
+
+SCORINGS = ("letter", "cloze")
+LETTERS = "ABCDEFGHIJ"
+
+
+@dataclass(frozen=True, kw_only=True)
+class MCConfig:
+    scoring: str = "letter"  # letter | cloze
+    shots: int = 0  # few-shot examples before each question (MMLU: from the subject's dev file, at most 5)
+    subjects: tuple[str, ...] = ()  # MMLU subjects to score; empty: all 57
+    limit: int | None = None  # first N questions of each subject (of the file for other tasks)
+
+    def __post_init__(self) -> None:
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be positive, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class Question:
+    id: str
+    subject: str
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+
+def _letter_text(q: Question) -> str:
+    opts = "".join(f"\n{LETTERS[i]}. {c}" for i, c in enumerate(q.choices))
+    return f"{q.question.strip()}{opts}\nAnswer:"
+
+
+def _cloze_text(q: Question) -> str:
+    return f"Question: {q.question.strip()}\nAnswer:"
+
+
+def _continuations(q: Question, scoring: str) -> list[str]:
+    return [f" {LETTERS[i]}" for i in range(len(q.choices))] if scoring == "letter" else [f" {c}" for c in q.choices]
+
+
+def build_prompt(q: Question, shots: list[Question], scoring: str, header: str) -> tuple[str, str]:
+    """(shared prefix, full context) of a question: header, k solved examples, then the question."""
+    body = _letter_text if scoring == "letter" else _cloze_text
+    prefix = header + "".join(body(s) + _continuations(s, scoring)[s.answer] + "\n\n" for s in shots)
+    return prefix, prefix + body(q)
+
+
+def score(backend, questions: list[Question], pools: dict[str, list[Question]], headers: dict[str, str],
+          cfg: MCConfig, *, task: str, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
+    """Score questions (each subject with its few-shot pool and header); accuracy, interval, per-item records."""
+    t0 = time.perf_counter()
+    requests, texts = [], []
+    for q in questions:
+        pool = pools.get(q.subject, [])
+        if len(pool) < cfg.shots:
+            raise ValueError(f"{task}: {cfg.shots}-shot needs {cfg.shots} examples for {q.subject!r}, "
+                             f"the pool has {len(pool)}")
+        prefix, context = build_prompt(q, pool[: cfg.shots], cfg.scoring, headers.get(q.subject, ""))
+        conts = _continuations(q, cfg.scoring)
+        ctx = backend.encode(context)
+        # each continuation is what tokenizing context + continuation adds to the context's tokens
+        cont_ids = []
+        for c in conts:
+            whole = backend.encode(context + c)
+            if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
+                raise ValueError(f"{task}: {q.id}: continuation {c!r} does not tokenize after the context")
+            cont_ids.append(tuple(whole[len(ctx):]))
+        shared = _shared_len(backend.encode(prefix), ctx) if prefix else 0
+        requests.append(Request(tuple(ctx), tuple(cont_ids), group=q.subject, shared=shared))
+        texts.append(conts)
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress:
+            progress(task, done[0], len(requests))
+
+    scorer = getattr(backend, "loglikelihoods", None)
+    lls = scorer(requests, step) if scorer else generic_loglikelihoods(backend, requests, step)
+    items, per_subject = [], defaultdict(list)
+    for q, ll, conts in zip(questions, lls, texts, strict=True):
+        raw = max(range(len(ll)), key=ll.__getitem__)
+        norm = max(range(len(ll)), key=lambda i: ll[i] / max(len(conts[i].encode("utf-8")), 1))
+        choice = raw if cfg.scoring == "letter" else norm
+        items.append({"id": q.id, "subject": q.subject, "answer": q.answer, "choice": choice,
+                      "correct": choice == q.answer, "choice_unnormalised": raw, "logprobs": ll})
+        per_subject[q.subject].append(choice == q.answer)
+    n = len(items)
+    correct = sum(it["correct"] for it in items)
+    lo, hi = wilson_ci(correct, n)
+    subjects = {s: sum(v) / len(v) for s, v in sorted(per_subject.items())}
+    return {
+        "task": task,
+        "metric": "accuracy",
+        "value": correct / n,
+        "ci95": [lo, hi],
+        "accuracy": correct / n,
+        "accuracy_macro": sum(subjects.values()) / len(subjects),
+        "accuracy_unnormalised": sum(it["choice_unnormalised"] == it["answer"] for it in items) / n,
+        "questions": n,
+        "per_subject": subjects,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "backend": backend.name,
+        "protocol": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                     "prompt": ("question, lettered options, 'Answer:'; choice = best letter" if cfg.scoring == "letter"
+                                else "'Question: ...\\nAnswer:'; choice = best log-likelihood per UTF-8 byte"),
+                     "questions": n},
+        "items": items,
+    }
+
+
+def _shared_len(prefix_ids: list[int], ctx: list[int]) -> int:
+    """Tokens the context shares with its prefix's own tokenization (BPE may merge across the boundary)."""
+    n = 0
+    for a, b in zip(prefix_ids, ctx, strict=False):
+        if a != b:
+            break
+        n += 1
+    return min(n, len(ctx) - 1)  # at least one token of the context stays per request
+
+
+# --- MMLU --------------------------------------------------------------------------------
+
+def read_mmlu(split: str, subject: str) -> list[Question]:
+    f = mmlu_dir() / split / f"{subject}_{split}.csv"
+    out = []
+    with open(f, encoding="utf-8", newline="") as fh:
+        for i, row in enumerate(csv.reader(fh)):
+            if len(row) != 6 or row[5] not in "ABCD" or not row[5]:
+                raise ValueError(f"{f}: row {i + 1} is not question,A,B,C,D,answer")
+            out.append(Question(f"{subject}/{i}", subject, row[0], tuple(row[1:5]), "ABCD".index(row[5])))
+    return out
+
+
+def mmlu_subjects() -> list[str]:
+    return sorted(p.name[: -len("_test.csv")] for p in (mmlu_dir() / "test").glob("*_test.csv"))
+
+
+@register_task("mmlu", config=MCConfig)
+def mmlu(backend, cfg: MCConfig = MCConfig(), *, progress=None) -> dict[str, Any]:
+    """MMLU (57 subjects, test split; dev as the few-shot pool), letter or cloze scoring."""
+    known = mmlu_subjects()
+    subjects = list(cfg.subjects) or known
+    bad = [s for s in subjects if s not in known]
+    if bad:
+        raise ValueError(f"unknown MMLU subject(s) {', '.join(bad)}; known: {', '.join(known)}")
+    if cfg.shots > 5:
+        raise ValueError(f"MMLU's dev pool has 5 questions per subject; shots must be <= 5, got {cfg.shots}")
+    questions, pools, headers = [], {}, {}
+    for s in subjects:
+        questions += read_mmlu("test", s)[: cfg.limit]
+        pools[s] = read_mmlu("dev", s)
+        what = "multiple choice questions (with answers)" if cfg.scoring == "letter" else "questions (with answers)"
+        headers[s] = f"The following are {what} about {s.replace('_', ' ')}.\n\n"
+    r = score(backend, questions, pools, headers, cfg, task="mmlu", progress=progress)
+    r["protocol"]["data"] = "Hendrycks MMLU CSVs (test; dev few-shot pool), bundled"
+    return r
+
+
+# --- ARC-Easy and user files ----------------------------------------------------------------
+
+def _from_record(rec: dict[str, Any], i: int, where: str) -> Question:
+    q = rec.get("question", rec.get("prompt"))
+    choices = rec.get("choices")
+    ans = rec.get("answer", rec.get("answer_idx"))
+    if not isinstance(q, str) or not isinstance(choices, list) or len(choices) < 2 or ans is None:
+        raise ValueError(f"{where}: item {i + 1} needs 'question' (text), 'choices' (a list of >= 2) and 'answer'")
+    if isinstance(ans, str) and not ans.isdigit():
+        if ans not in LETTERS[: len(choices)]:
+            raise ValueError(f"{where}: item {i + 1}: answer {ans!r} is not one of the choice letters")
+        ans = LETTERS.index(ans)
+    ans = int(ans)
+    if not 0 <= ans < len(choices):
+        raise ValueError(f"{where}: item {i + 1}: answer index {ans} is out of range for {len(choices)} choices")
+    return Question(str(rec.get("id", i)), str(rec.get("subject", "")), q, tuple(map(str, choices)), ans)
+
+
+def read_questions(path: str | Path) -> list[Question]:
+    """Questions of a JSONL or CSV file in the documented schema (see the module docstring)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"multiple-choice file not found: {p}")
+    if p.suffix == ".jsonl":
+        recs = []
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
+            if line.strip():
+                try:
+                    recs.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p}: line {i + 1} is not JSON: {e}") from None
+    elif p.suffix == ".csv":
+        with open(p, encoding="utf-8", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        recs = [{**r, "choices": [r[k] for k in LETTERS if r.get(k) not in (None, "")]} for r in rows]
+    else:
+        raise ValueError(f"{p}: expected a .jsonl or .csv file")
+    if not recs:
+        raise ValueError(f"{p}: no questions")
+    return [_from_record(r, i, str(p)) for i, r in enumerate(recs)]
+
+
+@register_task("arc_easy", config=MCConfig)
+def arc_easy(backend, cfg: MCConfig = MCConfig(scoring="cloze"), *, progress=None) -> dict[str, Any]:
+    """ARC-Easy test (2,376 questions); cloze scoring as lm-evaluation-harness does it, or letters."""
+    return _file_task(backend, arc_easy_path(), cfg, "arc_easy", progress)
+
+
+@register_task("mc", config=MCConfig)
+def user_mc(backend, cfg: MCConfig = MCConfig(), *, path: str = "", progress=None) -> dict[str, Any]:
+    """Your multiple-choice questions: `--task mc:FILE.jsonl` (or .csv), schema in eval.multiple_choice."""
+    if not path:
+        raise ValueError("task mc needs a file: --task mc:FILE.jsonl")
+    return _file_task(backend, Path(path), cfg, f"mc:{path}", progress)
+
+
+def _file_task(backend, path: Path, cfg: MCConfig, task: str, progress) -> dict[str, Any]:
+    if cfg.subjects:
+        raise ValueError(f"{task}: --subjects applies to MMLU only")
+    qs = read_questions(path)
+    if cfg.shots >= len(qs):
+        raise ValueError(f"{task}: {cfg.shots}-shot leaves no question to score ({len(qs)} in the file)")
+    # k-shot: the file's first k questions are the examples for every question, and are not scored
+    shots, qs = qs[: cfg.shots], qs[cfg.shots:]
+    pools = {s: shots for s in {q.subject for q in qs}}
+    r = score(backend, qs[: cfg.limit], pools, {}, cfg, task=task, progress=progress)
+    r["protocol"]["data"] = str(path.name)
+    return r
