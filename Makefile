@@ -10,7 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_ARGS ?=
-EXTRAS ?= dev
+EXTRAS ?= dev,onnx
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.compress-installed
 

@@ -118,16 +118,42 @@ def evaluate(lm: LoadedModel, tasks: list[str], *, options: dict[str, Any] | Non
     """
     from eval.backends import TorchBackend
 
-    runs = plan_tasks(tasks, options)
     bs = (options or {}).get("batch_size")
     backend = TorchBackend(lm.model, lm.tokenizer, device=device, **({"batch_size": bs} if bs else {}))
+    return run_tasks(backend, tasks, options=options, progress=progress)
+
+
+def run_tasks(backend, tasks: list[str], *, options: dict[str, Any] | None = None,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """Run eval tasks on any scoring backend (`eval.backends.Backend`); returns {task: result}."""
     results = {}
-    for label, spec, arg, cfg in runs:
+    for label, spec, arg, cfg in plan_tasks(tasks, options):
         kwargs: dict[str, Any] = {"progress": progress}
         if arg:
             kwargs["path"] = arg
         results[label] = spec.run(backend, cfg, **kwargs) if cfg is not None else spec.run(backend, **kwargs)
     return results
+
+
+def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, device: str = "cpu",
+                  batch_size: int | None = None, threads: int | None = None) -> tuple[Any, dict[str, Any]]:
+    """The scoring backend for what `model` is, and the identity of what it scores.
+
+    An .onnx file or a directory with model.onnx runs in ONNX Runtime; anything
+    else (model directory, compress artifact, .gguf, None = the reference model)
+    is loaded into torch.
+    """
+    from eval import results
+    from eval.onnx_backend import OrtBackend, onnx_files
+
+    if model is not None and onnx_files(model) is not None:
+        backend = OrtBackend(model, threads=threads)
+        return backend, backend.identity()
+    from eval.backends import TorchBackend
+
+    lm = load_model(model, allow_pickle=allow_pickle)
+    backend = TorchBackend(lm.model, lm.tokenizer, device=device, **({"batch_size": batch_size} if batch_size else {}))
+    return backend, results.model_identity(lm)
 
 
 def set_threads(threads: int | None) -> None:

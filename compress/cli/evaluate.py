@@ -27,7 +27,7 @@ from compress.cli._common import echo_json, progress_bar, write_json
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subjects, limit, batch_size, threads,
             device, output, allow_pickle) -> None:
-    """Evaluate MODEL (directory, artifact or .gguf; default: the reference model) and write a results file.
+    """Evaluate MODEL (directory, artifact, .gguf, or ONNX; default: the reference model) and write a results file.
 
     The results file (model identity, metric with 95 % interval, protocol,
     per-item records) is what `compress gate` and `compress report` read.
@@ -38,8 +38,7 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
       compress eval --task mmlu --subjects anatomy,astronomy --shots 5
     """
     from compress.artifact import package_versions
-    from compress.models import load_model
-    from compress.runner import evaluate, plan_tasks, set_threads
+    from compress.runner import open_for_eval, plan_tasks, run_tasks, set_threads
     from eval import results as eval_results
 
     opts = {"windows": windows, "seq_len": seq_len, "prepend_bos": prepend_bos, "batch_size": batch_size,
@@ -47,9 +46,10 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
             "subjects": tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None}
     plan_tasks(list(tasks), opts)  # validate tasks and options before loading the model
     set_threads(threads)
-    lm = load_model(model, allow_pickle=allow_pickle)
+    backend, identity = open_for_eval(model, allow_pickle=allow_pickle, device=device, batch_size=batch_size,
+                                      threads=threads)
     with progress_bar() as progress:
-        results = evaluate(lm, list(tasks), options=opts, device=device, progress=progress)
+        results = run_tasks(backend, list(tasks), options=opts, progress=progress)
     for name, r in results.items():
         lo, hi = r["ci95"]
         if r["metric"] == "perplexity":
@@ -59,7 +59,7 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
             line = (f"accuracy {100 * r['value']:.2f} % (95 % CI {100 * lo:.1f}-{100 * hi:.1f}; "
                     f"{r['questions']} questions, macro {100 * r['accuracy_macro']:.2f} %)")
         click.echo(f"{name}: {line}, {r['seconds']:.1f} s", err=not output)
-    doc = eval_results.document(eval_results.model_identity(lm), results, package_versions())
+    doc = eval_results.document(identity, results, package_versions())
     if output:
         write_json(output, doc)
     else:
