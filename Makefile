@@ -14,7 +14,7 @@ EXTRAS ?= dev,onnx
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.compress-installed
 
-.PHONY: setup demo test lint bench clean peers-setup
+.PHONY: setup demo test gate lint bench clean peers-setup
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# the accuracy gate CI runs after the tests (int8/int4 artifacts of the reference model against .ci/baselines)
+gate: setup
+	bash .ci/gate.sh
 
 lint: setup
 	$(BIN)/ruff check compress calibrate export eval tests bench

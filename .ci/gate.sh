@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Our CI gates itself: int8 and int4 artifacts of the reference model are built with the current code,
+# scored (WikiText-2, 8 windows; ARC-Easy cloze, 300 questions) and compared with the committed
+# baselines by `compress gate`; then a planted regression (one decoder layer's MLP output zeroed in the
+# int4 artifact) must make the gate fail.
+#   bash .ci/gate.sh            gate the current code
+#   bash .ci/gate.sh --update   re-measure and rewrite .ci/baselines/ (after an intended change)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=.venv/bin
+W=$(mktemp -d)
+trap 'rm -rf "$W"' EXIT
+EVAL=(--task wikitext2 --windows 8 --task arc_easy --limit 300 --threads 2)
+GATE=(--max-ppl-rise 1% --max-acc-drop 2)
+
+for m in w8 w4; do
+  "$BIN/compress" run ".ci/$m.yaml" --out "$W/$m" --calib-samples 16 >/dev/null
+  "$BIN/compress" eval "$W/$m" "${EVAL[@]}" --output "$W/$m.json"
+done
+
+if [[ "${1:-}" == "--update" ]]; then
+  cp "$W/w8.json" "$W/w4.json" .ci/baselines/
+  echo "baselines updated in .ci/baselines/"
+  exit 0
+fi
+
+for m in w8 w4; do
+  "$BIN/compress" gate "$W/$m.json" --baseline ".ci/baselines/$m.json" "${GATE[@]}" --junit "$W/$m.xml"
+done
+
+# the gate must catch a real regression: zero the scales of one layer's down_proj in the int4 artifact
+"$BIN/python" - "$W/w4" <<'PY'
+import sys
+from pathlib import Path
+from safetensors.torch import load_file, save_file
+d = Path(sys.argv[1])
+for f in sorted(d.glob("*.safetensors")):
+    t = load_file(f)
+    key = "model.layers.10.mlp.down_proj.weight_scale"
+    if key in t:
+        t[key].zero_()
+        save_file(t, str(f), metadata={"format": "pt"})
+        break
+else:
+    sys.exit("planted regression: tensor not found")
+PY
+"$BIN/compress" eval "$W/w4" "${EVAL[@]}" --output "$W/planted.json"
+set +e
+"$BIN/compress" gate "$W/planted.json" --baseline .ci/baselines/w4.json "${GATE[@]}" > "$W/planted.md"
+rc=$?
+set -e
+if [[ $rc -ne 1 ]]; then
+  cat "$W/planted.md"
+  echo "FAIL: the gate did not catch the planted regression (exit $rc, expected 1)" >&2
+  exit 1
+fi
+echo "gate caught the planted regression (exit 1), as it must"
