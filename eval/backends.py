@@ -76,7 +76,27 @@ def generic_loglikelihoods(backend, requests: Sequence[Request],
     return out
 
 
-class TorchBackend:
+class TokenizerMixin:
+    """encode / decode / bos_token_id of a backend from a Hugging Face tokenizer; encodings are cached."""
+
+    tokenizer: Any
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.tokenizer.bos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        cache = self.__dict__.setdefault("_encoded", {})
+        key = hashlib.sha1(text.encode()).hexdigest()
+        if key not in cache:
+            cache[key] = self.tokenizer(text, add_special_tokens=False).input_ids
+        return cache[key]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+class TorchBackend(TokenizerMixin):
     """A PyTorch causal LM (float or with QuantLinear modules) on one device."""
 
     name = "torch"
@@ -87,21 +107,7 @@ class TorchBackend:
         self.tokenizer = tokenizer
         self.device = torch.device(device)
         self.batch_size = batch_size  # contexts per forward in multiple-choice scoring
-        self._cache: dict[str, list[int]] = {}
         self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        key = hashlib.sha1(text.encode()).hexdigest()
-        if key not in self._cache:
-            self._cache[key] = self.tokenizer(text, add_special_tokens=False).input_ids
-        return self._cache[key]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
     @torch.inference_mode()
     def token_nll(self, ids: torch.Tensor, *, bos: int | None = None) -> torch.Tensor:

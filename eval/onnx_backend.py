@@ -9,13 +9,14 @@ go through `generic_loglikelihoods` (one sequence per choice), so only
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from eval.backends import TokenizerMixin
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def onnx_files(path: str | Path) -> tuple[Path, Path] | None:
     return None
 
 
-class OrtBackend:
+class OrtBackend(TokenizerMixin):
     """Score with ONNX Runtime (CPU by default); the tokenizer comes from the model's directory."""
 
     name = "onnxruntime"
@@ -57,20 +58,6 @@ class OrtBackend:
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in self.inputs or "logits" not in [o.name for o in self.session.get_outputs()]:
             raise ValueError(f"{self.model_path}: not a causal-LM graph (needs input 'input_ids', output 'logits')")
-        self._cache: dict[str, list[int]] = {}
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self.tokenizer.bos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        key = hashlib.sha1(text.encode()).hexdigest()
-        if key not in self._cache:
-            self._cache[key] = self.tokenizer(text, add_special_tokens=False).input_ids
-        return self._cache[key]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
 
     def _feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         b, n = ids.shape
