@@ -90,3 +90,41 @@ def test_gate_cli_exit_codes_summary_and_junit(tmp_path, monkeypatch):
     assert r.exit_code == 2 and "not valid JSON" in r.output
     r = runner.invoke(cli, ["gate", str(same), "--baseline", str(base), "--max-ppl-rise", "lots"])
     assert r.exit_code == 2 and "percentage" in r.output
+
+
+def test_eval_then_gate_on_a_tiny_model(model_dir, tmp_path):
+    """compress eval writes results files that compress gate reads; a damaged model fails the gate."""
+    from safetensors.torch import load_file, save_file
+
+    runner = CliRunner()
+    opts = ["--task", "wikitext2", "--windows", "6", "--seq-len", "128", "--threads", "1"]
+    base, same = tmp_path / "base.json", tmp_path / "same.json"
+    for out in (base, same):
+        r = runner.invoke(cli, ["eval", str(model_dir), *opts, "--output", str(out)])
+        assert r.exit_code == 0, r.output
+    doc = json.loads(base.read_text())
+    assert doc["schema"] == results.SCHEMA and doc["model"]["sha256"] and doc["model"]["parameters"] > 0
+    assert len(doc["results"]["wikitext2"]["items"]) == 6
+    assert runner.invoke(cli, ["gate", str(same), "--baseline", str(base)]).exit_code == 0
+    # damage (the model is random, so removing parts of it can even help): token embeddings x4,
+    # which sharpens its (wrong) predictions
+    bad_dir = tmp_path / "bad"
+    bad_dir.mkdir()
+    for f in model_dir.iterdir():
+        if f.suffix == ".safetensors":
+            t = load_file(f)
+            key = next(k for k in t if k.endswith("embed_tokens.weight"))
+            t[key].mul_(4)
+            save_file(t, str(bad_dir / f.name), metadata={"format": "pt"})
+        else:
+            (bad_dir / f.name).write_bytes(f.read_bytes())
+    bad = tmp_path / "bad.json"
+    assert runner.invoke(cli, ["eval", str(bad_dir), *opts, "--output", str(bad)]).exit_code == 0
+    r = runner.invoke(cli, ["gate", str(bad), "--baseline", str(base), "--max-ppl-rise", "0.5%"])
+    assert r.exit_code == 1, r.output
+    # a different protocol is refused, not compared
+    other = tmp_path / "other.json"
+    assert runner.invoke(cli, ["eval", str(model_dir), *opts[:-4], "--seq-len", "64", "--threads", "1",
+                               "--output", str(other)]).exit_code == 0
+    r = runner.invoke(cli, ["gate", str(other), "--baseline", str(base)])
+    assert r.exit_code == 2 and "different protocols" in r.output
