@@ -231,6 +231,7 @@ def main() -> None:
                     print(f"{cfg:12s} FAILED:\n{p.stderr[-3000:]}", flush=True)
                     continue
                 row = json.loads(p.stdout.strip().splitlines()[-1])
+            row.setdefault("config", cfg)
             row["rise_over_fp32"] = row["perplexity"] / base - 1
             row["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             rows.append(row)
