@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Our CI gates itself: int8 and int4 artifacts of the reference model are built with the current code,
-# scored (WikiText-2, 8 windows; ARC-Easy cloze, 300 questions) and compared with the committed
+# scored (WikiText-2, 8 windows; ARC-Easy cloze, 200 questions) and compared with the committed
 # baselines by `compress gate`; then a planted regression (one decoder layer's MLP output zeroed in the
 # int4 artifact) must make the gate fail.
 #   bash .ci/gate.sh            gate the current code
@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-EVAL=(--task wikitext2 --windows 8 --task arc_easy --limit 300 --threads 2)
+EVAL=(--task wikitext2 --windows 8 --task arc_easy --limit 200 --threads 2)
 GATE=(--max-ppl-rise 1% --max-acc-drop 2)
 
 for m in w8 w4; do
@@ -19,6 +19,7 @@ for m in w8 w4; do
 done
 
 if [[ "${1:-}" == "--update" ]]; then
+  mkdir -p .ci/baselines
   cp "$W/w8.json" "$W/w4.json" .ci/baselines/
   echo "baselines updated in .ci/baselines/"
   exit 0
