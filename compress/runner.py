@@ -118,8 +118,7 @@ def evaluate(lm: LoadedModel, tasks: list[str], *, options: dict[str, Any] | Non
     """
     from eval.backends import TorchBackend
 
-    bs = (options or {}).get("batch_size")
-    backend = TorchBackend(lm.model, lm.tokenizer, device=device, **({"batch_size": bs} if bs else {}))
+    backend = TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=(options or {}).get("batch_size"))
     return run_tasks(backend, tasks, options=options, progress=progress)
 
 
@@ -152,7 +151,7 @@ def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, devic
     from eval.backends import TorchBackend
 
     lm = load_model(model, allow_pickle=allow_pickle)
-    backend = TorchBackend(lm.model, lm.tokenizer, device=device, **({"batch_size": batch_size} if batch_size else {}))
+    backend = TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=batch_size)
     return backend, results.model_identity(lm)
 
 

@@ -102,11 +102,11 @@ class TorchBackend(TokenizerMixin):
     name = "torch"
 
     def __init__(self, model: nn.Module, tokenizer: Any, *, device: str | torch.device = "cpu",
-                 batch_size: int = 16) -> None:
+                 batch_size: int | None = None) -> None:
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device)
-        self.batch_size = batch_size  # contexts per forward in multiple-choice scoring
+        self.batch_size = batch_size or 16  # contexts per forward in multiple-choice scoring
         self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     @torch.inference_mode()
@@ -169,19 +169,22 @@ class TorchBackend(TokenizerMixin):
             width = max(len(r.continuations[i]) - 1 for i in rest)
             # right padding: causal attention keeps the pads (after the real tokens) out of every score
             rows = [list(r.continuations[i][:-1]) + [0] * (width - len(r.continuations[i]) + 1) for i in rest]
-            logits, _ = self._forward(rows, cache)
+            logits, _ = self._forward(rows, cache, consume=True)  # the context's cache is not needed again
             logp = torch.log_softmax(logits.float(), -1)  # (k, width, V)
             for b, i in enumerate(rest):
                 tgt = torch.tensor(r.continuations[i][1:], device=logp.device)
                 scores[i] += float(logp[b, torch.arange(len(tgt)), tgt].sum())
         return scores
 
-    def _forward(self, rows: list[list[int]], past=None, *, last_only: bool = False):
-        """Logits and KV cache of equal-length rows after `past` (a batch-1 cache, copied and expanded)."""
+    def _forward(self, rows: list[list[int]], past=None, *, last_only: bool = False, consume: bool = False):
+        """Logits and KV cache of equal-length rows after `past` (a batch-1 cache, expanded to the rows).
+
+        `past` is copied first unless `consume` says the caller no longer needs it as it is.
+        """
         ids = torch.tensor(rows, device=self.device)
         kwargs: dict[str, Any] = {"use_cache": True}
         if past is not None:
-            cache = copy.deepcopy(past)
+            cache = past if consume else copy.deepcopy(past)
             if len(rows) > 1:
                 cache.batch_repeat_interleave(len(rows))
             kwargs["past_key_values"] = cache

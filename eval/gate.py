@@ -62,10 +62,6 @@ class GateReport:
         return not any(r.failed for r in self.rows)
 
 
-def _protocol(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in r["protocol"].items() if k not in ("seconds",)}
-
-
 def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig = GateConfig()) -> GateReport:
     """Compare two results documents (`eval.results.load`); mismatches are ValueErrors."""
     report = GateReport(cfg=cfg)
@@ -77,7 +73,7 @@ def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig
         c = cres[task]
         if c["metric"] != b["metric"]:
             raise ValueError(f"{task}: metric {c['metric']!r} in the candidate, {b['metric']!r} in the baseline")
-        pc, pb = _protocol(c), _protocol(b)
+        pc, pb = c["protocol"], b["protocol"]
         if pc != pb:
             diff = sorted(k for k in pc.keys() | pb.keys() if pc.get(k) != pb.get(k))
             raise ValueError(f"{task}: candidate and baseline were scored under different protocols "
