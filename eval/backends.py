@@ -108,6 +108,8 @@ class TorchBackend(TokenizerMixin):
         self.device = torch.device(device)
         self.batch_size = batch_size or 16  # contexts per forward in multiple-choice scoring
         self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
+        floats = [t.dtype for t in self.model.parameters() if t.is_floating_point()]
+        self.dtype = str(floats[0] if floats else torch.float32).removeprefix("torch.")  # recorded in protocols
 
     @torch.inference_mode()
     def token_nll(self, ids: torch.Tensor, *, bos: int | None = None) -> torch.Tensor:
@@ -128,10 +130,12 @@ class TorchBackend(TokenizerMixin):
         """Continuation log-likelihoods with the shared context of a group computed once (KV cache).
 
         Requests whose continuations are single tokens (letter answers) need one
-        forward of their context: contexts of equal length run as one batch
-        (no padding, so nothing in the model depends on a mask) and only the
-        last position's logits are computed. Longer continuations run after
-        their context's cache, all choices of a request in one batch.
+        forward of their context, and only the logits of its last position:
+        contexts run in batches sorted by length and right-padded, which
+        changes no score (causal attention keeps the pads, after the real
+        tokens, out of every real position), and the model computes logits at
+        the batch's distinct last positions only. Longer continuations run
+        after their context's cache, all choices of a request in one batch.
         """
         out: list[list[float] | None] = [None] * len(requests)
         by_group: dict[tuple[str, tuple[int, ...]], list[int]] = defaultdict(list)
@@ -139,25 +143,36 @@ class TorchBackend(TokenizerMixin):
             by_group[(r.group, r.context[: r.shared])].append(i)
         for (_, prefix), idx in by_group.items():
             past = self._forward([list(prefix)])[1] if prefix else None
-            single = [i for i in idx if all(len(c) == 1 for c in requests[i].continuations)]
-            by_len: dict[int, list[int]] = defaultdict(list)
-            for i in single:
-                by_len[len(requests[i].context)].append(i)
-            for _, same in sorted(by_len.items()):
-                for k in range(0, len(same), self.batch_size):
-                    batch = same[k : k + self.batch_size]
-                    rows = [list(requests[i].context[len(prefix):]) for i in batch]
-                    logits, _ = self._forward(rows, past, last_only=True)
-                    logp = torch.log_softmax(logits[:, -1].float(), -1)  # (B, V)
-                    for b, i in enumerate(batch):
-                        out[i] = [float(logp[b, c[0]]) for c in requests[i].continuations]
-                    if progress:
-                        progress(len(batch))
+            single = sorted((i for i in idx if all(len(c) == 1 for c in requests[i].continuations)),
+                            key=lambda i: len(requests[i].context))
+            for k in range(0, len(single), self.batch_size):
+                batch = single[k : k + self.batch_size]
+                rows = [list(requests[i].context[len(prefix):]) for i in batch]
+                for b, logp in enumerate(self._last_logprobs(rows, past)):
+                    out[batch[b]] = [float(logp[c[0]]) for c in requests[batch[b]].continuations]
+                if progress:
+                    progress(len(batch))
             for i in (i for i in idx if out[i] is None):
                 out[i] = self._score_long(requests[i], len(prefix), past)
                 if progress:
                     progress(1)
         return out  # type: ignore[return-value]
+
+    def _last_logprobs(self, rows: list[list[int]], past) -> torch.Tensor:
+        """Log-probabilities (B, V) of the token after each row's last token; rows right-padded to one width."""
+        width = max(map(len, rows))
+        last = [len(r) - 1 for r in rows]
+        keep = sorted(set(last))
+        padded = [r + [0] * (width - len(r)) for r in rows]
+        if len(keep) == 1:
+            logits, _ = self._forward(padded, past, last_only=True)  # (B, 1, V) at the shared last position
+            pick = logits[:, -1]
+        else:
+            kept = torch.tensor(keep, device=self.device) if self._keep else None
+            logits, _ = self._forward(padded, past, keep=kept)  # (B, len(keep) or width, V)
+            where = [keep.index(p) for p in last] if self._keep else last
+            pick = logits[torch.arange(len(rows), device=logits.device), torch.tensor(where, device=logits.device)]
+        return torch.log_softmax(pick.float(), -1)
 
     def _score_long(self, r: Request, start: int, past) -> list[float]:
         """One request with multi-token continuations: its context once, then every choice in one batch."""
@@ -176,10 +191,12 @@ class TorchBackend(TokenizerMixin):
                 scores[i] += float(logp[b, torch.arange(len(tgt)), tgt].sum())
         return scores
 
-    def _forward(self, rows: list[list[int]], past=None, *, last_only: bool = False, consume: bool = False):
+    def _forward(self, rows: list[list[int]], past=None, *, last_only: bool = False, consume: bool = False,
+                 keep: torch.Tensor | None = None):
         """Logits and KV cache of equal-length rows after `past` (a batch-1 cache, expanded to the rows).
 
         `past` is copied first unless `consume` says the caller no longer needs it as it is.
+        `last_only` computes the last position's logits only, `keep` those of the given positions.
         """
         ids = torch.tensor(rows, device=self.device)
         kwargs: dict[str, Any] = {"use_cache": True}
@@ -190,5 +207,7 @@ class TorchBackend(TokenizerMixin):
             kwargs["past_key_values"] = cache
         if last_only and self._keep:
             kwargs["logits_to_keep"] = 1
+        elif keep is not None:
+            kwargs["logits_to_keep"] = keep
         o = self.model(input_ids=ids, **kwargs)
         return o.logits, o.past_key_values
