@@ -130,27 +130,38 @@ def run_tasks(backend, tasks: list[str], *, options: dict[str, Any] | None = Non
         kwargs: dict[str, Any] = {"progress": progress}
         if arg:
             kwargs["path"] = arg
-        results[label] = spec.run(backend, cfg, **kwargs) if cfg is not None else spec.run(backend, **kwargs)
+        r = spec.run(backend, cfg, **kwargs) if cfg is not None else spec.run(backend, **kwargs)
+        r["protocol"]["dtype"] = getattr(backend, "dtype", "float32")  # the numbers the model computes in
+        results[label] = r
     return results
 
 
+EVAL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, device: str = "cpu",
-                  batch_size: int | None = None, threads: int | None = None) -> tuple[Any, dict[str, Any]]:
+                  batch_size: int | None = None, threads: int | None = None,
+                  dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
     """The scoring backend for what `model` is, and the identity of what it scores.
 
-    An .onnx file or a directory with model.onnx runs in ONNX Runtime; anything
-    else (model directory, compress artifact, .gguf, None = the reference model)
-    is loaded into torch.
+    An .onnx file or a directory with model.onnx runs in ONNX Runtime (in the
+    graph's own precision); anything else (model directory, compress artifact,
+    .gguf, None = the reference model) is loaded into torch in `dtype`
+    (float32, bfloat16 or float16).
     """
     from eval import results
     from eval.onnx_backend import OrtBackend, onnx_files
 
+    if dtype not in EVAL_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
     if model is not None and onnx_files(model) is not None:
+        if dtype != "float32":
+            raise ValueError(f"an ONNX model runs in its own precision; --dtype {dtype} applies to torch models")
         backend = OrtBackend(model, threads=threads)
         return backend, backend.identity()
     from eval.backends import TorchBackend
 
-    lm = load_model(model, allow_pickle=allow_pickle)
+    lm = load_model(model, allow_pickle=allow_pickle, dtype=getattr(torch, dtype))
     backend = TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=batch_size)
     return backend, results.model_identity(lm)
 

@@ -73,7 +73,8 @@ def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig
         c = cres[task]
         if c["metric"] != b["metric"]:
             raise ValueError(f"{task}: metric {c['metric']!r} in the candidate, {b['metric']!r} in the baseline")
-        pc, pb = c["protocol"], b["protocol"]
+        # files written before protocols recorded the dtype were all float32
+        pc, pb = {"dtype": "float32", **c["protocol"]}, {"dtype": "float32", **b["protocol"]}
         if pc != pb:
             diff = sorted(k for k in pc.keys() | pb.keys() if pc.get(k) != pb.get(k))
             raise ValueError(f"{task}: candidate and baseline were scored under different protocols "

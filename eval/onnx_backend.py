@@ -58,6 +58,8 @@ class OrtBackend(TokenizerMixin):
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in self.inputs or "logits" not in [o.name for o in self.session.get_outputs()]:
             raise ValueError(f"{self.model_path}: not a causal-LM graph (needs input 'input_ids', output 'logits')")
+        out_type = next(o.type for o in self.session.get_outputs() if o.name == "logits")
+        self.dtype = {"tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16"}.get(out_type, "float32")
 
     def _feeds(self, ids: np.ndarray) -> dict[str, np.ndarray]:
         b, n = ids.shape

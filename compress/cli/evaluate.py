@@ -23,10 +23,13 @@ from compress.cli._common import echo_json, progress_bar, write_json
 @click.option("--batch-size", type=int, help="Windows (perplexity) or contexts (multiple choice) per forward pass.")
 @click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--device", default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Precision the torch model computes in (recorded in each task's protocol). bfloat16 is about "
+                   "2x faster on CPUs with AVX512-BF16/AMX; ONNX models run in their own precision.")
 @click.option("--output", type=click.Path(), help="Write the results file (compress.eval/1 JSON) here.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subjects, limit, batch_size, threads,
-            device, output, allow_pickle) -> None:
+            device, dtype, output, allow_pickle) -> None:
     """Evaluate MODEL (directory, artifact, .gguf, or ONNX; default: the reference model) and write a results file.
 
     The results file (model identity, metric with 95 % interval, protocol,
@@ -47,7 +50,7 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
     plan_tasks(list(tasks), opts)  # validate tasks and options before loading the model
     set_threads(threads)
     backend, identity = open_for_eval(model, allow_pickle=allow_pickle, device=device, batch_size=batch_size,
-                                      threads=threads)
+                                      threads=threads, dtype=dtype)
     with progress_bar() as progress:
         results = run_tasks(backend, list(tasks), options=opts, progress=progress)
     for name, r in results.items():

@@ -128,3 +128,21 @@ def test_eval_then_gate_on_a_tiny_model(model_dir, tmp_path):
                                "--output", str(other)]).exit_code == 0
     r = runner.invoke(cli, ["gate", str(other), "--baseline", str(base)])
     assert r.exit_code == 2 and "different protocols" in r.output
+
+
+def test_dtype_is_part_of_the_protocol(model_dir, tmp_path):
+    """An eval in bfloat16 records it; the gate refuses to compare it with a float32 run."""
+    runner = CliRunner()
+    opts = ["--task", "wikitext2", "--windows", "2", "--seq-len", "64", "--threads", "1"]
+    f32, b16 = tmp_path / "f32.json", tmp_path / "b16.json"
+    assert runner.invoke(cli, ["eval", str(model_dir), *opts, "--output", str(f32)]).exit_code == 0
+    r = runner.invoke(cli, ["eval", str(model_dir), *opts, "--dtype", "bfloat16", "--output", str(b16)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(f32.read_text())["results"]["wikitext2"]["protocol"]["dtype"] == "float32"
+    assert json.loads(b16.read_text())["results"]["wikitext2"]["protocol"]["dtype"] == "bfloat16"
+    r = runner.invoke(cli, ["gate", str(b16), "--baseline", str(f32)])
+    assert r.exit_code == 2 and "dtype" in r.output
+    # a results file from before protocols carried the dtype was float32
+    assert compare(_ppl_doc(BASE), {**_ppl_doc(BASE), "results": {"wikitext2": {
+        **_ppl_doc(BASE)["results"]["wikitext2"],
+        "protocol": {**_ppl_doc(BASE)["results"]["wikitext2"]["protocol"], "dtype": "float32"}}}}).passed
