@@ -85,6 +85,15 @@ class TokenizerMixin:
     def bos_token_id(self) -> int | None:
         return self.tokenizer.bos_token_id
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer puts BOS before a text by default (lm-evaluation-harness then keeps it)."""
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            return False
+        ids = self.tokenizer("a").input_ids
+        return len(ids) > len(self.tokenizer("a", add_special_tokens=False).input_ids) and ids[0] == bos
+
     def encode(self, text: str) -> list[int]:
         cache = self.__dict__.setdefault("_encoded", {})
         key = hashlib.sha1(text.encode()).hexdigest()

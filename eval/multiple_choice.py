@@ -13,7 +13,9 @@ Two ways to score a question, both by log-likelihood:
   with letters often score well above it this way.
 
 Contexts are tokenized as one string and each continuation as the tokens that
-`context + continuation` adds, as lm-evaluation-harness does. k-shot prompts
+`context + continuation` adds, as lm-evaluation-harness does; like it, a
+prompt starts with the BOS token when the tokenizer adds one by default
+(SmolLM2's does; `prepend_bos` overrides). k-shot prompts
 take the first k questions of the few-shot pool (MMLU: the subject's dev file),
 each followed by its answer, separated by blank lines; every question of a
 subject shares that prefix, which the backend computes once.
@@ -50,6 +52,8 @@ class MCConfig:
     shots: int = 0  # few-shot examples before each question (MMLU: from the subject's dev file, at most 5)
     subjects: tuple[str, ...] = ()  # MMLU subjects to score; empty: all 57
     limit: int | None = None  # first N questions of each subject (of the file for other tasks)
+    # BOS before each prompt; None: when the tokenizer adds one by default (as lm-evaluation-harness does)
+    prepend_bos: bool | None = None
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -93,6 +97,11 @@ def score(backend, questions: list[Question], pools: dict[str, list[Question]], 
           cfg: MCConfig, *, task: str, progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Score questions (each subject with its few-shot pool and header); accuracy, interval, per-item records."""
     t0 = time.perf_counter()
+    bos_id = getattr(backend, "bos_token_id", None)
+    use_bos = cfg.prepend_bos if cfg.prepend_bos is not None else bool(getattr(backend, "adds_bos", False))
+    if use_bos and bos_id is None:
+        raise ValueError(f"{task}: prepend_bos: the tokenizer has no BOS token")
+    bos = [bos_id] if use_bos else []
     requests, texts = [], []
     for q in questions:
         pool = pools.get(q.subject, [])
@@ -109,8 +118,8 @@ def score(backend, questions: list[Question], pools: dict[str, list[Question]], 
             if whole[: len(ctx)] != ctx or len(whole) == len(ctx):
                 raise ValueError(f"{task}: {q.id}: continuation {c!r} does not tokenize after the context")
             cont_ids.append(tuple(whole[len(ctx):]))
-        shared = _shared_len(backend.encode(prefix), ctx) if prefix else 0
-        requests.append(Request(tuple(ctx), tuple(cont_ids), group=q.subject, shared=shared))
+        shared = _shared_len(bos + backend.encode(prefix), bos + ctx) if prefix or bos else 0
+        requests.append(Request(tuple(bos + ctx), tuple(cont_ids), group=q.subject, shared=shared))
         texts.append(conts)
     done = [0]
 
@@ -146,6 +155,7 @@ def score(backend, questions: list[Question], pools: dict[str, list[Question]], 
         "seconds": round(time.perf_counter() - t0, 2),
         "backend": backend.name,
         "protocol": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                     "prepend_bos": use_bos,
                      "prompt": ("question, lettered options, 'Answer:'; choice = best letter" if cfg.scoring == "letter"
                                 else "'Question: ...\\nAnswer:'; choice = best log-likelihood per UTF-8 byte"),
                      "questions": n},

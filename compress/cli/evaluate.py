@@ -14,7 +14,10 @@ from compress.cli._common import echo_json, progress_bar, write_json
                    "mc:FILE.jsonl|.csv (your multiple-choice questions). Repeatable.")
 @click.option("--windows", type=int, help="Perplexity: first N windows; -1 = all.  [default: 64]")
 @click.option("--seq-len", type=int, help="Perplexity: tokens per window.  [default: 1024]")
-@click.option("--prepend-bos", is_flag=True, default=None, help="Perplexity: BOS before each window as unscored context.")
+@click.option("--prepend-bos/--no-prepend-bos", default=None,
+              help="BOS before each perplexity window (unscored) or prompt.  [default: off for perplexity, the "
+                   "pinned protocol; for multiple choice, on when the tokenizer adds BOS by default, as "
+                   "lm-evaluation-harness]")
 @click.option("--scoring", type=click.Choice(["letter", "cloze"]),
               help="Multiple choice: compare answer letters or answer texts.  [default: letter; arc_easy: cloze]")
 @click.option("--shots", type=int, help="Multiple choice: solved examples before each question.  [default: 0]")

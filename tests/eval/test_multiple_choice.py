@@ -126,3 +126,24 @@ def test_config_validation():
         MCConfig(shots=-1)
     with pytest.raises(ValueError, match="limit"):
         MCConfig(limit=0)
+
+
+def test_bos_follows_the_tokenizer_default_unless_set(make_tiny, tiny_tokenizer):
+    """As lm-evaluation-harness: a prompt starts with BOS when the tokenizer adds one by default."""
+
+    class Recording(TorchBackend):
+        def loglikelihoods(self, requests, progress=None):
+            self.seen = requests
+            return super().loglikelihoods(requests, progress)
+
+    backend = Recording(make_tiny("llama"), tiny_tokenizer)
+    bos = tiny_tokenizer.bos_token_id
+    cfg = MCConfig(subjects=("anatomy",), limit=2)
+    assert not backend.adds_bos  # this tokenizer has no post-processor
+    r = mmlu(backend, cfg)
+    assert r["protocol"]["prepend_bos"] is False and all(q.context[0] != bos for q in backend.seen)
+    r2 = mmlu(backend, MCConfig(subjects=("anatomy",), limit=2, prepend_bos=True))
+    assert r2["protocol"]["prepend_bos"] is True and all(q.context[0] == bos for q in backend.seen)
+    assert r2["items"][0]["logprobs"] != r["items"][0]["logprobs"]
+    type(backend).adds_bos = property(lambda self: True)  # a tokenizer such as SmolLM2's
+    assert mmlu(backend, cfg)["protocol"]["prepend_bos"] is True and backend.seen[0].context[0] == bos
