@@ -71,6 +71,9 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
         if p.suffix == ".gguf":
             return _load_gguf(p, dtype)
         raise ValueError(f"{p}: expected a model directory or a .gguf file")
+    if (p / "model.onnx").is_file() and not any(p.glob("*.safetensors")):
+        raise ValueError(f"{p} is an ONNX model: score it with `compress eval {p}` (ONNX Runtime); "
+                         "torch cannot load it")
     prov = artifact.read_provenance(p)
     if prov and prov.get("quantization"):
         return _load_artifact(p, prov, dtype)

@@ -28,9 +28,11 @@ class _Builtin:
 
     @hookimpl
     def register_exporters(self, register):
+        from export import onnx as onnx_export
         from export import safetensors as st
 
         register(st.export_safetensors)
+        register(onnx_export.export_onnx)
 
     @hookimpl
     def register_tasks(self, register):

@@ -21,11 +21,11 @@ log = logging.getLogger(__name__)
 
 
 def weights_bytes(path: str | Path) -> int:
-    """Bytes of the weight files (safetensors / gguf) of a model directory or file."""
+    """Bytes of the weight files (safetensors / gguf / onnx) of a model directory or file."""
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for f in p.glob("*.safetensors"))
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.onnx", "*.onnx_data") for f in p.glob(pat))
 
 
 def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,

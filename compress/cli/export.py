@@ -1,0 +1,49 @@
+"""`compress export`: write a model or artifact in another format (ONNX with MatMulNBits, safetensors)."""
+
+from __future__ import annotations
+
+import click
+
+from compress.cli._common import console, echo_json
+
+
+@click.command("export")
+@click.argument("model", required=False)
+@click.option("--format", "fmt", default="onnx", show_default=True, help="Exporter (see `compress passes`).")
+@click.option("--out", required=True, type=click.Path(), help="Directory to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--accuracy-level", type=click.IntRange(0, 4),
+              help="ONNX: MatMulNBits accuracy_level (0 float activations; 4 int8 activations, the only fast "
+                   "kernel for 2- and 8-bit weights).  [default: 0 for 4-bit, 4 for 2/8-bit]")
+@click.option("--tolerance", type=float, help="ONNX: largest |logit difference| to the torch model accepted "
+                                              "by the built-in check.  [default: 0.01 exact, 0.5 with int8 activations]")
+@click.option("--threads", type=int, default=None, help="CPU threads for the check.")
+@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
+def command(model, fmt, out, force, accuracy_level, tolerance, threads, allow_pickle) -> None:
+    """Export MODEL (a compress artifact or model directory; default: the reference model) as --format.
+
+    The ONNX exporter writes optimum's decoder graph (KV cache) with every
+    quantized Linear as an ONNX Runtime MatMulNBits node holding the
+    artifact's own integer weights, then checks the result's logits against
+    the torch model before anything appears at --out.
+
+    \b
+    Example:
+      compress export out/smollm2-w4 --format onnx --out out/smollm2-w4-onnx
+      compress eval out/smollm2-w4-onnx --task wikitext2
+    """
+    from compress.models import load_model
+    from compress.registry import EXPORTERS
+    from compress.runner import set_threads, weights_bytes
+
+    exporter = EXPORTERS.get(fmt)  # a bad format fails before the model loads
+    opts = {k: v for k, v in {"accuracy_level": accuracy_level, "tolerance": tolerance, "threads": threads}.items()
+            if v is not None}
+    if opts and fmt != "onnx":
+        raise click.UsageError(f"--{next(iter(opts)).replace('_', '-')} applies to --format onnx only")
+    set_threads(threads)
+    lm = load_model(model, allow_pickle=allow_pickle)
+    path = exporter.export(lm, out, recipe=[], force=force, **opts)
+    summary = {"model": lm.source, "out": str(path), "format": fmt, "bytes": weights_bytes(path)}
+    console.print(f"wrote {path} ({summary['bytes'] / 2**20:.1f} MiB)")
+    echo_json(summary)

@@ -1,0 +1,304 @@
+"""ONNX artifact: optimum's decoder graph (with KV cache), our integer weights in `MatMulNBits` nodes.
+
+How an artifact is written:
+
+1. The model is saved as a compress artifact in a scratch directory and
+   loaded back whole, so a model streamed from disk exports like any other.
+2. A float copy (each QuantLinear replaced by a Linear holding exactly the
+   weights it dequantizes to) goes through optimum's exporter, task
+   `text-generation-with-past`.
+3. Each quantized Linear's MatMul is found by its weight initializer (the
+   exporter writes W^T verbatim, so the bytes identify the module) and
+   replaced by an ONNX Runtime `com.microsoft.MatMulNBits` node whose
+   initializers hold *our* codes, scales and zero points, in MatMulNBits'
+   layout: codes packed along K, low bits first, into uint8
+   [N, n_blocks, block_size * bits / 8]; scales [N, n_blocks] in the graph's
+   float type; zero points packed the same way per row (left out for
+   symmetric schemes whose zero is MatMulNBits' default 2^(bits-1)).
+   Nothing is re-quantized: (q - zero) * scale is the same number in both.
+4. The result is run in ONNX Runtime on a few prompts and its logits are
+   compared with the torch model's; beyond the tolerance the export fails
+   and nothing is written. Then the directory appears atomically.
+
+Layout mapping. MatMulNBits holds 2, 4 or 8 bits with a power-of-two block
+size >= 16. Our 3-bit codes are stored as 4-bit codes (the same integers,
+with their zero points written out). A group size that is not a power of
+two is split into power-of-two blocks that repeat the group's scale (a
+per-channel scheme too); a last group shorter than the others is
+MatMulNBits' padded last block, whose padding the kernel ignores. A group
+size with no power-of-two divisor >= 16 is refused.
+
+Kernels. ONNX Runtime runs 4-bit blocks with fast kernels at any accuracy
+level; 2- and 8-bit blocks only at `accuracy_level` 4 (activations
+quantized to int8 per block on the fly). The default is 4 for those and 0
+(float activations, exact) for 4 bits; `accuracy_level` overrides.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from compress import artifact
+from compress.models import LoadedModel, load_model, save_model
+from compress.registry import register_exporter
+
+ORT_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # our bits -> the MatMulNBits width that holds them exactly
+MAX_BLOCK = 256
+VERIFY_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "In 1905, Albert Einstein published")
+
+
+def block_size_for(group: int) -> int:
+    """The largest power of two <= 256 dividing `group` (>= 16, else the layout cannot be held)."""
+    b = group & -group  # lowest set bit: the largest power-of-two divisor
+    b = min(b, MAX_BLOCK)
+    if b < 16:
+        raise ValueError(f"group size {group} cannot be written as MatMulNBits blocks "
+                         "(needs a power-of-two divisor >= 16); quantize with a group size such as 32, 64 or 128")
+    return b
+
+
+def pack_bits(q: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned codes (..., n) with n a multiple of 8 // bits into uint8, low bits first."""
+    per = 8 // bits
+    q = q.astype(np.uint8).reshape(*q.shape[:-1], q.shape[-1] // per, per)
+    out = np.zeros(q.shape[:-1], np.uint8)
+    for j in range(per):
+        out |= q[..., j] << np.uint8(bits * j)
+    return out
+
+
+def matmulnbits_tensors(m, float_dtype: np.dtype) -> dict[str, Any]:
+    """B, scales and (if needed) zero points of one QuantLinear in MatMulNBits' layout, and the node attributes."""
+    s = m.scheme
+    N, K = m.out_features, m.in_features
+    bits = ORT_BITS[s.bits]
+    group = s.group_len(K)
+    bs = block_size_for(group)
+    nb = -(-K // bs)
+    codes = m.codes().cpu().numpy().astype(np.uint8)  # (N, K) in [0, 2^s.bits)
+    group_of_block = (np.arange(nb) * bs) // group  # each block lies inside one group
+    scales = m.weight_scale.float().cpu().numpy()[:, group_of_block].astype(float_dtype)  # (N, nb)
+    zero = m.zero_point().cpu().numpy()[:, group_of_block]  # (N, nb), integers as float
+    padded = np.zeros((N, nb * bs), np.uint8)
+    padded[:, :K] = codes
+    B = pack_bits(padded.reshape(N, nb, bs), bits)  # (N, nb, bs * bits / 8)
+    out: dict[str, Any] = {"B": B, "scales": scales, "K": K, "N": N, "bits": bits, "block_size": bs}
+    if not (s.symmetric and bits == s.bits):  # else every zero is MatMulNBits' default 2^(bits-1)
+        per = 8 // bits
+        zp = np.full((N, -(-nb // per) * per), 2 ** (bits - 1), np.uint8)
+        zp[:, :nb] = zero.astype(np.uint8)
+        out["zero_points"] = pack_bits(zp, bits)  # (N, ceil(nb * bits / 8))
+    return out
+
+
+def _float_copy(lm: LoadedModel, dest: Path) -> dict[str, Any]:
+    """Save `lm` with every QuantLinear as a float Linear of its dequantized weight; return name -> QuantLinear."""
+    from compress.quantize.qlinear import QuantLinear
+    from compress.targets import set_submodule
+
+    quant = {n: m for n, m in lm.model.named_modules() if isinstance(m, QuantLinear)}
+    dtype = next(p.dtype for p in lm.model.parameters() if p.is_floating_point())
+    for name, m in quant.items():
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.copy_(m.dequantize_weight().to(dtype))
+            if m.bias is not None:
+                lin.bias.copy_(m.bias)
+        set_submodule(lm.model, name, lin)
+    qcfg = getattr(lm.model.config, "quantization_config", None)
+    if qcfg is not None:
+        del lm.model.config.quantization_config  # a plain float model for the exporter
+    try:
+        lm.model.save_pretrained(dest, safe_serialization=True)
+        lm.tokenizer.save_pretrained(dest)
+    finally:
+        for name, m in quant.items():
+            set_submodule(lm.model, name, m)
+        if qcfg is not None:
+            lm.model.config.quantization_config = qcfg
+    return quant
+
+
+def _weight_key(arr: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape)
+
+
+def replace_matmuls(model_proto, quant: dict[str, Any], *, accuracy_level: int | None = None) -> dict[str, int]:
+    """Swap the float MatMul of every QuantLinear in `model_proto` for MatMulNBits; returns counts by bits."""
+    from onnx import helper, numpy_helper
+
+    graph = model_proto.graph
+    inits = {t.name: t for t in graph.initializer}
+    by_key: dict[str, tuple[str, bool]] = {}  # weight bytes -> (module, stored transposed)
+    for name, m in quant.items():
+        w = m.dequantize_weight().to(torch.float32)
+        by_key[_weight_key(w.T.contiguous().numpy())] = (name, True)  # MatMul: (K, N)
+        by_key[_weight_key(w.contiguous().numpy())] = (name, False)  # Gemm with transB=1: (N, K)
+    used: dict[int, int] = {}
+    done: set[str] = set()
+    new_nodes = []
+    for node in graph.node:
+        found = _quantized_weight(node, inits, by_key)
+        if found is None:  # a float MatMul (lm_head, ignored layers) or anything else
+            new_nodes.append(node)
+            continue
+        name, bias = found
+        t = matmulnbits_tensors(quant[name], np.float32)
+        base = name.replace(".", "_")
+        graph.initializer.append(numpy_helper.from_array(t["B"], f"{base}_Q{t['bits']}"))
+        graph.initializer.append(numpy_helper.from_array(t["scales"], f"{base}_scales"))
+        inputs = [node.input[0], f"{base}_Q{t['bits']}", f"{base}_scales", ""]
+        if "zero_points" in t:
+            graph.initializer.append(numpy_helper.from_array(t["zero_points"], f"{base}_zero_points"))
+            inputs[3] = f"{base}_zero_points"
+        if not inputs[-1]:
+            inputs.pop()
+        level = accuracy_level if accuracy_level is not None else (0 if t["bits"] == 4 else 4)
+        # a Gemm's bias becomes an Add after the node (Gemm's broadcasting; ONNX Runtime fuses it back)
+        out = [f"{base}_MatMulNBits_output"] if bias else list(node.output)
+        new_nodes.append(helper.make_node(
+            "MatMulNBits", inputs, out, name=f"{base}_MatMulNBits", domain="com.microsoft",
+            K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=level))
+        if bias:
+            new_nodes.append(helper.make_node("Add", [out[0], bias], list(node.output), name=f"{base}_bias"))
+        done.add(name)
+        used[t["bits"]] = used.get(t["bits"], 0) + 1
+    missing = sorted(set(quant) - done)
+    if missing:
+        raise ValueError(f"ONNX export: no MatMul found for quantized module(s) {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}; the exporter changed their weights")
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    # drop the float weights nothing reads any more
+    read = {i for n in graph.node for i in n.input}
+    keep = [t for t in graph.initializer if t.name in read]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in model_proto.opset_import):
+        model_proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return used
+
+
+def _quantized_weight(node, inits, by_key) -> tuple[str, str | None] | None:
+    """(module, Gemm bias input or None) when `node` multiplies by a quantized module's weight, else None."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    init = inits[node.input[1]]
+    if init.data_type != onnx.TensorProto.FLOAT or len(init.dims) != 2:
+        return None
+    hit = by_key.get(_weight_key(numpy_helper.to_array(init)))
+    if hit is None:
+        return None
+    name, transposed = hit
+    if node.op_type == "MatMul":
+        return (name, None) if transposed else None
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    plain = attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+    if not plain or bool(attrs.get("transB", 0)) == transposed:  # Gemm computes A @ B^T only with transB=1
+        return None
+    return name, (node.input[2] if len(node.input) > 2 and node.input[2] else None)
+
+
+def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None) -> float:
+    """Max |logit difference| between ONNX Runtime on `onnx_dir` and `lm` in torch over VERIFY_PROMPTS."""
+    from eval.onnx_backend import OrtBackend
+
+    ort_lm = OrtBackend(onnx_dir, threads=threads)
+    worst = 0.0
+    for text in VERIFY_PROMPTS:
+        ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            ref = lm.model(input_ids=ids, use_cache=False).logits.float().numpy()
+        got = ort_lm.session.run(["logits"], ort_lm._feeds(ids.numpy()))[0]
+        worst = max(worst, float(np.abs(got.astype(np.float32) - ref).max()))
+    return worst
+
+
+@register_exporter("onnx")
+def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
+                reports: list[Any] = (), force: bool = False, accuracy_level: int | None = None,
+                tolerance: float | None = None, threads: int | None = None) -> Path:
+    """ONNX Runtime directory: optimum's KV-cache graph with our integer weights as MatMulNBits nodes."""
+    try:
+        import onnx
+        from optimum.exporters.onnx import main_export
+    except ImportError as e:
+        raise ValueError(f"the onnx exporter needs optimum-onnx and onnxruntime: pip install 'compress[onnx]' ({e})") \
+            from None
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
+    with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
+        work = Path(tmp)
+        save_model(lm, work / "artifact", recipe=recipe, reports=reports)  # whole, in our own format
+        full = load_model(work / "artifact")
+        _check_layouts(full)
+        quant = _float_copy(full, work / "float")
+        main_export(str(work / "float"), str(work / "onnx"), task="text-generation-with-past",
+                    do_validation=False)
+        graph_file = work / "onnx" / "model.onnx"
+        if not graph_file.is_file():
+            raise ValueError(f"optimum wrote no model.onnx ({sorted(p.name for p in (work / 'onnx').iterdir())})")
+        proto = onnx.load(str(graph_file), load_external_data=True)
+        used = replace_matmuls(proto, quant, accuracy_level=accuracy_level)
+        for f in (work / "onnx").glob("model.onnx*"):
+            f.unlink()
+        big = proto.ByteSize() > 1.8 * 2**30  # protobuf's 2 GiB limit: weights go to a side file
+        onnx.save(proto, str(graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
+                  location="model.onnx_data")
+        del proto
+        diff = verify(work / "onnx", full, threads=threads)
+        levels = {accuracy_level} if accuracy_level is not None else {0 if b == 4 else 4 for b in used}
+        tol = tolerance if tolerance is not None else (1e-2 if levels == {0} or not used else 0.5)
+        if not diff <= tol:
+            raise ValueError(f"ONNX export check failed: logits differ from the torch model by up to {diff:.3g} "
+                             f"(tolerance {tol:g}); nothing was written")
+        prov = artifact.read_provenance(work / "artifact")
+        prov["format_exported"] = {"format": "onnx", "op": "com.microsoft.MatMulNBits" if used else None,
+                                   "matmulnbits_by_bits": {str(k): v for k, v in sorted(used.items())},
+                                   "accuracy_level": accuracy_level, "verify_max_abs_logit_diff": diff,
+                                   "verify_prompts": len(VERIFY_PROMPTS)}
+        with artifact.atomic_dir(out, force=force) as dest:
+            for f in (work / "onnx").iterdir():
+                shutil.copy2(f, dest / f.name)
+            artifact.write_json_atomic(dest / artifact.PROVENANCE_FILE, prov)
+    return out
+
+
+def _check_layouts(lm: LoadedModel) -> None:
+    from compress.quantize.qlinear import QuantLinear
+
+    for name, m in lm.model.named_modules():
+        if isinstance(m, QuantLinear):
+            if m.scheme.bits not in ORT_BITS:
+                raise ValueError(f"{name}: {m.scheme.bits}-bit weights have no MatMulNBits layout")
+            block_size_for(m.scheme.group_len(m.in_features))
+
+
+def exported_summary(path: str | Path) -> dict[str, Any]:
+    """What an ONNX artifact holds: MatMulNBits nodes by bits (for tests and reports)."""
+    import onnx
+
+    proto = onnx.load(str(Path(path) / "model.onnx"), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            bits = next(a.i for a in n.attribute if a.name == "bits")
+            counts[str(bits)] = counts.get(str(bits), 0) + 1
+    return {"matmulnbits_by_bits": counts, "nodes": len(proto.graph.node),
+            "provenance": json.loads((Path(path) / artifact.PROVENANCE_FILE).read_text())}

@@ -1,0 +1,110 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("optimum.exporters.onnx")
+
+from compress.cli import cli  # noqa: E402
+from compress.quantize.qlinear import QuantLinear  # noqa: E402
+from compress.quantize.scheme import QuantScheme  # noqa: E402
+from export.onnx import block_size_for, exported_summary, matmulnbits_tensors  # noqa: E402
+
+
+def _run_matmulnbits(m: QuantLinear, x: np.ndarray, level: int) -> np.ndarray:
+    """One MatMulNBits node built from `m`'s tensors, run by ONNX Runtime."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    t = matmulnbits_tensors(m, np.float32)
+    inits = [numpy_helper.from_array(t["B"], "B"), numpy_helper.from_array(t["scales"], "s")]
+    inputs = ["x", "B", "s"]
+    if "zero_points" in t:
+        inits.append(numpy_helper.from_array(t["zero_points"], "zp"))
+        inputs.append("zp")
+    node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", K=t["K"], N=t["N"],
+                            bits=t["bits"], block_size=t["block_size"], accuracy_level=level)
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x.shape[0], t["N"]])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["y"], {"x": x})[0]
+
+
+@pytest.mark.parametrize("bits,group,sym", [(4, 32, True), (4, 128, False), (3, 32, True), (3, 48, False),
+                                            (8, -1, True), (8, 64, False), (2, 16, False)])
+def test_matmulnbits_layout_reproduces_quantlinear(bits, group, sym):
+    """Our codes, scales and zero points in MatMulNBits' layout compute what QuantLinear computes."""
+    torch.manual_seed(bits * 1000 + group)
+    K, N = 160, 24  # 160: g128 leaves a shorter last group, g48 a non-power-of-two group
+    scheme = QuantScheme(bits=bits, group_size=group, symmetric=sym, scale_dtype="float16")
+    ng = scheme.n_groups(K)
+    q = torch.randint(0, 2**bits, (N, K))
+    zero = torch.full((N, ng), float(2 ** (bits - 1))) if sym else torch.randint(0, 2**bits, (N, ng)).float()
+    scale = torch.rand(N, ng) * 0.05 + 0.01
+    m = QuantLinear.from_codes(q, scale, zero, scheme)
+    x = torch.randn(5, K)
+    ref = m(x).numpy()
+    level = 0 if bits in (3, 4) else 4  # 2/8-bit run (fast) with int8 activations only
+    got = _run_matmulnbits(m, x.numpy(), level)
+    tol = 1e-4 if level == 0 else 3e-2 * np.abs(ref).max()
+    assert np.abs(got - ref).max() <= tol
+
+
+def test_block_sizes():
+    assert block_size_for(128) == 128 and block_size_for(48) == 16 and block_size_for(576) == 64
+    assert block_size_for(1024) == 256
+    with pytest.raises(ValueError, match="group size 24"):
+        block_size_for(24)
+
+
+def test_export_cli_onnx_matches_torch_and_refuses_bad_input(model_dirs, tmp_path):
+    runner = CliRunner()
+    art, onnx_dir = tmp_path / "w4", tmp_path / "w4-onnx"
+    r = runner.invoke(cli, ["quantize", str(model_dirs["llama"]), "--bits", "4", "--group-size", "32", "--asym",
+                            "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["export", str(art), "--format", "onnx", "--out", str(onnx_dir)])
+    assert r.exit_code == 0, r.output
+    s = exported_summary(onnx_dir)
+    assert s["matmulnbits_by_bits"] == {"4": 14}  # 2 layers x 7 Linears; lm_head stays float
+    check = s["provenance"]["format_exported"]
+    assert check["verify_max_abs_logit_diff"] < 1e-3 and check["op"] == "com.microsoft.MatMulNBits"
+    assert not any(p.suffix == ".safetensors" for p in onnx_dir.iterdir())
+    # the artifact's perplexity in ONNX Runtime equals the torch module's
+    opts = ["--task", "wikitext2", "--windows", "3", "--seq-len", "64", "--threads", "1"]
+    docs = {}
+    for name, path in (("torch", art), ("onnx", onnx_dir)):
+        out = tmp_path / f"{name}.json"
+        r = runner.invoke(cli, ["eval", str(path), *opts, "--output", str(out)])
+        assert r.exit_code == 0, r.output
+        docs[name] = json.loads(out.read_text())["results"]["wikitext2"]
+    assert docs["onnx"]["backend"] == "onnxruntime"
+    assert docs["onnx"]["perplexity"] == pytest.approx(docs["torch"]["perplexity"], rel=1e-4)
+    # refusals: existing output, a torch load of the ONNX directory, a group size MatMulNBits cannot hold
+    r = runner.invoke(cli, ["export", str(art), "--format", "onnx", "--out", str(onnx_dir)])
+    assert r.exit_code == 1 and "already exists" in r.output
+    r = runner.invoke(cli, ["export", str(onnx_dir), "--format", "onnx", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "ONNX model" in r.output
+    odd = tmp_path / "g24"
+    assert runner.invoke(cli, ["quantize", str(model_dirs["llama"]), "--group-size", "24", "--method", "rtn",
+                               "--out", str(odd)]).exit_code == 0
+    r = runner.invoke(cli, ["export", str(odd), "--format", "onnx", "--out", str(tmp_path / "g24-onnx")])
+    assert r.exit_code == 1 and "group size 24" in r.output and not (tmp_path / "g24-onnx").exists()
+
+
+def test_export_fp32_and_8bit(model_dirs, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["export", str(model_dirs["opt"]), "--format", "onnx", "--out", str(tmp_path / "fp32")])
+    assert r.exit_code == 0, r.output
+    assert exported_summary(tmp_path / "fp32")["matmulnbits_by_bits"] == {}
+    art = tmp_path / "w8"
+    assert runner.invoke(cli, ["quantize", str(model_dirs["opt"]), "--bits", "8", "--group-size", "-1",
+                               "--method", "rtn", "--out", str(art)]).exit_code == 0
+    r = runner.invoke(cli, ["export", str(art), "--format", "onnx", "--out", str(tmp_path / "w8-onnx")])
+    assert r.exit_code == 0, r.output
+    s = exported_summary(tmp_path / "w8-onnx")
+    assert s["matmulnbits_by_bits"] == {"8": 12}  # OPT: q, k, v, out_proj, fc1, fc2 per layer
