@@ -74,6 +74,15 @@ def test_export_cli_onnx_matches_torch_and_refuses_bad_input(model_dirs, tmp_pat
     check = s["provenance"]["format_exported"]
     assert check["verify_max_abs_logit_diff"] < 1e-3 and check["op"] == "com.microsoft.MatMulNBits"
     assert not any(p.suffix == ".safetensors" for p in onnx_dir.iterdir())
+    # optimum's runtime class loads and generates with it
+    from optimum.onnxruntime import ORTModelForCausalLM
+    from transformers import AutoTokenizer
+
+    ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir)
+    tok = AutoTokenizer.from_pretrained(onnx_dir)
+    ids = tok("The tower is", return_tensors="pt").input_ids
+    gen = ort_model.generate(ids, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 6
     # the artifact's perplexity in ONNX Runtime equals the torch module's
     opts = ["--task", "wikitext2", "--windows", "3", "--seq-len", "64", "--threads", "1"]
     docs = {}
