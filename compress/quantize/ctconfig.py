@@ -8,10 +8,15 @@ from typing import Any
 def quantization_config(modules: dict[str, dict[str, Any]], ignore: list[str]) -> dict[str, Any] | None:
     """A compressed-tensors style `quantization_config` block: one group per distinct scheme.
 
-    `ignore` names the Linear modules left in float. Not yet verified against the
-    compressed-tensors loader: our symmetric scale is absmax / (2^(b-1) - 1)
-    (theirs divides by 2^b / 2 - 1/2, same stored layout), groups may be shorter
-    at the end of a row, and 3-bit words hold 10 codes (theirs are dense).
+    `ignore` names the Linear modules left in float. Verified
+    (tests/export/test_compressed_tensors.py): transformers 4.57 with
+    compressed-tensors 0.20 loads our symmetric 4- and 8-bit artifacts, group
+    or per-channel, and computes the same logits. Not loadable there yet: a
+    group size that does not divide a layer's in_features (compressed-tensors
+    refuses; our last group is shorter), 3-bit codes (we pack 10 per word,
+    compressed-tensors 0.19+ packs densely), and asymmetric schemes under
+    transformers < 5 (it sizes the zero point unpacked; the layout itself is
+    compressed-tensors' packed one).
     """
     if not modules:
         return None
