@@ -287,7 +287,10 @@ def _check_layouts(lm: LoadedModel) -> None:
         if isinstance(m, QuantLinear):
             if m.scheme.bits not in ORT_BITS:
                 raise ValueError(f"{name}: {m.scheme.bits}-bit weights have no MatMulNBits layout")
-            block_size_for(m.scheme.group_len(m.in_features))
+            try:
+                block_size_for(m.scheme.group_len(m.in_features))
+            except ValueError as e:
+                raise ValueError(f"{name} (in_features {m.in_features}): {e}") from None
 
 
 def exported_summary(path: str | Path) -> dict[str, Any]:

@@ -59,7 +59,7 @@ class MixedConfig(GPTQConfig):
 
 def storage_bits(out: int, n_in: int, scheme: QuantScheme) -> int:
     """Bits on disk of one packed (out, in) weight: codes, scales, and zero points when asymmetric."""
-    ng = scheme.n_groups(n_in)
+    ng = scheme.stored(n_in).n_groups(n_in)
     bits = out * packed_len(n_in, scheme.bits) * 32 + out * ng * scheme.torch_scale_dtype.itemsize * 8
     if not scheme.symmetric:
         bits += packed_len(out, scheme.bits) * ng * 32

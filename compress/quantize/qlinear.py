@@ -51,8 +51,17 @@ class QuantLinear(nn.Module):
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
                    scheme: QuantScheme, *, bias: torch.Tensor | None = None,
                    dtype: torch.dtype = torch.float32) -> QuantLinear:
-        """Build from unsigned codes q (out, in), scale and zero (out, n_groups)."""
+        """Build from unsigned codes q (out, in), scale and zero (out, n_groups).
+
+        A group size that does not divide `in` is stored as `scheme.stored(in)`:
+        smaller groups that repeat each scale and zero point (the same weights).
+        """
         out, n_in = q.shape
+        stored = scheme.stored(n_in)
+        if stored is not scheme:
+            idx = torch.arange(stored.n_groups(n_in), device=scale.device) * stored.group_size
+            idx = torch.div(idx, scheme.group_len(n_in), rounding_mode="floor")
+            scale, zero, scheme = scale[:, idx], zero[:, idx], stored
         m = cls(n_in, out, scheme, bias=bias is not None, dtype=dtype, device=q.device)
         m.weight_packed.copy_(pack_int32(q, scheme.bits))
         m.weight_scale.copy_(scale.to(scheme.torch_scale_dtype))

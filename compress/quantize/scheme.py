@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,15 @@ class QuantScheme:
     def n_groups(self, in_features: int) -> int:
         g = self.group_len(in_features)
         return -(-in_features // g)  # ceil: the last group is shorter when g does not divide
+
+    def stored(self, in_features: int) -> QuantScheme:
+        """The scheme a row of `in_features` is stored with: this one, or, when the group size does not
+        divide the row, groups of gcd(group, in_features) repeating each scale and zero point (the same
+        weights: compressed-tensors and vLLM need groups that divide the row)."""
+        g = self.group_len(in_features)
+        if in_features % g == 0:
+            return self
+        return QuantScheme(**{**self.to_dict(), "group_size": math.gcd(g, in_features)})
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,

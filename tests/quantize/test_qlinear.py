@@ -26,7 +26,10 @@ def test_buffers_are_packed_and_storage_is_about_four_bits():
     W = torch.randn(576, 576)
     m = QuantLinear.from_codes(*quantize_weight(W, s), s)
     assert m.weight_packed.dtype == torch.int32 and m.weight_packed.shape == (576, 72)
-    assert m.weight_scale.shape == (576, 5) and m.weight_scale.dtype == torch.float16
+    # 128 does not divide 576: stored as 9 groups of 64 (compressed-tensors needs dividing groups),
+    # each group-of-128 scale twice, the same weights
+    assert m.weight_scale.shape == (576, 9) and m.weight_scale.dtype == torch.float16 and m.scheme.group_size == 64
+    assert torch.equal(m.weight_scale[:, 0], m.weight_scale[:, 1]) and torch.equal(m.dequantize_weight(), fake_quantize(W, s))
     assert not hasattr(m, "weight_zero_point")
     assert m.weight_shape.tolist() == [576, 576]
     assert 4.0 < m.storage_bits() / W.numel() <= 4.3
