@@ -100,7 +100,11 @@ class OrtBackend(TokenizerMixin):
         files = sorted({self.model_path, *self.dir.glob(f"{self.model_path.name}_data"),
                         *self.dir.glob("*.onnx_data")})
         graph = onnx.load(str(self.model_path), load_external_data=False).graph
-        n_params = sum(int(np.prod(t.dims)) for t in graph.initializer)
+        # a MatMulNBits node holds K x N weights in its packed inputs: count those, not the bytes
+        packed = {i for n in graph.node if n.op_type == "MatMulNBits" for i in n.input[1:]}
+        n_params = sum(int(np.prod(t.dims)) for t in graph.initializer if t.name not in packed)
+        n_params += sum(next(a.i for a in n.attribute if a.name == "K") * next(a.i for a in n.attribute if a.name == "N")
+                        for n in graph.node if n.op_type == "MatMulNBits")
         size = sum(f.stat().st_size for f in files)
         return {"name": str(self.dir), "path": str(self.dir), "files": [f.name for f in files],
                 "sha256": artifact.sha256_files(files), "bytes_on_disk": size, "parameters": n_params,

@@ -26,10 +26,19 @@ SCHEMA = "compress.eval/1"
 METRICS = {"perplexity": "lower", "accuracy": "higher"}  # which direction is better
 
 
+def parameter_count(model) -> int:
+    """Logical parameters: a quantized Linear counts its out x in weights (not its packed words), and
+    tied weights count once."""
+    from compress.quantize.qlinear import QuantLinear
+
+    n = sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
+    return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+
+
 def model_identity(lm) -> dict[str, Any]:
     """What was evaluated: a `LoadedModel`'s files, hash, size and (for an artifact) its compression."""
     files = [Path(f) for f in lm.source_files]
-    n_params = sum(p.numel() for p in lm.model.state_dict().values())
+    n_params = parameter_count(lm.model)
     size = sum(f.stat().st_size for f in files)
     if lm.provenance:  # an artifact: its own files, not the model it came from
         sha = artifact.sha256_files(files)
