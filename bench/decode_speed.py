@@ -6,7 +6,9 @@ Prompt processing (one forward of a 512-token prompt) and greedy decoding of
 - torch fp32 (the Hugging Face model);
 - torch with our QuantLinear modules (int4 g128 and int8 per-channel artifacts);
 - ONNX Runtime fp32 (our exporter, no quantized layers);
-- ONNX Runtime with our int4 and int8 weights (MatMulNBits).
+- ONNX Runtime with our int4 and int8 weights (MatMulNBits), at accuracy
+  level 0 (float activations, the default export) and 4 (int8 activations,
+  exported with a loose --tolerance: the fast int8 kernel, less accurate).
 
 Every backend runs the same lean loop: one prefill call, then one call per
 token feeding the previous step's KV cache, argmax in numpy/torch. Speeds
@@ -122,12 +124,14 @@ def main() -> None:
         if not path.exists():
             subprocess.run([*cli, "quantize", "--method", "rtn", *made[k], "--out", str(path)], check=True,
                            stdout=subprocess.DEVNULL)
-    onnx_dirs = {"fp32": work / "fp32-onnx", "int4": work / "w4-onnx", "int8": work / "w8-onnx"}
+    onnx_dirs = {"fp32": work / "fp32-onnx", "int4": work / "w4-onnx", "int8": work / "w8-onnx",
+                 "int4 acc4": work / "w4-onnx-acc4", "int8 acc4": work / "w8-onnx-acc4"}
     for k, path in onnx_dirs.items():
         if not path.exists():
-            src = [] if k == "fp32" else [str(arts[k])]
+            src = [] if k == "fp32" else [str(arts[k.split()[0]])]
+            level = ["--accuracy-level", "4", "--tolerance", "10"] if k.endswith("acc4") else []
             subprocess.run([*cli, "export", *src, "--format", "onnx", "--out", str(path), "--threads",
-                            str(args.threads)], check=True, stdout=subprocess.DEVNULL)
+                            str(args.threads), *level], check=True, stdout=subprocess.DEVNULL)
 
     lm = load_model(None)
     text = (ROOT / "compress" / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
@@ -140,6 +144,8 @@ def main() -> None:
     runs["onnxruntime fp32"] = lambda: loops["fp32"].run(prompt, args.new_tokens)
     runs["onnxruntime int4 (MatMulNBits)"] = lambda: loops["int4"].run(prompt, args.new_tokens)
     runs["onnxruntime int8 (MatMulNBits)"] = lambda: loops["int8"].run(prompt, args.new_tokens)
+    runs["onnxruntime int4 (MatMulNBits, int8 act.)"] = lambda: loops["int4 acc4"].run(prompt, args.new_tokens)
+    runs["onnxruntime int8 (MatMulNBits, int8 act.)"] = lambda: loops["int8 acc4"].run(prompt, args.new_tokens)
 
     rows = {}
     for name, fn in runs.items():

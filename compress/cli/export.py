@@ -13,10 +13,10 @@ from compress.cli._common import console, echo_json
 @click.option("--out", required=True, type=click.Path(), help="Directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
-              help="ONNX: MatMulNBits accuracy_level (0 float activations; 4 int8 activations, the only fast "
-                   "kernel for 2- and 8-bit weights).  [default: 0 for 4-bit, 4 for 2/8-bit]")
+              help="ONNX: MatMulNBits accuracy_level (0 float activations, exact; 4 int8 activations, the only "
+                   "fast kernel for 2- and 8-bit weights, less accurate).  [default: 0]")
 @click.option("--tolerance", type=float, help="ONNX: largest |logit difference| to the torch model accepted "
-                                              "by the built-in check.  [default: 0.01 exact, 0.5 with int8 activations]")
+                                              "by the built-in check.  [default: 0.01; 0.5 with --accuracy-level 4]")
 @click.option("--threads", type=int, default=None, help="CPU threads for the check.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 def command(model, fmt, out, force, accuracy_level, tolerance, threads, allow_pickle) -> None:

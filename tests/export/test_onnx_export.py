@@ -48,10 +48,9 @@ def test_matmulnbits_layout_reproduces_quantlinear(bits, group, sym):
     m = QuantLinear.from_codes(q, scale, zero, scheme)
     x = torch.randn(5, K)
     ref = m(x).numpy()
-    level = 0 if bits in (3, 4) else 4  # 2/8-bit run (fast) with int8 activations only
-    got = _run_matmulnbits(m, x.numpy(), level)
-    tol = 1e-4 if level == 0 else 3e-2 * np.abs(ref).max()
-    assert np.abs(got - ref).max() <= tol
+    assert np.abs(_run_matmulnbits(m, x.numpy(), 0) - ref).max() <= 1e-4  # float activations: exact
+    # int8 activations (the fast 2/8-bit kernels): close, not exact
+    assert np.abs(_run_matmulnbits(m, x.numpy(), 4) - ref).max() <= 3e-2 * np.abs(ref).max()
 
 
 def test_block_sizes():
