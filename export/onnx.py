@@ -135,7 +135,7 @@ def _weight_key(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape)
 
 
-def replace_matmuls(model_proto, quant: dict[str, Any], *, accuracy_level: int | None = None) -> dict[str, int]:
+def replace_matmuls(model_proto, quant: dict[str, Any], *, accuracy_level: int = 0) -> dict[str, int]:
     """Swap the float MatMul of every QuantLinear in `model_proto` for MatMulNBits; returns counts by bits."""
     from onnx import helper, numpy_helper
 
@@ -165,12 +165,11 @@ def replace_matmuls(model_proto, quant: dict[str, Any], *, accuracy_level: int |
             inputs[3] = f"{base}_zero_points"
         if not inputs[-1]:
             inputs.pop()
-        level = accuracy_level if accuracy_level is not None else 0
         # a Gemm's bias becomes an Add after the node (Gemm's broadcasting; ONNX Runtime fuses it back)
         out = [f"{base}_MatMulNBits_output"] if bias else list(node.output)
         new_nodes.append(helper.make_node(
             "MatMulNBits", inputs, out, name=f"{base}_MatMulNBits", domain="com.microsoft",
-            K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=level))
+            K=t["K"], N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level))
         if bias:
             new_nodes.append(helper.make_node("Add", [out[0], bias], list(node.output), name=f"{base}_bias"))
         done.add(name)
@@ -231,7 +230,7 @@ def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None) -> fl
 
 @register_exporter("onnx")
 def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
-                reports: list[Any] = (), force: bool = False, accuracy_level: int | None = None,
+                reports: list[Any] = (), force: bool = False, accuracy_level: int = 0,
                 tolerance: float | None = None, threads: int | None = None) -> Path:
     """ONNX Runtime directory: optimum's KV-cache graph with our integer weights as MatMulNBits nodes."""
     try:
@@ -244,7 +243,7 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
-    if accuracy_level is not None and accuracy_level not in (0, 1, 2, 3, 4):
+    if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
     with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
         work = Path(tmp)
