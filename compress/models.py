@@ -71,6 +71,8 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
         if p.suffix == ".gguf":
             return _load_gguf(p, dtype)
         raise ValueError(f"{p}: expected a model directory or a .gguf file")
+    if gguf_file(p) is not None:  # a GGUF artifact directory
+        return _load_gguf(gguf_file(p), dtype)
     if (p / "model.onnx").is_file() and not any(p.glob("*.safetensors")):
         raise ValueError(f"{p} is an ONNX model: score it with `compress eval {p}` (ONNX Runtime); "
                          "torch cannot load it")
@@ -100,6 +102,18 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
     tok = AutoTokenizer.from_pretrained(p)
     model.eval()
     return LoadedModel(model, tok, str(p), weights, prov)
+
+
+def gguf_file(path: str | Path) -> Path | None:
+    """The .gguf file `path` names: a .gguf file, or a directory (a GGUF artifact) holding exactly one; else None."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    if p.is_dir() and not any(p.glob("*.safetensors")):
+        found = sorted(p.glob("*.gguf"))
+        if len(found) == 1:
+            return found[0]
+    return None
 
 
 def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:

@@ -28,11 +28,13 @@ class _Builtin:
 
     @hookimpl
     def register_exporters(self, register):
+        from export import gguf as gguf_export
         from export import onnx as onnx_export
         from export import safetensors as st
 
         register(st.export_safetensors)
         register(onnx_export.export_onnx)
+        register(gguf_export.export_gguf)
 
     @hookimpl
     def register_tasks(self, register):

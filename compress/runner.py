@@ -25,7 +25,7 @@ def weights_bytes(path: str | Path) -> int:
     p = Path(path)
     if p.is_file():
         return p.stat().st_size
-    return sum(f.stat().st_size for pat in ("*.safetensors", "*.onnx", "*.onnx_data") for f in p.glob(pat))
+    return sum(f.stat().st_size for pat in ("*.safetensors", "*.onnx", "*.onnx_data", "*.gguf") for f in p.glob(pat))
 
 
 def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
@@ -139,31 +139,56 @@ def run_tasks(backend, tasks: list[str], *, options: dict[str, Any] | None = Non
 EVAL_DTYPES = ("float32", "bfloat16", "float16")
 
 
+BACKENDS = ("auto", "torch", "onnxruntime", "llama.cpp")
+
+
 def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, device: str = "cpu",
                   batch_size: int | None = None, threads: int | None = None,
-                  dtype: str = "float32") -> tuple[Any, dict[str, Any]]:
+                  dtype: str = "float32", backend: str = "auto") -> tuple[Any, dict[str, Any]]:
     """The scoring backend for what `model` is, and the identity of what it scores.
 
-    An .onnx file or a directory with model.onnx runs in ONNX Runtime (in the
-    graph's own precision); anything else (model directory, compress artifact,
-    .gguf, None = the reference model) is loaded into torch in `dtype`
-    (float32, bfloat16 or float16).
+    `backend="auto"`: an .onnx file or a directory with model.onnx runs in ONNX
+    Runtime (in the graph's own precision); a GGUF file or artifact runs in
+    llama.cpp when llama-cpp-python is installed; anything else (model
+    directory, compress artifact, a GGUF file without llama.cpp, None = the
+    reference model) is loaded into torch in `dtype` (float32, bfloat16 or
+    float16). Naming a backend forces it.
     """
+    from compress.models import gguf_file
     from eval import results
     from eval.onnx_backend import OrtBackend, onnx_files
 
     if dtype not in EVAL_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
-    if model is not None and onnx_files(model) is not None:
-        if dtype != "float32":
-            raise ValueError(f"an ONNX model runs in its own precision; --dtype {dtype} applies to torch models")
-        backend = OrtBackend(model, threads=threads)
-        return backend, backend.identity()
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    is_onnx = model is not None and onnx_files(model) is not None
+    is_gguf = model is not None and gguf_file(model) is not None
+    if backend == "auto":
+        from export.gguf import llama_cpp_available
+
+        backend = ("onnxruntime" if is_onnx else "llama.cpp" if is_gguf and llama_cpp_available() else "torch")
+    if backend != "torch" and dtype != "float32":
+        raise ValueError(f"--dtype {dtype} applies to torch; {backend} runs the model in its own precision")
+    if backend == "onnxruntime":
+        if not is_onnx:
+            raise ValueError(f"{model}: the onnxruntime backend needs an .onnx file or a directory with model.onnx")
+        ort_backend = OrtBackend(model, threads=threads)
+        return ort_backend, ort_backend.identity()
+    if backend == "llama.cpp":
+        if not is_gguf:
+            raise ValueError(f"{model}: the llama.cpp backend needs a .gguf file or a GGUF artifact directory")
+        from eval.llamacpp_backend import LlamaCppBackend
+
+        ll = LlamaCppBackend(model, threads=threads)
+        return ll, ll.identity()
+    if is_onnx:
+        raise ValueError(f"{model} is an ONNX model: torch cannot load it (use the onnxruntime backend)")
     from eval.backends import TorchBackend
 
     lm = load_model(model, allow_pickle=allow_pickle, dtype=getattr(torch, dtype))
-    backend = TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=batch_size)
-    return backend, results.model_identity(lm)
+    tb = TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=batch_size)
+    return tb, results.model_identity(lm)
 
 
 def set_threads(threads: int | None) -> None:

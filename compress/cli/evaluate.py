@@ -29,10 +29,14 @@ from compress.cli._common import echo_json, progress_bar, write_json
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Precision the torch model computes in (recorded in each task's protocol). bfloat16 is about "
                    "2x faster on CPUs with AVX512-BF16/AMX; ONNX models run in their own precision.")
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "llama.cpp"]), default="auto",
+              show_default=True,
+              help="What runs the model. auto: ONNX in ONNX Runtime, GGUF in llama.cpp when llama-cpp-python is "
+                   "installed (else dequantized into torch), everything else in torch.")
 @click.option("--output", type=click.Path(), help="Write the results file (compress.eval/1 JSON) here.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subjects, limit, batch_size, threads,
-            device, dtype, output, allow_pickle) -> None:
+            device, dtype, backend, output, allow_pickle) -> None:
     """Evaluate MODEL (directory, artifact, .gguf, or ONNX; default: the reference model) and write a results file.
 
     The results file (model identity, metric with 95 % interval, protocol,
@@ -53,7 +57,7 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
     plan_tasks(list(tasks), opts)  # validate tasks and options before loading the model
     set_threads(threads)
     backend, identity = open_for_eval(model, allow_pickle=allow_pickle, device=device, batch_size=batch_size,
-                                      threads=threads, dtype=dtype)
+                                      threads=threads, dtype=dtype, backend=backend)
     with progress_bar() as progress:
         results = run_tasks(backend, list(tasks), options=opts, progress=progress)
     for name, r in results.items():

@@ -1,10 +1,13 @@
-"""`compress export`: write a model or artifact in another format (ONNX with MatMulNBits, safetensors)."""
+"""`compress export`: write a model or artifact in another format (ONNX with MatMulNBits, GGUF, safetensors)."""
 
 from __future__ import annotations
 
 import click
 
 from compress.cli._common import console, echo_json
+
+FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "float_type": ("gguf",), "requantize": ("gguf",),
+                  "tolerance": ("onnx", "gguf"), "threads": ("onnx", "gguf")}
 
 
 @click.command("export")
@@ -15,32 +18,45 @@ from compress.cli._common import console, echo_json
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="ONNX: MatMulNBits accuracy_level (0 float activations, exact; 4 int8 activations, the only "
                    "fast kernel for 2- and 8-bit weights, less accurate).  [default: 0]")
-@click.option("--tolerance", type=float, help="ONNX: largest |logit difference| to the torch model accepted "
-                                              "by the built-in check.  [default: 0.01; 0.5 with --accuracy-level 4]")
+@click.option("--float-type", type=click.Choice(["f32", "f16"]),
+              help="GGUF: type of the float matrices (embeddings, layers left unquantized).  [default: f32]")
+@click.option("--requantize", is_flag=True, default=None,
+              help="GGUF: round again (our RTN, 32-wide blocks) the layers whose layout GGUF cannot hold "
+                   "exactly, instead of refusing; the added error is recorded.")
+@click.option("--tolerance", type=float, help="ONNX/GGUF: largest |logit difference| to the torch model accepted by "
+                                              "the built-in check.  [default ONNX: 0.01, 0.5 with --accuracy-level "
+                                              "4; GGUF in llama.cpp: 1.0]")
 @click.option("--threads", type=int, default=None, help="CPU threads for the check.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-def command(model, fmt, out, force, accuracy_level, tolerance, threads, allow_pickle) -> None:
+def command(model, fmt, out, force, accuracy_level, float_type, requantize, tolerance, threads,
+            allow_pickle) -> None:
     """Export MODEL (a compress artifact or model directory; default: the reference model) as --format.
 
     The ONNX exporter writes optimum's decoder graph (KV cache) with every
     quantized Linear as an ONNX Runtime MatMulNBits node holding the
-    artifact's own integer weights, then checks the result's logits against
-    the torch model before anything appears at --out.
+    artifact's own integer weights; the GGUF exporter writes a llama.cpp file
+    (DIR/model.gguf) with them as Q8_0/Q4_0/Q4_1 blocks. Both check the result
+    (ONNX Runtime's or llama.cpp's logits against the torch model; the GGUF
+    file also read back tensor by tensor) before anything appears at --out.
 
     \b
     Example:
       compress export out/smollm2-w4 --format onnx --out out/smollm2-w4-onnx
       compress eval out/smollm2-w4-onnx --task wikitext2
+      compress quantize --method rtn --bits 4 --group-size 32 --out out/w4g32
+      compress export out/w4g32 --format gguf --out out/w4g32-gguf
     """
     from compress.models import load_model
     from compress.registry import EXPORTERS
     from compress.runner import set_threads, weights_bytes
 
     exporter = EXPORTERS.get(fmt)  # a bad format fails before the model loads
-    opts = {k: v for k, v in {"accuracy_level": accuracy_level, "tolerance": tolerance, "threads": threads}.items()
-            if v is not None}
-    if opts and fmt != "onnx":
-        raise click.UsageError(f"--{next(iter(opts)).replace('_', '-')} applies to --format onnx only")
+    opts = {k: v for k, v in {"accuracy_level": accuracy_level, "float_type": float_type, "requantize": requantize,
+                              "tolerance": tolerance, "threads": threads}.items() if v is not None}
+    for name in opts:
+        formats = FORMAT_OPTIONS[name]
+        if fmt not in formats:
+            raise click.UsageError(f"--{name.replace('_', '-')} applies to --format {' or '.join(formats)} only")
     set_threads(threads)
     lm = load_model(model, allow_pickle=allow_pickle)
     path = exporter.export(lm, out, recipe=[], force=force, **opts)

@@ -1,0 +1,458 @@
+"""GGUF artifact: llama.cpp's single-file format, our integer weights as Q8_0 / Q4_0 / Q4_1 blocks.
+
+llama.cpp's legacy block types cut each row into blocks of 32 weights along
+the input dimension, with one fp16 scale `d` per block:
+
+- Q8_0: int8 codes c,            w = c * d
+- Q4_0: 4-bit codes c in [0, 15], w = (c - 8) * d
+- Q4_1: 4-bit codes c,            w = c * d + m   (m, the block's offset, fp16)
+
+Our schemes store w = (q - z) * s with fp16 scales (`compress.quantize.scheme`).
+Symmetric 8-bit (z = 128) is Q8_0 with c = q - 128; symmetric 4-bit (z = 8)
+is Q4_0 with c = q; symmetric 3- and 2-bit codes, shifted to centre on 8, are
+Q4_0 too. Asymmetric 2- to 4-bit is Q4_1 with d = s, m = -z * s, exact when
+-z * s is an fp16 number (checked group by group). A group of 32k weights
+sharing one scale is k blocks repeating it, so group sizes 32, 64, 128 and
+per-channel rows of a multiple of 32 all map exactly. Nothing is
+re-quantized: the file holds the artifact's own numbers.
+
+What has no exact GGUF form (groups that are not a multiple of 32,
+asymmetric 8-bit, offsets fp16 cannot hold, scales outside fp16) is refused,
+naming the module; with `requantize=True` those modules are rounded again,
+by our own RTN, to symmetric Q8_0 (8-bit) or Q4_0 (fewer bits) with 32-wide
+blocks, and the largest weight change is recorded in the provenance.
+
+The architecture table maps Hugging Face model types to llama.cpp's; for
+`llama` the rows of q_proj and k_proj are reordered per head (HF rotates
+the two halves of a head, llama.cpp adjacent pairs) — a row permutation,
+which moves whole rows of codes and scales and changes no number. Tensor
+names come from the `gguf` package's table, the tokenizer (GPT-2 style
+byte-level BPE) from the model's tokenizer. The written file is read back
+with the `gguf` package's reader and every tensor compared with the model's
+weights; when llama-cpp-python is installed, llama.cpp also loads it, must
+tokenize the check prompts as the model's tokenizer does, and its logits
+are compared with the torch model's. Then the directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from compress import artifact
+from compress.models import LoadedModel, gguf_file  # noqa: F401  (gguf_file: re-exported)
+from compress.registry import register_exporter
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32  # weights per block of every type written here
+GGUF_FILE = "model.gguf"
+FLOAT_TYPES = ("f32", "f16")
+# Hugging Face model_type -> (llama.cpp architecture, q/k rows reordered for llama.cpp's rope)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}
+# tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer name
+PRE_TOKENIZERS = {"bytelevel-regex": "gpt-2"}
+VERIFY_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "In 1905, Albert Einstein published")
+
+
+@dataclass
+class Encoded:
+    """One tensor as written: GGML type name, block bytes (or float array), and the float it must decode to."""
+
+    kind: str  # "Q8_0" | "Q4_0" | "Q4_1" | "F32" | "F16"
+    data: np.ndarray
+    expect: np.ndarray  # float32, what the tensor means (rows in file order)
+    requant_error: float | None = None  # max |w' - w| when re-quantized with requantize=True
+
+
+def _fp16_exact(x: np.ndarray) -> bool:
+    """True when every value of float32 `x` is an fp16 number (finite, not rounded)."""
+    h = x.astype(np.float16)
+    return bool(np.all(np.isfinite(h)) and np.array_equal(h.astype(np.float32), x))
+
+
+def _blocks_per_row(scale: np.ndarray, group: int, n_in: int) -> np.ndarray:
+    """Per-group values (N, n_groups) -> per-block values (N, n_in / 32); each block lies inside one group."""
+    group_of_block = (np.arange(n_in // BLOCK) * BLOCK) // group
+    return scale[:, group_of_block]
+
+
+def pack_q8_0(c: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """int8 codes (N, K), fp16 scales (N, K/32) -> Q8_0 bytes (N, K/32 * 34): per block d, then 32 codes."""
+    N, K = c.shape
+    nb = K // BLOCK
+    d_bytes = np.ascontiguousarray(d, dtype="<f2").view(np.uint8).reshape(N, nb, 2)
+    c_bytes = np.ascontiguousarray(c, dtype=np.int8).view(np.uint8).reshape(N, nb, BLOCK)
+    return np.concatenate([d_bytes, c_bytes], axis=-1).reshape(N, -1)
+
+
+def pack_q4(c: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
+    """4-bit codes (N, K) in [0, 15], fp16 d (and m) (N, K/32) -> Q4_0 (18 B/block) or Q4_1 (20 B/block) bytes.
+
+    In a block's 16 code bytes, byte j holds weight j in its low nibble and weight j + 16 in its high one.
+    """
+    N, K = c.shape
+    nb = K // BLOCK
+    c = c.astype(np.uint8).reshape(N, nb, BLOCK)
+    nibbles = c[..., :16] | (c[..., 16:] << np.uint8(4))  # (N, nb, 16)
+    parts = [np.ascontiguousarray(d, dtype="<f2").view(np.uint8).reshape(N, nb, 2)]
+    if m is not None:
+        parts.append(np.ascontiguousarray(m, dtype="<f2").view(np.uint8).reshape(N, nb, 2))
+    parts.append(nibbles)
+    return np.concatenate(parts, axis=-1).reshape(N, -1)
+
+
+def encode_quant(m, name: str, *, requantize: bool = False) -> Encoded:
+    """A QuantLinear's weight as Q8_0 / Q4_0 / Q4_1 blocks holding its own numbers (see the module docstring)."""
+    s = m.scheme
+    K = m.in_features
+    W = m.dequantize_weight().float().cpu().numpy()  # (N, K): the numbers the module multiplies by
+    why = _inexact_reason(m)
+    if why is not None:
+        if not requantize:
+            raise ValueError(f"{name}: {why}, so GGUF cannot hold its weights exactly; re-quantize it to "
+                             "Q8_0/Q4_0 with requantize=True (CLI: --requantize) or quantize with "
+                             "a GGUF-compatible layout (symmetric, group size a multiple of 32)")
+        if K % BLOCK:
+            raise ValueError(f"{name}: rows of {K} weights are not whole {BLOCK}-weight GGUF blocks")
+        return _requantized(W, 8 if s.bits == 8 else 4)
+    codes = m.codes().cpu().numpy()  # (N, K)
+    group = s.group_len(K)
+    scale = _blocks_per_row(m.weight_scale.float().cpu().numpy(), group, K).astype(np.float32)  # (N, nb)
+    if s.symmetric and s.bits == 8:
+        return Encoded("Q8_0", pack_q8_0(codes - 128, scale), W)
+    if s.symmetric:
+        return Encoded("Q4_0", pack_q4(codes + (8 - 2 ** (s.bits - 1)), scale), W)
+    zero = _blocks_per_row(m.zero_point().cpu().numpy(), group, K)
+    return Encoded("Q4_1", pack_q4(codes, scale, -zero * scale), W)
+
+
+def _inexact_reason(m) -> str | None:
+    """Why module `m`'s layout has no exact GGUF block form, or None when it has one."""
+    s = m.scheme
+    K = m.in_features
+    group = s.group_len(K)
+    if K % BLOCK or group % BLOCK:
+        return f"its groups of {group} weights are not whole {BLOCK}-weight blocks"
+    if not s.symmetric and s.bits == 8:
+        return "asymmetric 8-bit has no GGUF block type (Q8_0 is symmetric)"
+    scale = m.weight_scale.float().cpu().numpy()
+    if not _fp16_exact(scale):
+        return f"its {s.scale_dtype} scales are not all fp16 numbers"
+    if not s.symmetric and not _fp16_exact(-m.zero_point().cpu().numpy() * scale):
+        return "Q4_1 stores the offset -zero * scale in fp16, and some of its offsets are not fp16 numbers"
+    return None
+
+
+def _requantized(W: np.ndarray, bits: int) -> Encoded:
+    """W (N, K) rounded again by our RTN to symmetric `bits` with 32-wide groups, as Q8_0 or Q4_0."""
+    from compress.quantize.grid import dequantize, quantize_weight
+    from compress.quantize.scheme import QuantScheme
+
+    scheme = QuantScheme(bits=bits, group_size=BLOCK, symmetric=True, scale_dtype="float16")
+    q, scale, zero = quantize_weight(torch.from_numpy(W), scheme)
+    W2 = dequantize(q, scale, zero, scheme).numpy()
+    err = float(np.abs(W2 - W).max())
+    q, scale = q.numpy(), scale.numpy()
+    if bits == 8:
+        return Encoded("Q8_0", pack_q8_0(q - 128, scale), W2, err)
+    return Encoded("Q4_0", pack_q4(q, scale), W2, err)
+
+
+def encode_float(t: torch.Tensor, float_type: str) -> Encoded:
+    """Float tensors: vectors (norms, biases) always F32, matrices in `float_type`."""
+    a = t.detach().float().cpu().numpy()
+    if a.ndim >= 2 and float_type == "f16":
+        if not np.all(np.isfinite(a.astype(np.float16))):
+            raise ValueError("a float tensor has values beyond fp16's range; export with float_type='f32'")
+        return Encoded("F16", a.astype(np.float16), a.astype(np.float16).astype(np.float32))
+    return Encoded("F32", a, a)
+
+
+def rope_row_order(n_heads: int, rows: int) -> np.ndarray:
+    """Row indices taking HF's q/k rows (per head: first half, second half) to llama.cpp's (pairs interleaved).
+
+    New row 2i of a head is old row i, new row 2i + 1 is old row head_dim/2 + i.
+    """
+    head_dim = rows // n_heads
+    return np.arange(rows).reshape(n_heads, 2, head_dim // 2).transpose(0, 2, 1).reshape(-1)
+
+
+def _permute_rows(enc: Encoded, order: np.ndarray) -> Encoded:
+    return Encoded(enc.kind, enc.data[order], enc.expect[order], enc.requant_error)
+
+
+def _check_model(lm: LoadedModel) -> tuple[str, bool]:
+    cfg = lm.model.config
+    mt = getattr(cfg, "model_type", None)
+    if mt not in ARCHITECTURES:
+        raise ValueError(f"GGUF export supports model types {', '.join(sorted(ARCHITECTURES))}; "
+                         f"this model is {mt!r}")
+    if getattr(cfg, "rope_scaling", None):
+        raise ValueError(f"GGUF export: rope_scaling {cfg.rope_scaling} is not supported yet")
+    if lm.tokenizer is None:
+        raise ValueError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+    return ARCHITECTURES[mt]
+
+
+def _tensors(lm: LoadedModel, arch: str, permute_qk: bool, float_type: str,
+             requantize: bool) -> dict[str, Encoded]:
+    """GGUF name -> encoded tensor for every weight of the model."""
+    import gguf
+
+    from compress.quantize.qlinear import QuantLinear
+
+    model, cfg = lm.model, lm.model.config
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_hidden_layers)
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    heads = {"q_proj": cfg.num_attention_heads,
+             "k_proj": getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads}
+    out: dict[str, Encoded] = {}
+
+    def add(hf_name: str, enc: Encoded) -> None:
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"GGUF export: no llama.cpp tensor name for {hf_name}")
+        module = hf_name.rsplit(".", 2)[-2]
+        if permute_qk and module in heads:
+            enc = _permute_rows(enc, rope_row_order(heads[module], enc.expect.shape[0]))
+        out[gname] = enc
+
+    for name, m in quant.items():
+        add(f"{name}.weight", encode_quant(m, name, requantize=requantize))
+        if m.bias is not None:
+            add(f"{name}.bias", encode_float(m.bias, float_type))
+    skip = {f"{n}.{b}" for n in quant for b in ("weight_packed", "weight_scale", "weight_zero_point",
+                                                 "weight_shape", "bias")}
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "lm_head" not in quant
+    for key, t in model.state_dict().items():
+        if key in skip or (tied and key == "lm_head.weight"):  # tied: llama.cpp reads token_embd
+            continue
+        if not t.is_floating_point():
+            raise ValueError(f"GGUF export: unexpected non-float tensor {key} ({t.dtype})")
+        add(key, encode_float(t, float_type))
+    return out
+
+
+def _tokenizer_fields(lm: LoadedModel, n_vocab: int, tmp: Path) -> dict[str, Any]:
+    """Token list, types, merges, special ids and the pre-tokenizer, from the model's fast tokenizer."""
+    import gguf
+
+    tok = lm.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise ValueError("GGUF export needs a fast (tokenizer.json) tokenizer")
+    tok.save_pretrained(tmp)
+    spec = json.loads((tmp / "tokenizer.json").read_text())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"GGUF export supports byte-level BPE tokenizers; this one is "
+                         f"{spec.get('model', {}).get('type')!r}")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
+    n_tok = len(tok)
+    if n_tok > n_vocab:
+        raise ValueError(f"the tokenizer has {n_tok} tokens but the embedding only {n_vocab} rows")
+    special = set(tok.all_special_ids)
+    added = {i for i in tok.get_added_vocab().values()}
+    tokens, types = [], []
+    for i, t in enumerate(tok.convert_ids_to_tokens(list(range(n_tok)))):
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        types.append(gguf.TokenType.CONTROL if i in special else
+                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
+    for i in range(n_tok, n_vocab):  # embedding rows beyond the tokenizer (padded vocabularies)
+        tokens.append(f"[PAD{i}]")
+        types.append(gguf.TokenType.UNUSED)
+    merges = gguf.SpecialVocab(tmp, load_merges=True).merges
+    if not merges:
+        raise ValueError("GGUF export: the tokenizer has no BPE merges")
+    from eval.backends import TokenizerMixin
+
+    probe = TokenizerMixin()
+    probe.tokenizer = tok
+    gen = getattr(lm.model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is None:
+        eos = getattr(lm.model.config, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        eos = tok.eos_token_id
+    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "bos": tok.bos_token_id,
+            "eos": eos, "unk": tok.unk_token_id, "pad": tok.pad_token_id, "add_bos": probe.adds_bos,
+            "chat_template": getattr(tok, "chat_template", None)}
+
+
+def _pre_tokenizer(pre: dict[str, Any] | None) -> str:
+    """llama.cpp's name for the pre-tokenizer in tokenizer.json (those we can identify), else refuse."""
+    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
+        return PRE_TOKENIZERS["bytelevel-regex"]
+    raise ValueError(f"GGUF export: cannot name llama.cpp's pre-tokenizer for {json.dumps(pre)[:200]}; "
+                     "supported: byte-level with GPT-2's regex")
+
+
+def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: str, tok: dict[str, Any],
+               provenance: dict[str, Any]) -> None:
+    import gguf
+
+    cfg = lm.model.config
+    w = gguf.GGUFWriter(str(path), arch=arch)
+    w.add_name(Path(str(provenance["source"]["path"])).name or "model")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    if head_dim * cfg.num_attention_heads != cfg.hidden_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    w.add_vocab_size(len(tok["tokens"]))
+    kinds = [e.kind for e in tensors.values() if e.expect.ndim == 2]
+    quant_kinds = [k for k in kinds if k.startswith("Q")]
+    main = max(set(quant_kinds), key=quant_kinds.count) if quant_kinds else ("F16" if "F16" in kinds else "F32")
+    w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
+                     "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[main])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(tok["pre"])
+    w.add_token_list(tok["tokens"])
+    w.add_token_types(tok["types"])
+    w.add_token_merges(tok["merges"])
+    for key, add in (("bos", w.add_bos_token_id), ("eos", w.add_eos_token_id), ("unk", w.add_unk_token_id),
+                     ("pad", w.add_pad_token_id)):
+        if tok[key] is not None:
+            add(int(tok[key]))
+    w.add_add_bos_token(bool(tok["add_bos"]))
+    w.add_add_eos_token(False)
+    if isinstance(tok["chat_template"], str):
+        w.add_chat_template(tok["chat_template"])
+    w.add_string("compress.provenance", json.dumps(provenance))
+    for name, enc in tensors.items():
+        if enc.kind.startswith("Q"):
+            w.add_tensor(name, enc.data, raw_dtype=gguf.GGMLQuantizationType[enc.kind])
+        else:
+            w.add_tensor(name, enc.data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def check_file(path: Path, tensors: dict[str, Encoded]) -> float:
+    """Read the file back with the gguf package and decode every tensor; max |decoded - expected| (0 = exact)."""
+    import gguf
+    from gguf.quants import dequantize
+
+    reader = gguf.GGUFReader(str(path))
+    found = {t.name: t for t in reader.tensors}
+    if set(found) != set(tensors):
+        raise ValueError(f"GGUF check: the file holds tensors {sorted(set(found) ^ set(tensors))[:5]} "
+                         "other than those written")
+    worst = 0.0
+    for name, enc in tensors.items():
+        t = found[name]
+        if t.tensor_type.name != enc.kind:
+            raise ValueError(f"GGUF check: {name} is {t.tensor_type.name} in the file, expected {enc.kind}")
+        got = dequantize(np.asarray(t.data), t.tensor_type).astype(np.float32).reshape(enc.expect.shape)
+        worst = max(worst, float(np.abs(got - enc.expect).max()) if got.size else 0.0)
+    return worst
+
+
+def llama_cpp_available() -> bool:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def check_llama_cpp(path: Path, lm: LoadedModel, *, threads: int | None = None) -> float:
+    """Load the file in llama.cpp: same tokens as the model's tokenizer, and max |logit difference| to torch."""
+    from eval.llamacpp_backend import LlamaCppBackend
+
+    backend = LlamaCppBackend(path, threads=threads, n_ctx=256)
+    worst = 0.0
+    for text in VERIFY_PROMPTS:
+        ids = lm.tokenizer(text, add_special_tokens=False).input_ids
+        theirs = backend.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+        if list(theirs) != list(ids):
+            raise ValueError(f"GGUF check: llama.cpp tokenizes {text!r} as {list(theirs)[:12]}, the model's "
+                             f"tokenizer as {ids[:12]}; nothing was written")
+        with torch.inference_mode():
+            ref = lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float().numpy()
+        got = backend.logits(ids)
+        worst = max(worst, float(np.abs(got - ref).max()))
+    backend.close()
+    return worst
+
+
+@register_exporter("gguf")
+def export_gguf(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
+                reports: list[Any] = (), force: bool = False, float_type: str = "f32",
+                requantize: bool = False, tolerance: float | None = None, threads: int | None = None) -> Path:
+    """llama.cpp GGUF file (in a directory with compress.json): our integer weights as Q8_0/Q4_0/Q4_1 blocks."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"float_type must be one of {', '.join(FLOAT_TYPES)}, got {float_type!r}")
+    arch, permute_qk = _check_model(lm)
+    from compress.lazy import store_of
+
+    if store_of(lm.model) is not None:
+        raise ValueError("GGUF export needs the whole model in memory; load it without lazy=True")
+    tensors = _tensors(lm, arch, permute_qk, float_type, requantize)
+    n_vocab = lm.model.get_input_embeddings().weight.shape[0]
+    requant = {n: e.requant_error for n, e in tensors.items() if e.requant_error is not None}
+    prev = lm.provenance
+    prov = artifact.provenance(
+        source={"path": prev["source"]["path"] if prev else lm.source, "sha256": lm.source_sha256()},
+        recipe=(prev.get("recipe", []) if prev else []) + list(recipe or []),
+        reports=[r.to_dict() if hasattr(r, "to_dict") else r for r in reports],
+        quantization=prev.get("quantization") if prev else None, previous=prev)
+    types: dict[str, int] = {}
+    for e in tensors.values():
+        types[e.kind] = types.get(e.kind, 0) + 1
+    with tempfile.TemporaryDirectory(prefix="compress-gguf-") as tmp:
+        tok = _tokenizer_fields(lm, n_vocab, Path(tmp))
+        with artifact.atomic_dir(out, force=force) as dest:
+            write_gguf(lm, dest / GGUF_FILE, tensors, arch, tok, prov)
+            diff = check_file(dest / GGUF_FILE, tensors)
+            if diff != 0.0:
+                raise ValueError(f"GGUF check failed: a tensor read back differs by {diff:.3g}; nothing was written")
+            check: dict[str, Any] = {"gguf_reader_max_abs_weight_diff": diff}
+            if llama_cpp_available():
+                ldiff = check_llama_cpp(dest / GGUF_FILE, lm, threads=threads)
+                # llama.cpp multiplies quantized weights by activations it rounds to 8 bits itself
+                # (on the reference model: Q4_0 up to 1.3, F32 up to 0.018 from summation order alone)
+                tol = tolerance if tolerance is not None else (2.0 if types.keys() & {"Q4_0", "Q4_1", "Q8_0"}
+                                                                 else 0.05)
+                if not ldiff <= tol:
+                    raise ValueError(f"GGUF check failed: llama.cpp's logits differ from the torch model's by "
+                                     f"up to {ldiff:.3g} (tolerance {tol:g}); nothing was written")
+                check.update({"llama_cpp_max_abs_logit_diff": ldiff, "llama_cpp_tolerance": tol,
+                              "verify_prompts": len(VERIFY_PROMPTS)})
+            else:
+                log.warning("llama-cpp-python is not installed: the GGUF file was checked by reading it "
+                            "back, not by running it in llama.cpp")
+            prov["format_exported"] = {"format": "gguf", "file": GGUF_FILE, "architecture": arch,
+                                       "tensor_types": dict(sorted(types.items())), "float_type": float_type,
+                                       "requantized": {k: v for k, v in sorted(requant.items())},
+                                       "tokenizer_pre": tok["pre"], **check}
+            artifact.write_json_atomic(dest / artifact.PROVENANCE_FILE, prov)
+    return out
+
