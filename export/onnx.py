@@ -131,6 +131,23 @@ def _float_copy(lm: LoadedModel, dest: Path) -> dict[str, Any]:
     return quant
 
 
+def _save_side_files(lm: LoadedModel, dest: Path) -> None:
+    """config.json (float: no quantization_config), generation config and tokenizer beside the graph."""
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = lm.model.config
+    qcfg = getattr(cfg, "quantization_config", None)
+    if qcfg is not None:
+        del cfg.quantization_config
+    try:
+        cfg.save_pretrained(dest)
+    finally:
+        if qcfg is not None:
+            cfg.quantization_config = qcfg
+    if getattr(lm.model, "generation_config", None) is not None:
+        lm.model.generation_config.save_pretrained(dest)
+    lm.tokenizer.save_pretrained(dest)
+
+
 def _weight_key(arr: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest() + str(arr.shape)
 
@@ -228,38 +245,56 @@ def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None) -> fl
     return worst
 
 
+GRAPHS = ("auto", "fused", "optimum")
+
+
 @register_exporter("onnx")
 def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
                 reports: list[Any] = (), force: bool = False, accuracy_level: int = 0,
-                tolerance: float | None = None, threads: int | None = None) -> Path:
-    """ONNX Runtime directory: optimum's KV-cache graph with our integer weights as MatMulNBits nodes."""
+                tolerance: float | None = None, threads: int | None = None, graph: str = "auto") -> Path:
+    """ONNX Runtime directory: a KV-cache decoder graph with our integer weights as MatMulNBits nodes.
+
+    `graph`: "fused" (ONNX Runtime's fused operators, `export.onnx_fused`; Llama family), "optimum"
+    (optimum's exporter, any architecture it knows), or "auto" (fused where supported).
+    """
     try:
         import onnx
         from optimum.exporters.onnx import main_export
     except ImportError as e:
         raise ValueError(f"the onnx exporter needs optimum-onnx and onnxruntime: pip install 'compress[onnx]' ({e})") \
             from None
+    from export.onnx_fused import build_fused_graph, fused_supported
 
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
+    if graph not in GRAPHS:
+        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
         work = Path(tmp)
         save_model(lm, work / "artifact", recipe=recipe, reports=reports)  # whole, in our own format
         full = load_model(work / "artifact")
         _check_layouts(full)
-        quant = _float_copy(full, work / "float")
-        main_export(str(work / "float"), str(work / "onnx"), task="text-generation-with-past",
-                    do_validation=False)
+        why = fused_supported(full.model)
+        if graph == "fused" and why is not None:
+            raise ValueError(f"the fused ONNX graph does not support {why}; use graph='optimum'")
+        graph = graph if graph != "auto" else ("fused" if why is None else "optimum")
         graph_file = work / "onnx" / "model.onnx"
-        if not graph_file.is_file():
-            raise ValueError(f"optimum wrote no model.onnx ({sorted(p.name for p in (work / 'onnx').iterdir())})")
-        proto = onnx.load(str(graph_file), load_external_data=True)
-        used = replace_matmuls(proto, quant, accuracy_level=accuracy_level)
-        for f in (work / "onnx").glob("model.onnx*"):
-            f.unlink()
+        if graph == "fused":
+            proto, used = build_fused_graph(full.model, accuracy_level=accuracy_level)
+            _save_side_files(full, work / "onnx")
+        else:
+            quant = _float_copy(full, work / "float")
+            main_export(str(work / "float"), str(work / "onnx"), task="text-generation-with-past",
+                        do_validation=False)
+            if not graph_file.is_file():
+                raise ValueError(f"optimum wrote no model.onnx ({sorted(p.name for p in (work / 'onnx').iterdir())})")
+            proto = onnx.load(str(graph_file), load_external_data=True)
+            used = replace_matmuls(proto, quant, accuracy_level=accuracy_level)
+            for f in (work / "onnx").glob("model.onnx*"):
+                f.unlink()
         big = proto.ByteSize() > 1.8 * 2**30  # protobuf's 2 GiB limit: weights go to a side file
         onnx.save(proto, str(graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
                   location="model.onnx_data")
@@ -270,7 +305,8 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
             raise ValueError(f"ONNX export check failed: logits differ from the torch model by up to {diff:.3g} "
                              f"(tolerance {tol:g}); nothing was written")
         prov = artifact.read_provenance(work / "artifact")
-        prov["format_exported"] = {"format": "onnx", "op": "com.microsoft.MatMulNBits" if used else None,
+        prov["format_exported"] = {"format": "onnx", "graph": graph,
+                                   "op": "com.microsoft.MatMulNBits" if used else None,
                                    "matmulnbits_by_bits": {str(k): v for k, v in sorted(used.items())},
                                    "accuracy_level": accuracy_level, "verify_max_abs_logit_diff": diff,
                                    "verify_prompts": len(VERIFY_PROMPTS)}

@@ -6,7 +6,7 @@ import click
 
 from compress.cli._common import console, echo_json
 
-FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "float_type": ("gguf",), "requantize": ("gguf",),
+FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "graph": ("onnx",), "float_type": ("gguf",), "requantize": ("gguf",),
                   "tolerance": ("onnx", "gguf"), "threads": ("onnx", "gguf")}
 
 
@@ -18,6 +18,10 @@ FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "float_type": ("gguf",), "requant
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="ONNX: MatMulNBits accuracy_level (0 float activations, exact; 4 int8 activations, the only "
                    "fast kernel for 2- and 8-bit weights, less accurate).  [default: 0]")
+@click.option("--graph", type=click.Choice(["auto", "fused", "optimum"]),
+              help="ONNX: decoder graph built from ONNX Runtime's fused operators (Llama family; ~12 nodes per "
+                   "layer, the fast one), optimum's exporter (any architecture it knows), or auto (fused where "
+                   "supported).  [default: auto]")
 @click.option("--float-type", type=click.Choice(["f32", "f16"]),
               help="GGUF: type of the float matrices (embeddings, layers left unquantized).  [default: f32]")
 @click.option("--requantize", is_flag=True, default=None,
@@ -28,7 +32,7 @@ FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "float_type": ("gguf",), "requant
                                               "4; GGUF in llama.cpp: 1.0]")
 @click.option("--threads", type=int, default=None, help="CPU threads for the check.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-def command(model, fmt, out, force, accuracy_level, float_type, requantize, tolerance, threads,
+def command(model, fmt, out, force, accuracy_level, graph, float_type, requantize, tolerance, threads,
             allow_pickle) -> None:
     """Export MODEL (a compress artifact or model directory; default: the reference model) as --format.
 
@@ -51,7 +55,7 @@ def command(model, fmt, out, force, accuracy_level, float_type, requantize, tole
     from compress.runner import set_threads, weights_bytes
 
     exporter = EXPORTERS.get(fmt)  # a bad format fails before the model loads
-    opts = {k: v for k, v in {"accuracy_level": accuracy_level, "float_type": float_type, "requantize": requantize,
+    opts = {k: v for k, v in {"accuracy_level": accuracy_level, "graph": graph, "float_type": float_type, "requantize": requantize,
                               "tolerance": tolerance, "threads": threads}.items() if v is not None}
     for name in opts:
         formats = FORMAT_OPTIONS[name]

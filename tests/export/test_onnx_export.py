@@ -118,3 +118,40 @@ def test_export_fp32_and_8bit(model_dirs, tmp_path):
     assert r.exit_code == 0, r.output
     s = exported_summary(tmp_path / "w8-onnx")
     assert s["matmulnbits_by_bits"] == {"8": 12}  # OPT: q, k, v, out_proj, fc1, fc2 per layer
+
+
+def test_fused_and_optimum_graphs_agree_and_the_fused_one_is_lean(model_dirs, tmp_path):
+    """Both graphs of one int4 artifact score the torch artifact's logits; the fused one has far fewer nodes."""
+    import onnxruntime as ort
+
+    from compress.models import load_model
+
+    runner = CliRunner()
+    art = tmp_path / "w4"
+    assert runner.invoke(cli, ["quantize", str(model_dirs["llama"]), "--bits", "4", "--group-size", "32",
+                               "--method", "rtn", "--out", str(art)]).exit_code == 0
+    summaries, logits = {}, {}
+    ids = np.array([[5, 77, 301, 9, 42, 42, 100]], np.int64)
+    for graph in ("fused", "optimum"):
+        d = tmp_path / graph
+        r = runner.invoke(cli, ["export", str(art), "--format", "onnx", "--graph", graph, "--out", str(d)])
+        assert r.exit_code == 0, r.output
+        summaries[graph] = exported_summary(d)
+        assert summaries[graph]["provenance"]["format_exported"]["graph"] == graph
+        sess = ort.InferenceSession(str(d / "model.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+        for i in sess.get_inputs():
+            if i.name.startswith("past_key_values"):
+                feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+            elif i.name == "position_ids":
+                feeds[i.name] = np.arange(ids.shape[1])[None]
+        logits[graph] = sess.run(["logits"], feeds)[0]
+    assert summaries["fused"]["matmulnbits_by_bits"] == summaries["optimum"]["matmulnbits_by_bits"] == {"4": 14}
+    assert summaries["fused"]["nodes"] * 4 < summaries["optimum"]["nodes"]
+    with torch.inference_mode():
+        ref = load_model(art).model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    for graph in logits:
+        assert np.abs(logits[graph] - ref).max() < 1e-3, graph
+    r = runner.invoke(cli, ["export", str(model_dirs["opt"]), "--format", "onnx", "--graph", "fused",
+                            "--out", str(tmp_path / "opt")])
+    assert r.exit_code == 1 and "does not support model type 'opt'" in r.output

@@ -1,0 +1,170 @@
+"""A lean decoder graph for Llama-family models, built from ONNX Runtime's fused operators.
+
+optimum's exported graph reproduces the PyTorch module op for op: on the
+reference model, 7,400 nodes, of which about 2,000 run on every decoding
+step computing shapes, masks, rotary tables and the repeat of grouped KV
+heads. At batch 1 on a CPU those small kernels cost more than the weights.
+This builder writes the same computation with ONNX Runtime's contrib
+operators, about 12 nodes per decoder layer:
+
+    SkipSimplifiedLayerNormalization   residual add + RMSNorm in one kernel
+    MatMulNBits / MatMul               q, k, v, o, gate, up, down, lm_head
+    GroupQueryAttention                rotary embedding (non-interleaved, as
+                                       HF's rotate_half), grouped KV heads,
+                                       causal softmax and the KV cache concat
+
+Inputs and outputs keep optimum's names and layouts (`input_ids`,
+`attention_mask`, `past_key_values.{i}.key|value` as (batch, kv heads, past,
+head dim), `logits`, `present.{i}.key|value`), so every runtime and loop
+that drives an optimum export drives this one. Rows of the attention mask
+must be all ones (no left padding): GroupQueryAttention takes each
+sequence's length from the mask's row sum.
+
+Supported: `model_type` llama / mistral (without sliding window), RMSNorm,
+SiLU MLP, default rope (no scaling). Anything else uses optimum's graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+FUSED_TYPES = ("llama", "mistral")
+
+
+def fused_supported(model: nn.Module) -> str | None:
+    """None when the fused graph can express `model`, else the reason it cannot."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in FUSED_TYPES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} (fused graphs: {', '.join(FUSED_TYPES)})"
+    if getattr(cfg, "rope_scaling", None):
+        return f"rope_scaling {cfg.rope_scaling}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"activation {cfg.hidden_act}"
+    if getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP biases"
+    return None
+
+
+def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
+    """The ModelProto of `model` (float Linears and QuantLinears) as a fused decoder graph; counts by bits."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.quantize.qlinear import QuantLinear
+    from export.onnx import matmulnbits_tensors
+
+    why = fused_supported(model)
+    if why is not None:
+        raise ValueError(f"the fused ONNX graph does not support {why}")
+    cfg = model.config
+    H = cfg.hidden_size
+    nh = cfg.num_attention_heads
+    nkv = getattr(cfg, "num_key_value_heads", None) or nh
+    hd = getattr(cfg, "head_dim", None) or H // nh
+    eps = float(cfg.rms_norm_eps)
+    max_pos = int(cfg.max_position_embeddings)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    nodes: list[Any] = []
+    inits: list[Any] = []
+    used: dict[int, int] = {}
+
+    def init(name: str, arr: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
+        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
+        return outputs
+
+    def f32(t: torch.Tensor) -> np.ndarray:
+        return t.detach().float().cpu().numpy()
+
+    def linear(x: str, mod: nn.Module, name: str) -> str:
+        """x @ W^T (+ b) for a Linear or QuantLinear, named after the module."""
+        out = f"{name}_out"
+        if isinstance(mod, QuantLinear):
+            t = matmulnbits_tensors(mod, np.float32)
+            ins = [x, init(f"{name}.qweight", t["B"]), init(f"{name}.scales", t["scales"])]
+            if "zero_points" in t:
+                ins.append(init(f"{name}.zero_points", t["zero_points"]))
+            node("MatMulNBits", ins, [out if mod.bias is None else f"{name}_mm"], "com.microsoft", K=t["K"],
+                 N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level)
+            used[t["bits"]] = used.get(t["bits"], 0) + 1
+        elif isinstance(mod, nn.Linear):
+            node("MatMul", [x, init(f"{name}.weight_t", f32(mod.weight).T)],
+                 [out if mod.bias is None else f"{name}_mm"])
+        else:
+            raise ValueError(f"{name}: expected a Linear or QuantLinear, found {type(mod).__name__}")
+        if mod.bias is not None:
+            node("Add", [f"{name}_mm", init(f"{name}.bias", f32(mod.bias))], [out])
+        return out
+
+    # per-sequence lengths for GroupQueryAttention: seqlens_k = total - 1 (int32), total = mask width
+    node("ReduceSum", ["attention_mask", init("axes_1", np.array([1], np.int64))], ["mask_sum"], keepdims=0)
+    node("Sub", ["mask_sum", init("one_i64", np.array(1, np.int64))], ["seqlens_k_64"])
+    node("Cast", ["seqlens_k_64"], ["seqlens_k"], to=TensorProto.INT32)
+    node("Shape", ["attention_mask"], ["mask_shape"])
+    node("Gather", ["mask_shape", init("idx_1", np.array(1, np.int64))], ["total_len_64"], axis=0)
+    node("Cast", ["total_len_64"], ["total_len"], to=TensorProto.INT32)
+    # rotary tables (max positions, head_dim / 2): HF's default rope, cos/sin of position * inv_freq
+    theta = float(getattr(cfg, "rope_theta", 10000.0))
+    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd / 2,)
+    ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None]  # (max_pos, hd / 2)
+    cos, sin = init("cos_cache", np.cos(ang).astype(np.float32)), init("sin_cache", np.sin(ang).astype(np.float32))
+
+    node("Gather", [init("embed_tokens", f32(base.embed_tokens.weight)), "input_ids"], ["h0"])
+    resid, pending = "h0", None  # residual stream; output of the last sublayer not yet added to it
+    graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+                    helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
+
+    def norm(weight: torch.Tensor, name: str) -> str:
+        """RMSNorm of the residual stream, first adding the pending sublayer output to it (one kernel)."""
+        nonlocal resid, pending
+        w = init(f"{name}.weight", f32(weight))
+        if pending is None:
+            return node("SimplifiedLayerNormalization", [resid, w], [f"{name}_out"], axis=-1, epsilon=eps,
+                        stash_type=1)[0]
+        out = node("SkipSimplifiedLayerNormalization", [pending, resid, w],
+                   [f"{name}_out", "", "", f"{name}_resid"], "com.microsoft", epsilon=eps)
+        resid, pending = out[3], None
+        return out[0]
+
+    for i, layer in enumerate(base.layers):
+        p = f"model.layers.{i}"
+        x = norm(layer.input_layernorm.weight, f"{p}.input_layernorm")
+        att = layer.self_attn
+        q = linear(x, att.q_proj, f"{p}.self_attn.q_proj")
+        k = linear(x, att.k_proj, f"{p}.self_attn.k_proj")
+        v = linear(x, att.v_proj, f"{p}.self_attn.v_proj")
+        pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        ok, ov = f"present.{i}.key", f"present.{i}.value"
+        node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_len", cos, sin],
+             [f"{p}.attn_out", ok, ov], "com.microsoft", num_heads=nh, kv_num_heads=nkv, do_rotary=1,
+             rotary_interleaved=0, local_window_size=-1)
+        for name in (pk, pv):
+            graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "past", hd]))
+        for name in (ok, ov):
+            graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "total", hd]))
+        pending = linear(f"{p}.attn_out", att.o_proj, f"{p}.self_attn.o_proj")
+        x = norm(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
+        mlp = layer.mlp
+        g = linear(x, mlp.gate_proj, f"{p}.mlp.gate_proj")
+        u = linear(x, mlp.up_proj, f"{p}.mlp.up_proj")
+        node("Sigmoid", [g], [f"{p}.mlp.sig"])
+        node("Mul", [g, f"{p}.mlp.sig"], [f"{p}.mlp.silu"])
+        node("Mul", [f"{p}.mlp.silu", u], [f"{p}.mlp.act"])
+        pending = linear(f"{p}.mlp.act", mlp.down_proj, f"{p}.mlp.down_proj")
+    x = norm(base.norm.weight, "model.norm")
+    head = linear(x, model.get_output_embeddings(), "lm_head")
+    nodes.append(helper.make_node("Identity", [head], ["logits"], name="logits"))
+    graph = helper.make_graph(nodes, "compress-fused-decoder", graph_inputs, graph_outputs, inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)],
+                              producer_name="compress")
+    return proto, used
