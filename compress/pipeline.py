@@ -51,6 +51,31 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
         # `progress` is optional in the pass contract: plugins may take only (model, cfg, calib).
         extra = {"progress": progress} if "progress" in inspect.signature(run).parameters else {}
         report = run(model, step.config, calib, **extra)
+        untie_quantized_head(model)
         report = dataclasses.replace(report, seconds=round(time.perf_counter() - t0, 3))
         reports.append(report)
     return reports
+
+
+def untie_quantized_head(model: nn.Module) -> None:
+    """A quantized output layer no longer shares the float embedding's weight: mark the model untied.
+
+    Without this, a tied config would make transformers point the head back at
+    the embedding on save and load, and the packed head would be lost. For a
+    lazily loaded model the head's packed tensors are recorded in its store.
+    """
+    from compress.lazy import store_of
+    from compress.quantize.qlinear import QuantLinear
+
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head else None
+    cfg = getattr(model, "config", None)
+    if not isinstance(head, QuantLinear) or not getattr(cfg, "tie_word_embeddings", False):
+        return
+    cfg.tie_word_embeddings = False
+    head._parameters.pop("weight", None)  # a float alias tie_weights() may have hung on the module
+    store = store_of(model)
+    if store is not None:
+        name = next(n for n, m in model.named_modules() if m is head)
+        store.tied = {t for t in store.tied if not t.startswith(f"{name}.")}
+        store.release(name, head)  # writes the packed tensors to a spill file the save streams from

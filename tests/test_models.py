@@ -136,3 +136,30 @@ def test_quantized_lm_head_of_tied_model_round_trips(model_dirs, tmp_path, token
     assert isinstance(back.model.lm_head, QuantLinear)
     with torch.no_grad():
         assert torch.equal(back.model(tokens).logits, ref)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_quantized_tied_head_is_untied_and_survives_save_and_load(model_dirs, tmp_path, tokens, lazy):
+    """Quantizing a tied lm_head (ignore list without it) keeps the packed head and the float embedding."""
+    from compress.lazy import store_of
+
+    src = model_dirs["llama"]  # tie_word_embeddings=True
+    lm = load_model(src, lazy=lazy)
+    recipe = Recipe.single("rtn", bits=4, group_size=32, ignore=["model.embed_tokens"])
+    reports = apply(lm.model, recipe)
+    if not lazy:  # a lazy model's weights are on disk: compare it after loading
+        with torch.no_grad():
+            ref = lm.model(tokens).logits
+    out = save_model(lm, tmp_path / "art", recipe=recipe.to_list(), reports=reports)
+    if lazy:
+        store_of(lm.model).close()
+    assert reports[0].modules == 15  # 2 layers x 7 + lm_head
+    back = load_model(out)
+    assert isinstance(back.model.lm_head, QuantLinear) and not back.model.config.tie_word_embeddings
+    float_model = load_model(src).model
+    assert torch.equal(back.model.model.embed_tokens.weight, float_model.model.embed_tokens.weight)
+    err = (back.model.lm_head.dequantize_weight() - float_model.lm_head.weight).abs().max()
+    assert 0 < err < 0.05  # the head's own 4-bit codes, not the embedding
+    if not lazy:
+        with torch.no_grad():
+            assert torch.equal(back.model(tokens).logits, ref)

@@ -158,3 +158,20 @@ def test_llama_cpp_runs_our_gguf_and_eval_scores_it(model_dirs, tmp_path):
     assert scores["gguf-torch"] == pytest.approx(scores["torch"], rel=1e-5)  # the same weights, dequantized
     assert scores["llama.cpp"] == pytest.approx(scores["torch"], rel=0.02)
     assert scores["llama.cpp"] != scores["torch"]
+
+
+def test_quantized_head_exports_as_its_own_output_tensor(model_dirs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    art = _quantize(model_dirs["llama"], tmp_path / "art", "--bits", "4", "--group-size", "32", "--ignore",
+                    "model.embed_tokens")
+    out = tmp_path / "gguf"
+    r = CliRunner().invoke(cli, ["export", str(art), "--format", "gguf", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    kinds = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(out / GGUF_FILE)).tensors}
+    assert kinds["output.weight"] == "Q4_0" and kinds["token_embd.weight"] == "F32"
+    ours = load_model(art).model
+    theirs = AutoModelForCausalLM.from_pretrained(out, gguf_file=GGUF_FILE, dtype=torch.float32)
+    x = torch.tensor([[5, 9, 300, 41, 7, 7, 100]])
+    with torch.inference_mode():
+        assert (ours(input_ids=x).logits - theirs(input_ids=x).logits).abs().max() <= 1e-4
