@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine with Python 3.10+ and the package index:
 #   make demo   set up .venv, quantize the reference model to int4, print fp32 vs int4 perplexity and size
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv (with llama-cpp-python, which compiles llama.cpp: ~5 min once) and run the test suite
 #
 # torch: CPU machines get the CPU build (pinned, so pip takes the local CPU wheel where one is
 # provided instead of a multi-GB CUDA build). GPU users: `make demo TORCH=torch`.
@@ -13,8 +13,9 @@ TORCH_ARGS ?=
 EXTRAS ?= dev,onnx
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.compress-installed
+LLAMA_STAMP := $(VENV)/.llama-installed
 
-.PHONY: setup demo test gate lint bench clean peers-setup
+.PHONY: setup demo test gate lint bench clean peers-setup llama-setup
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,10 +27,18 @@ $(STAMP): pyproject.toml Makefile
 
 setup: $(STAMP)
 
+# llama.cpp for the GGUF exporter's check, `compress eval --backend llama.cpp` and the GGUF tests.
+# pip builds it from the sdist (cmake + gcc, ~5 min on 2 cores) and caches the wheel for the next venv.
+$(LLAMA_STAMP): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[llama]"
+	@touch $(LLAMA_STAMP)
+
+llama-setup: $(LLAMA_STAMP)
+
 demo: setup
 	$(BIN)/compress demo --output out/demo.json
 
-test: setup
+test: setup llama-setup
 	$(BIN)/python -m pytest -q
 
 # the accuracy gate CI runs after the tests (int8/int4 artifacts of the reference model against .ci/baselines)

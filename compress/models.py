@@ -89,19 +89,36 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
                 f"{p}: only pickled checkpoints ({pickled[0].name}); pickle can run code on load, "
                 "so it is refused unless you pass --allow-pickle (then loaded with weights_only=True)")
         weights = pickled
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if lazy and weights[0].suffix == ".safetensors":
         from compress.lazy import load_lazy
 
-        return LoadedModel(load_lazy(p, weights, dtype), AutoTokenizer.from_pretrained(p), str(p), weights, prov)
+        tok = load_tokenizer(p)
+        return LoadedModel(load_lazy(p, weights, dtype), tok, str(p), weights, prov)
 
     model = AutoModelForCausalLM.from_pretrained(
         p, dtype=dtype, use_safetensors=not allow_pickle or weights[0].suffix == ".safetensors",
         weights_only=True)
-    tok = AutoTokenizer.from_pretrained(p)
+    tok = load_tokenizer(p)
     model.eval()
     return LoadedModel(model, tok, str(p), weights, prov)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(p: Path):
+    """The tokenizer saved in model directory `p`; a clear error when there is none or it cannot load."""
+    from transformers import AutoTokenizer
+
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ValueError(f"{p}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); every command needs the "
+                         "model's tokenizer: save it into the directory (tokenizer.save_pretrained)")
+    try:
+        return AutoTokenizer.from_pretrained(p)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
+        raise ValueError(f"{p}: the tokenizer does not load ({type(e).__name__}: {e})") from None
 
 
 def gguf_file(path: str | Path) -> Path | None:
@@ -129,7 +146,7 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
 def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedModel:
     """Rebuild a quantized model: float skeleton, QuantLinear where recorded, saved tensors."""
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
     from compress.quantize.qlinear import QuantLinear
@@ -161,7 +178,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     if missing or unexpected:
         raise ValueError(f"{p}: tensors do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
-    tok = AutoTokenizer.from_pretrained(p)
+    tok = load_tokenizer(p)
     return LoadedModel(model, tok, str(p), files, prov)
 
 

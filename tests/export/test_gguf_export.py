@@ -133,6 +133,13 @@ def test_gguf_export_refuses_bad_input_and_writes_nothing(model_dirs, tmp_path):
     r = CliRunner().invoke(cli, ["export", str(model_dirs["llama"]), "--format", "onnx", "--float-type", "f16",
                                  "--out", str(out)])
     assert r.exit_code != 0 and "--float-type applies to --format gguf" in r.output
+    bare = tmp_path / "no-tokenizer"  # weights and config only
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((model_dirs["llama"] / f).read_bytes())
+    for fmt in ("gguf", "onnx"):
+        r = CliRunner().invoke(cli, ["export", str(bare), "--format", fmt, "--out", str(out)])
+        assert r.exit_code == 1 and "no tokenizer files" in r.output and not out.exists()
 
 
 def test_llama_cpp_runs_our_gguf_and_eval_scores_it(model_dirs, tmp_path):
