@@ -5,7 +5,9 @@ Prompt processing (one forward of a 512-token prompt) and greedy decoding of
 
 - torch fp32 (the Hugging Face model) and torch with our QuantLinear modules (int4 g128);
 - ONNX Runtime, our exporter's fused graph (`--graph fused`, the default for
-  Llama models): fp32; our int4 and int8 weights as MatMulNBits at accuracy
+  Llama models) with the KV cache in preallocated buffers that every
+  GroupQueryAttention appends to in place (I/O binding; also run with the
+  cache copied per step, as optimum's loop does): fp32; our int4 and int8 weights as MatMulNBits at accuracy
   level 0 (float activations, the default export) and 4 (int8 activations,
   exported with a loose --tolerance: the fast int8 kernel, less accurate);
   int4 with the lm_head quantized too ("int4 + head", like llama.cpp's Q4_0,
@@ -242,12 +244,15 @@ def main() -> None:
     runs = {"torch fp32": lambda: torch_loop(lm.model, prompt, args.new_tokens)}
     q4 = load_model(arts["int4"])
     runs["torch int4 (QuantLinear)"] = lambda: torch_loop(q4.model, prompt, args.new_tokens)
-    loops = {k: OrtLoop(p, args.threads) for k, p in onnx_dirs.items()}
+    # fused graphs run with the KV cache shared in place (SharedKvLoop); optimum's graph copies it each step
+    loops = {k: (OrtLoop if k.endswith("optimum") else SharedKvLoop)(p, args.threads) for k, p in onnx_dirs.items()}
+    loops["int4 copy-kv"] = OrtLoop(onnx_dirs["int4"], args.threads)
     labels = {"fp32": "onnxruntime fp32", "int4": "onnxruntime int4 (MatMulNBits)",
               "int8": "onnxruntime int8 (MatMulNBits)", "int4 + head": "onnxruntime int4 + head (MatMulNBits)",
               "int4 acc4": "onnxruntime int4 (MatMulNBits, int8 act.)",
               "int8 acc4": "onnxruntime int8 (MatMulNBits, int8 act.)",
               "int4 + head acc4": "onnxruntime int4 + head (MatMulNBits, int8 act.)",
+              "int4 copy-kv": "onnxruntime int4 (MatMulNBits, KV cache copied per step)",
               "int4 optimum": "onnxruntime int4 (MatMulNBits, optimum graph)"}
     for k, label in labels.items():
         runs[label] = lambda k=k: loops[k].run(prompt, args.new_tokens)
