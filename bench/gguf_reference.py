@@ -11,6 +11,8 @@ gives the token ids our tokenizer gives.
 
     .venv/bin/python bench/gguf_reference.py [--threads 2] [--windows 64] [--work DIR]
 
+With --work, artifacts and scores already there are reused (a killed run resumes).
+
 Needs llama-cpp-python (`make llama-setup`).
 """
 
@@ -21,7 +23,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,12 +47,13 @@ def llama_cpp_quantize(src: Path, dest: Path, ftype: int, threads: int) -> None:
 
 
 def score(cli: list[str], model: Path, args, backend: str, out: Path) -> dict:
-    t = time.perf_counter()
-    subprocess.run([*cli, "eval", str(model), "--backend", backend, "--threads", str(args.threads), "--windows",
-                    str(args.windows), "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
+    """Perplexity of `model` in `backend`; a result already in --work for the same files is reused."""
+    if not out.exists():
+        subprocess.run([*cli, "eval", str(model), "--backend", backend, "--threads", str(args.threads), "--windows",
+                        str(args.windows), "--output", str(out)], check=True, stdout=subprocess.DEVNULL)
     doc = json.loads(out.read_text())
     r = doc["results"]["wikitext2"]
-    return {"perplexity": r["value"], "tokens_scored": r["tokens_scored"], "seconds": round(time.perf_counter() - t, 1),
+    return {"perplexity": r["value"], "tokens_scored": r["tokens_scored"], "seconds": round(r["seconds"], 1),
             "bytes": doc["model"]["bytes_on_disk"], "bits_per_parameter": round(doc["model"]["bits_per_parameter"], 3)}
 
 
@@ -66,6 +68,7 @@ def main() -> None:
 
     from compress.artifact import package_versions, write_json_atomic
     from compress.models import load_model
+    from export.gguf import check_llama_cpp
 
     tmp = tempfile.TemporaryDirectory(prefix="gguf-bench-")
     work = Path(args.work or tmp.name)
@@ -91,16 +94,16 @@ def main() -> None:
     print("fp32", rows["fp32"], flush=True)
     for name, qargs in ARTIFACTS.items():
         art, gg = work / name, work / f"{name}-gguf"
-        t = time.perf_counter()
         if not art.exists():
             subprocess.run([*cli, "quantize", *qargs, "--out", str(art)], check=True, stdout=subprocess.DEVNULL)
-        qsec = round(time.perf_counter() - t, 1)
         if not gg.exists():
             subprocess.run([*cli, "export", str(art), "--format", "gguf", "--out", str(gg), "--threads",
                             str(args.threads)], check=True, stdout=subprocess.DEVNULL)
         exp = json.loads((gg / "compress.json").read_text())["format_exported"]
-        row = {"quantize_args": qargs, "quantize_seconds": qsec, "gguf_types": exp["tensor_types"],
-               "export_check": {k: exp[k] for k in ("gguf_reader_max_abs_weight_diff", "llama_cpp_max_abs_logit_diff")},
+        max_abs, max_kl = check_llama_cpp(gg / "model.gguf", load_model(art), threads=args.threads)
+        row = {"quantize_args": qargs, "gguf_types": exp["tensor_types"],
+               "export_check": {"gguf_reader_max_abs_weight_diff": exp["gguf_reader_max_abs_weight_diff"],
+                                "llama_cpp_max_abs_logit_diff": max_abs, "llama_cpp_max_kl": max_kl},
                "torch": score(cli, art, args, "torch", work / f"{name}-torch.json"),
                "llama.cpp": score(cli, gg, args, "llama.cpp", work / f"{name}-ll.json")}
         row["llama_cpp_vs_torch_rel"] = row["llama.cpp"]["perplexity"] / row["torch"]["perplexity"] - 1

@@ -27,9 +27,10 @@ FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "graph": ("onnx",), "float_type":
 @click.option("--requantize", is_flag=True, default=None,
               help="GGUF: round again (our RTN, 32-wide blocks) the layers whose layout GGUF cannot hold "
                    "exactly, instead of refusing; the added error is recorded.")
-@click.option("--tolerance", type=float, help="ONNX/GGUF: largest |logit difference| to the torch model accepted by "
-                                              "the built-in check.  [default ONNX: 0.01, 0.5 with --accuracy-level "
-                                              "4; GGUF in llama.cpp: 1.0]")
+@click.option("--tolerance", type=float, help="Built-in check. ONNX: largest |logit difference| to the torch model "
+                                              "[default 0.01, 0.5 with --accuracy-level 4]. GGUF in llama.cpp: "
+                                              "largest KL divergence (nats) of its next-token distributions from "
+                                              "the torch model's [default 0.1 for quantized files, 0.001 float].")
 @click.option("--threads", type=int, default=None, help="CPU threads for the check.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 def command(model, fmt, out, force, accuracy_level, graph, float_type, requantize, tolerance, threads,

@@ -151,7 +151,7 @@ def test_llama_cpp_runs_our_gguf_and_eval_scores_it(model_dirs, tmp_path):
     r = CliRunner().invoke(cli, ["export", str(art), "--format", "gguf", "--out", str(out)])
     assert r.exit_code == 0, r.output
     prov = json.loads((out / "compress.json").read_text())["format_exported"]
-    assert 0 < prov["llama_cpp_max_abs_logit_diff"] <= 0.5
+    assert 0 < prov["llama_cpp_max_kl"] <= 0.01 and 0 < prov["llama_cpp_max_abs_logit_diff"] <= 0.5
     scores = {}
     for name, model, backend in (("llama.cpp", out, "auto"), ("torch", art, "auto"), ("gguf-torch", out, "torch")):
         res = tmp_path / f"{name}.json"
