@@ -72,16 +72,21 @@ class LlamaCppLoop:
         import numpy as np
 
         llm = self.llm
+        vocab = llm.n_vocab()
+
+        def last_logits():  # the last token's logits (without logits_all llama-cpp-python keeps none)
+            return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt[0].tolist())
         prefill = time.perf_counter() - t
-        nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        nxt = int(np.argmax(last_logits()))
         gen = [nxt]
         t = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = int(np.argmax(last_logits()))
             gen.append(nxt)
         return prefill, time.perf_counter() - t, gen
 
