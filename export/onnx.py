@@ -1,6 +1,10 @@
-"""ONNX artifact: optimum's decoder graph (with KV cache), our integer weights in `MatMulNBits` nodes.
+"""ONNX artifact: a KV-cache decoder graph, our integer weights in `MatMulNBits` nodes.
 
-How an artifact is written:
+Two graphs hold the same weights: for Llama-family models a lean graph of
+ONNX Runtime's fused operators (`export.onnx_fused`, the default there),
+and optimum's exported graph for any architecture optimum knows. How the
+optimum-graph artifact is written (the fused one replaces steps 2-3 by
+building the graph from the modules directly):
 
 1. The model is saved as a compress artifact in a scratch directory and
    loaded back whole, so a model streamed from disk exports like any other.
