@@ -161,7 +161,14 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         node("Mul", [f"{p}.mlp.silu", u], [f"{p}.mlp.act"])
         pending = linear(f"{p}.mlp.act", mlp.down_proj, f"{p}.mlp.down_proj")
     x = norm(base.norm.weight, "model.norm")
-    head = linear(x, model.get_output_embeddings(), "lm_head")
+    out_emb = model.get_output_embeddings()
+    if isinstance(out_emb, nn.Linear) and out_emb.bias is None and \
+            out_emb.weight.data_ptr() == base.embed_tokens.weight.data_ptr():
+        # tied float head: one copy of the matrix in the file, transposed when the session is created
+        node("Transpose", ["embed_tokens"], ["embed_tokens_t"], perm=[1, 0])
+        head = node("MatMul", [x, "embed_tokens_t"], ["lm_head_out"])[0]
+    else:
+        head = linear(x, out_emb, "lm_head")
     nodes.append(helper.make_node("Identity", [head], ["logits"], name="logits"))
     graph = helper.make_graph(nodes, "compress-fused-decoder", graph_inputs, graph_outputs, inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
