@@ -71,8 +71,8 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
         if p.suffix == ".gguf":
             return _load_gguf(p, dtype)
         raise ValueError(f"{p}: expected a model directory or a .gguf file")
-    if gguf_file(p) is not None:  # a GGUF artifact directory
-        return _load_gguf(gguf_file(p), dtype)
+    if (found := gguf_file(p)) is not None:  # a GGUF artifact directory
+        return _load_gguf(found, dtype)
     if (p / "model.onnx").is_file() and not any(p.glob("*.safetensors")):
         raise ValueError(f"{p} is an ONNX model: score it with `compress eval {p}` (ONNX Runtime); "
                          "torch cannot load it")

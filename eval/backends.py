@@ -76,6 +76,15 @@ def generic_loglikelihoods(backend, requests: Sequence[Request],
     return out
 
 
+def tokenizer_adds_bos(tokenizer: Any) -> bool:
+    """Whether a Hugging Face tokenizer puts BOS before a text by default."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return len(ids) > len(tokenizer("a", add_special_tokens=False).input_ids) and ids[0] == bos
+
+
 class TokenizerMixin:
     """encode / decode / bos_token_id of a backend from a Hugging Face tokenizer; encodings are cached."""
 
@@ -88,11 +97,7 @@ class TokenizerMixin:
     @property
     def adds_bos(self) -> bool:
         """Whether the tokenizer puts BOS before a text by default (lm-evaluation-harness then keeps it)."""
-        bos = self.tokenizer.bos_token_id
-        if bos is None:
-            return False
-        ids = self.tokenizer("a").input_ids
-        return len(ids) > len(self.tokenizer("a", add_special_tokens=False).input_ids) and ids[0] == bos
+        return tokenizer_adds_bos(self.tokenizer)
 
     def encode(self, text: str) -> list[int]:
         cache = self.__dict__.setdefault("_encoded", {})

@@ -41,7 +41,8 @@ class LlamaCppBackend:
         self.n_ctx = n_ctx
         self.llama = Llama(model_path=str(f), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                            n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
-        self.bos_token_id = self.llama.token_bos() if self.llama.token_bos() >= 0 else None
+        bos = self.llama.token_bos()
+        self.bos_token_id = bos if bos >= 0 else None
         self.adds_bos = bool(self.llama.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")
 
     def encode(self, text: str) -> list[int]:

@@ -48,8 +48,9 @@ import numpy as np
 import torch
 
 from compress import artifact
-from compress.models import LoadedModel, gguf_file  # noqa: F401  (gguf_file: re-exported)
+from compress.models import LoadedModel
 from compress.registry import register_exporter
+from export import VERIFY_PROMPTS, reference_logits
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,6 @@ FLOAT_TYPES = ("f32", "f16")
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}
 # tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer name
 PRE_TOKENIZERS = {"bytelevel-regex": "gpt-2"}
-VERIFY_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "In 1905, Albert Einstein published")
 
 
 @dataclass
@@ -275,10 +275,8 @@ def _tokenizer_fields(lm: LoadedModel, n_vocab: int, tmp: Path) -> dict[str, Any
     merges = gguf.SpecialVocab(tmp, load_merges=True).merges
     if not merges:
         raise ValueError("GGUF export: the tokenizer has no BPE merges")
-    from eval.backends import TokenizerMixin
+    from eval.backends import tokenizer_adds_bos
 
-    probe = TokenizerMixin()
-    probe.tokenizer = tok
     gen = getattr(lm.model, "generation_config", None)
     eos = getattr(gen, "eos_token_id", None) if gen is not None else None
     if eos is None:
@@ -288,7 +286,7 @@ def _tokenizer_fields(lm: LoadedModel, n_vocab: int, tmp: Path) -> dict[str, Any
     if eos is None:
         eos = tok.eos_token_id
     return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "bos": tok.bos_token_id,
-            "eos": eos, "unk": tok.unk_token_id, "pad": tok.pad_token_id, "add_bos": probe.adds_bos,
+            "eos": eos, "unk": tok.unk_token_id, "pad": tok.pad_token_id, "add_bos": tokenizer_adds_bos(tok),
             "chat_template": getattr(tok, "chat_template", None)}
 
 
@@ -390,14 +388,11 @@ def check_llama_cpp(path: Path, lm: LoadedModel, *, threads: int | None = None) 
     backend = LlamaCppBackend(path, threads=threads, n_ctx=256)
     worst, worst_kl = 0.0, 0.0
     try:
-        for text in VERIFY_PROMPTS:
-            ids = lm.tokenizer(text, add_special_tokens=False).input_ids
-            theirs = backend.llama.tokenize(text.encode("utf-8"), add_bos=False, special=False)
-            if list(theirs) != list(ids):
-                raise ValueError(f"GGUF check: llama.cpp tokenizes {text!r} as {list(theirs)[:12]}, the model's "
+        for text, ids, ref in reference_logits(lm):
+            theirs = backend.encode(text)
+            if theirs != list(ids):
+                raise ValueError(f"GGUF check: llama.cpp tokenizes {text!r} as {theirs[:12]}, the model's "
                                  f"tokenizer as {ids[:12]}; nothing was written")
-            with torch.inference_mode():
-                ref = lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float()
             got = torch.from_numpy(backend.logits(ids))
             worst = max(worst, float((got - ref).abs().max()))
             lp_ref, lp_got = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)

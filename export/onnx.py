@@ -43,6 +43,7 @@ moved the int8 artifact's logits by up to 3.0, so it is opt-in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -57,10 +58,10 @@ from torch import nn
 from compress import artifact
 from compress.models import LoadedModel, load_model, save_model
 from compress.registry import register_exporter
+from export import VERIFY_PROMPTS, reference_logits
 
 ORT_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # our bits -> the MatMulNBits width that holds them exactly
 MAX_BLOCK = 256
-VERIFY_PROMPTS = ("The capital of France is", "def fibonacci(n):\n    ", "In 1905, Albert Einstein published")
 
 
 def block_size_for(group: int) -> int:
@@ -107,6 +108,20 @@ def matmulnbits_tensors(m, float_dtype: np.dtype) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _float_config(lm: LoadedModel):
+    """The model's config without its quantization_config while the body saves a plain float model."""
+    cfg = lm.model.config
+    qcfg = getattr(cfg, "quantization_config", None)
+    if qcfg is not None:
+        del cfg.quantization_config
+    try:
+        yield cfg
+    finally:
+        if qcfg is not None:
+            cfg.quantization_config = qcfg
+
+
 def _float_copy(lm: LoadedModel, dest: Path) -> dict[str, Any]:
     """Save `lm` with every QuantLinear as a float Linear of its dequantized weight; return name -> QuantLinear."""
     from compress.quantize.qlinear import QuantLinear
@@ -121,32 +136,21 @@ def _float_copy(lm: LoadedModel, dest: Path) -> dict[str, Any]:
             if m.bias is not None:
                 lin.bias.copy_(m.bias)
         set_submodule(lm.model, name, lin)
-    qcfg = getattr(lm.model.config, "quantization_config", None)
-    if qcfg is not None:
-        del lm.model.config.quantization_config  # a plain float model for the exporter
     try:
-        lm.model.save_pretrained(dest, safe_serialization=True)
+        with _float_config(lm):  # a plain float model for the exporter
+            lm.model.save_pretrained(dest, safe_serialization=True)
         lm.tokenizer.save_pretrained(dest)
     finally:
         for name, m in quant.items():
             set_submodule(lm.model, name, m)
-        if qcfg is not None:
-            lm.model.config.quantization_config = qcfg
     return quant
 
 
 def _save_side_files(lm: LoadedModel, dest: Path) -> None:
     """config.json (float: no quantization_config), generation config and tokenizer beside the graph."""
     dest.mkdir(parents=True, exist_ok=True)
-    cfg = lm.model.config
-    qcfg = getattr(cfg, "quantization_config", None)
-    if qcfg is not None:
-        del cfg.quantization_config
-    try:
+    with _float_config(lm) as cfg:
         cfg.save_pretrained(dest)
-    finally:
-        if qcfg is not None:
-            cfg.quantization_config = qcfg
     if getattr(lm.model, "generation_config", None) is not None:
         lm.model.generation_config.save_pretrained(dest)
     lm.tokenizer.save_pretrained(dest)
@@ -240,12 +244,9 @@ def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None) -> fl
 
     ort_lm = OrtBackend(onnx_dir, threads=threads)
     worst = 0.0
-    for text in VERIFY_PROMPTS:
-        ids = lm.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            ref = lm.model(input_ids=ids, use_cache=False).logits.float().numpy()
-        got = ort_lm.session.run(["logits"], ort_lm._feeds(ids.numpy()))[0]
-        worst = max(worst, float(np.abs(got.astype(np.float32) - ref).max()))
+    for _, ids, ref in reference_logits(lm):
+        got = ort_lm.session.run(["logits"], ort_lm._feeds(np.array([ids], np.int64)))[0][0]
+        worst = max(worst, float(np.abs(got.astype(np.float32) - ref.numpy()).max()))
     return worst
 
 
