@@ -17,17 +17,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import (
-    BlockReplay,
-    blocks_in_turn,
-    capture_first_block_inputs,
-    modules_by_block,
-    resolve_forward_dtype,
-    run_block,
-)
-from calibrate.stats import HessianCollector
+from calibrate.blocks import resolve_forward_dtype
+from calibrate.sequential import solve_blocks
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
+from compress.prune.sparsity import pruned_modules
 from compress.quantize.grid import qparams
 from compress.quantize.qlinear import PendingSwaps
 from compress.quantize.scheme import CalibratedQuantConfig, QuantScheme
@@ -52,14 +46,17 @@ class GPTQConfig(CalibratedQuantConfig):
 
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
-                    dampening: float = 0.01, act_order: bool = True
+                    dampening: float = 0.01, act_order: bool = True, zeros: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """GPTQ for one weight W (out, in) with Hessian H (in, in).
 
     Returns unsigned codes (out, in) int32, scale and zero (out, n_groups), and
     the loss sum over columns of ((w - q)^2 / [H^-1]_jj^2) / 2 (as in the paper's code).
     With `act_order` the group parameters are computed up front from W (static
-    groups), so groups stay contiguous in the original column order.
+    groups), so groups stay contiguous in the original column order. `zeros`
+    (out, in) bool marks weights that must come out exactly zero (pruned ones):
+    they get their group's zero point, and their error is spread like any
+    rounding error, as in SparseGPT's joint sparsification and quantization.
     """
     W = W.detach().float().clone()
     out, n = W.shape
@@ -77,6 +74,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
         H = H.detach().index_select(0, perm)  # our own permuted copy, rows then columns:
         H = H.index_select(1, perm).float()  # never three n x n matrices at once
         dead = dead[perm]
+        zeros = zeros[:, perm] if zeros is not None else None
         group_of = (perm // g).tolist()  # (in,) original group of each permuted column
     else:  # each group's grid is set when its first column comes up
         H = H.detach().float().clone()
@@ -112,6 +110,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
             w, s, z = W1[:, i], scale[:, gi], zero[:, gi]
             q = torch.round(w / s).add_(z).clamp_(0, qmax)
+            if zeros is not None:
+                q = torch.where(zeros[:, j], z, q)  # a pruned weight stays zero: (z - z) * s
             err = (w - (q - z) * s).div_(hdiag[j])  # rounding error over [H^-1]_jj
             W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)  # spread the error over the block's later columns
             Q1[:, i] = q
@@ -137,45 +137,31 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
                     progress: Progress | None = None) -> tuple[int, float, int, int]:
     """GPTQ over the decoder blocks, each module on `scheme_for(full name)`.
 
-    Returns (modules, summed loss, storage bits, weights).
+    Weights that a pruning pass set to zero (`compress.prune.sparsity.pruned_modules`)
+    stay zero. Returns (modules, summed loss, storage bits, weights).
     """
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    path, blocks, per_block = modules_by_block(model, selected, label)
-    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
     dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
-    total_loss, done, bits, weights = 0.0, 0, 0, 0
-    for b, block in blocks_in_turn(model, blocks):
-        mods = per_block[b]
-        if not mods:
-            run_block(block, inputs, dtype=dtype)
-            continue
-        replay = BlockReplay(block, inputs, mods, dtype=dtype)
-        # modules in one stage read the same tensor, so they share one Hessian
-        stages = replay.stages
-        pending = PendingSwaps()
-        rounds = [[st] for st in stages] if cfg.true_sequential else [stages]
-        for group in rounds:
-            hs = {st[0]: HessianCollector(mods[st[0]].in_features, device=mods[st[0]].weight.device) for st in group}
-            replay.observe({lead: mods[lead] for lead in hs}, lambda n, x, hs=hs: hs[n].add_batch(x))
-            for st in group:
-                hessian = [hs.pop(st[0]).hessian]  # the collector's sum is freed here
-                for n in st:
-                    lin, scheme = mods[n], scheme_for(f"{path}.{b}.{n}")
-                    # the stage's last module takes the Hessian (no reference left here): GPTQ frees it early
-                    q, scale, zero, loss = quantize_weight(lin.weight, hessian.pop() if n == st[-1] else hessian[0],
-                                                           scheme, block_size=cfg.block_size,
-                                                           dampening=cfg.dampening, act_order=cfg.act_order)
-                    pending.add(n, lin, q, scale, zero, scheme)
-                    total_loss += loss
-                    weights += q.numel()
-                    done += 1
-                replay.freeze(st)
-        replay.run()  # the quantized block feeds the next one
-        bits += pending.commit(block)
-        if progress:
-            progress(label, b + 1, len(blocks))
-    log.info("%s: quantized %d modules, loss %.4g", label, done, total_loss)
-    return done, total_loss, bits, weights
+    sparse = pruned_modules(model)
+    pending = PendingSwaps()  # a block's Linears become QuantLinears once the block has fed the next one
+    total = {"loss": 0.0, "done": 0, "bits": 0, "weights": 0}
+
+    def solve(name: str, short: str, lin: nn.Module, take_hessian) -> None:
+        keep = (lin.weight == 0) if name in sparse else None
+        q, scale, zero, loss = quantize_weight(lin.weight, take_hessian(), scheme_for(name), block_size=cfg.block_size,
+                                               dampening=cfg.dampening, act_order=cfg.act_order, zeros=keep)
+        pending.add(short, lin, q, scale, zero, scheme_for(name))
+        total["loss"] += loss
+        total["weights"] += q.numel()
+        total["done"] += 1
+
+    def block_done(block: nn.Module) -> None:
+        total["bits"] += pending.commit(block)
+
+    solve_blocks(model, selected, calib, solve, label=label, batch_size=cfg.batch_size, dtype=dtype,
+                 true_sequential=cfg.true_sequential, block_done=block_done, progress=progress)
+    log.info("%s: quantized %d modules, loss %.4g", label, total["done"], total["loss"])
+    return total["done"], total["loss"], total["bits"], total["weights"]
 
 
 @register_pass("gptq", GPTQConfig, needs_calibration=True, streams_blocks=True)
