@@ -26,6 +26,12 @@ class _Builtin:
         register(awq.run)
         register(mixed.run)
 
+        from compress.prune import magnitude, sparsegpt, wanda
+
+        register(magnitude.run)
+        register(wanda.run)
+        register(sparsegpt.run)
+
     @hookimpl
     def register_exporters(self, register):
         from export import gguf as gguf_export

@@ -161,7 +161,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where}: expected a string, got {value!r}")
+            # YAML 1.1 reads unquoted 2:4 as the base-60 number 124
+            hint = " (quote it: YAML reads an unquoted 2:4 as a number)" if isinstance(value, int) else ""
+            raise ValueError(f"{where}: expected a string, got {value!r}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         raise ValueError(f"{where}: nested configs are not supported in recipes")

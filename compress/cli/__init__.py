@@ -35,9 +35,9 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from compress.cli import demo, evaluate, export, gate, passes, quantize, report, run
+    from compress.cli import demo, evaluate, export, gate, passes, prune, quantize, report, run
 
-    for mod in (passes, quantize, run, export, evaluate, gate, report, demo):
+    for mod in (passes, quantize, prune, run, export, evaluate, gate, report, demo):
         cli.add_command(mod.command)
 
 

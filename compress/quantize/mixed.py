@@ -31,6 +31,7 @@ from calibrate.blocks import (
 from calibrate.stats import HessianCollector
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
+from compress.prune.sparsity import pruned_modules
 from compress.quantize.awq import output_error
 from compress.quantize.gptq import GPTQConfig, quantize_blocks, quantize_weight
 from compress.quantize.grid import dequantize
@@ -116,6 +117,7 @@ def measure_sensitivity(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor,
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
     dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     errors: dict[str, dict[int, float]] = {}
+    sparse = pruned_modules(model)
     for b, block in blocks_in_turn(model, blocks):
         mods = per_block[b]
         if mods:
@@ -126,10 +128,11 @@ def measure_sensitivity(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor,
                 H = hs.pop(st[0])[0].hessian
                 for n in st:
                     W = mods[n].weight.detach().float()
+                    keep = (W == 0) if f"{path}.{b}.{n}" in sparse else None  # pruned zeros stay, as in GPTQ
                     errors[f"{path}.{b}.{n}"] = {
                         bits: output_error(dequantize(*quantize_weight(W, H, s, block_size=cfg.block_size,
-                                                                       dampening=cfg.dampening,
-                                                                       act_order=cfg.act_order)[:3], s) - W, H)
+                                                                       dampening=cfg.dampening, act_order=cfg.act_order,
+                                                                       zeros=keep)[:3], s) - W, H)
                         for bits in cfg.candidates for s in [_scheme(cfg, bits)]}
         run_block(block, inputs, dtype=dtype)
         if progress:

@@ -108,3 +108,30 @@ def test_calibration_windows_fit_a_short_model(runner, model_dir, tmp_path):
     assert r.exit_code == 0, r.output
     rep = json.loads((tmp_path / "g" / "compress.json").read_text())["reports"][0]
     assert rep["config"]["calibration_tokens"] == 4 * 256
+
+
+def test_prune_writes_a_sparse_model_that_quantizes(runner, model_dir, tmp_path):
+    out = tmp_path / "p"
+    r = runner.invoke(cli, ["prune", str(model_dir), "--method", "wanda", "--pattern", "2:4", "--calib-samples", "4",
+                            "--calib-seq-len", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout[r.stdout.index("{"):])
+    assert summary["reports"][0]["config"]["pattern"] == "2:4"
+    assert summary["reports"][0]["metrics"]["sparsity"] == 0.5
+    r = runner.invoke(cli, ["quantize", str(out), "--method", "gptq", "--bits", "4", "--group-size", "32",
+                            "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    from compress.models import load_model
+    from compress.prune.sparsity import check_n_m
+    from compress.quantize.qlinear import QuantLinear
+
+    q = [m for m in load_model(tmp_path / "q").model.modules() if isinstance(m, QuantLinear)]
+    assert q and all(check_n_m(m.dequantize_weight(), (2, 4)) for m in q)
+
+
+def test_prune_option_errors(runner, model_dir, tmp_path):
+    for args, msg in ((["--pattern", "4:2"], "0 < N < M"), (["--sparsity", "0.3", "--pattern", "2:4"], "contradicts"),
+                      (["--sparsity", "1.5"], "[0, 1)"), (["--method", "obs"], "Invalid value for '--method'")):
+        r = runner.invoke(cli, ["prune", str(model_dir), *args, "--out", str(tmp_path / "o")])
+        assert r.exit_code != 0 and msg in r.output, (args, r.output)
+        assert not (tmp_path / "o").exists()

@@ -1,0 +1,2 @@
+"""Pruning: unstructured and N:M sparsity (magnitude, Wanda, SparseGPT) and structured removal of heads,
+MLP channels and decoder layers."""
