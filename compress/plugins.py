@@ -26,11 +26,14 @@ class _Builtin:
         register(awq.run)
         register(mixed.run)
 
-        from compress.prune import magnitude, sparsegpt, wanda
+        from compress.prune import layers, magnitude, sparsegpt, structured, wanda
 
         register(magnitude.run)
         register(wanda.run)
         register(sparsegpt.run)
+        register(structured.run_channels)
+        register(structured.run_heads)
+        register(layers.run)
 
     @hookimpl
     def register_exporters(self, register):

@@ -7,21 +7,31 @@ import click
 from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
+STRUCTURES = {"channels": "prune_channels", "heads": "prune_heads", "layers": "prune_layers"}
 
 
 @click.command("prune")
 @click.argument("model", required=False)
-@click.option("--method", type=click.Choice(METHODS), default="sparsegpt", show_default=True,
-              help="sparsegpt (OBS weight update), wanda (|W| x ||X||, no update) or magnitude (data-free).")
+@click.option("--method", type=click.Choice(METHODS), default=None,
+              help="Unstructured/N:M: sparsegpt (OBS weight update; the default), wanda (|W| x ||X||, no update) "
+                   "or magnitude (data-free).")
 @click.option("--sparsity", type=float, default=None, help="Fraction of each layer's weights to zero [default: 0.5].")
 @click.option("--pattern", default=None, help="N:M sparsity instead: N non-zeros in every M inputs, e.g. 2:4.")
+@click.option("--structure", type=click.Choice(list(STRUCTURES)), default=None,
+              help="Remove whole MLP channels, attention heads or decoder layers instead (a smaller dense model).")
+@click.option("--ratio", type=float, default=None, help="With --structure: fraction of the units to remove [default: 0.25].")
+@click.option("--importance", type=click.Choice(["activation", "magnitude", "cosine", "loss"]), default=None,
+              help="With --structure: activation (default for channels/heads) or magnitude; "
+                   "cosine (default for layers) or loss.")
+@click.option("--unit", type=click.Choice(["query", "kv"]), default=None,
+              help="With --structure heads: query heads in every KV group (default) or whole KV groups.")
 @click.option("--ignore", multiple=True, help="Modules to keep dense (repeatable); default: lm_head.")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 @calib_options
-def command(model, method, sparsity, pattern, ignore, out, force, allow_pickle, calib_source, calib_samples,
-            calib_seq_len, seed) -> None:
+def command(model, method, sparsity, pattern, structure, ratio, importance, unit, ignore, out, force, allow_pickle,
+            calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Prune MODEL's Linear weights and save the sparse model (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -32,17 +42,34 @@ def command(model, method, sparsity, pattern, ignore, out, force, allow_pickle, 
     Example:
       compress prune --method wanda --sparsity 0.5 --out out/smollm2-wanda50
       compress prune --method sparsegpt --pattern 2:4 --out out/smollm2-2of4
+      compress prune --structure channels --ratio 0.25 --out out/smollm2-mlp75
     """
     from compress.recipe import Recipe
     from compress.runner import compress_model
 
-    fields = {"sparsity": sparsity, "pattern": pattern}
-    if ignore:
-        fields["ignore"] = list(ignore)
-    recipe = Recipe.single(method, **{k: v for k, v in fields.items() if v is not None})
+    if structure is None:
+        bad = [o for o, v in (("--ratio", ratio), ("--importance", importance), ("--unit", unit)) if v is not None]
+        if bad:
+            raise click.UsageError(f"{', '.join(bad)} apply to --structure only")
+        fields = {"sparsity": sparsity, "pattern": pattern, "ignore": list(ignore) or None}
+        name = method or "sparsegpt"
+    else:
+        bad = [o for o, v in (("--method", method), ("--sparsity", sparsity), ("--pattern", pattern),
+                              ("--ignore", ignore or None)) if v is not None]
+        if unit is not None and structure != "heads":
+            bad.append("--unit")
+        if bad:
+            raise click.UsageError(f"{', '.join(bad)} do not apply to --structure {structure}")
+        fields = {"ratio": ratio, "importance": importance, "unit": unit}
+        if importance == "magnitude":
+            fields["reconstruct"] = False  # the refit needs activation statistics
+        name = STRUCTURES[structure]
+    recipe = Recipe.single(name, **{k: v for k, v in fields.items() if v is not None})
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
                                  calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
-    console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB, "
-                  f"sparsity {summary['reports'][0]['metrics']['sparsity']:.4f})")
+    metrics = summary["reports"][0]["metrics"]
+    what = (f"sparsity {metrics['sparsity']:.4f}" if "sparsity" in metrics
+            else f"{metrics['parameters_removed'] / 1e6:.2f} M parameters removed")
+    console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB, {what})")
     echo_json(summary)

@@ -135,3 +135,16 @@ def test_prune_option_errors(runner, model_dir, tmp_path):
         r = runner.invoke(cli, ["prune", str(model_dir), *args, "--out", str(tmp_path / "o")])
         assert r.exit_code != 0 and msg in r.output, (args, r.output)
         assert not (tmp_path / "o").exists()
+
+
+def test_prune_structure_gives_a_smaller_model(runner, model_dirs, tmp_path):
+    out = tmp_path / "s"
+    r = runner.invoke(cli, ["prune", str(model_dirs["llama"]), "--structure", "channels", "--ratio", "0.5",
+                            "--calib-samples", "4", "--calib-seq-len", "32", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 80
+    r = runner.invoke(cli, ["prune", str(model_dirs["llama"]), "--structure", "layers", "--pattern", "2:4",
+                            "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--pattern do not apply to --structure layers" in r.output
+    r = runner.invoke(cli, ["prune", str(model_dirs["llama"]), "--ratio", "0.5", "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "--ratio apply to --structure only" in r.output

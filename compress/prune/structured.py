@@ -1,0 +1,263 @@
+"""Structured pruning of MLP channels and attention heads: a smaller dense model, same architecture.
+
+Importance is measured as in Minitron (Muralidharan et al., "Compact Language
+Models via Pruning and Knowledge Distillation", 2024,
+https://arxiv.org/abs/2407.14679) from activations on calibration data, here as
+each unit's output energy: for MLP channel j, E[a_j^2] ||W_down[:, j]||^2; for a
+head h, tr(W_o,h H_hh W_o,h^T) with H the Hessian of o_proj's input. Every
+block keeps the same number of units (a Hugging Face config has one
+intermediate size and one head count), chosen per block. The consumer Linear
+(down_proj, o_proj) is then refit by least squares on the kept inputs,
+W' = W H[:, K] H[K, K]^-1, so the block output moves as little as possible
+(the structured analogue of SparseGPT's update; SlimGPT, Ling et al. 2024,
+https://arxiv.org/abs/2412.18110). Blocks are processed in turn, each on the
+outputs of the pruned blocks before it. `importance: magnitude` uses weight
+norms instead and needs no forwards.
+
+Which Linears form a unit is found from the block's execution order, not from
+names: the last two input stages are the MLP (producers, consumer), the first
+two the attention (q/k/v, o).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from calibrate.blocks import (
+    FORWARD_DTYPES,
+    blocks_in_turn,
+    capture_first_block_inputs,
+    decoder_blocks,
+    input_stages,
+    observe_stages,
+    resolve_forward_dtype,
+    run_block,
+)
+from calibrate.stats import HessianCollector
+from compress.pipeline import PassReport, Progress
+from compress.registry import register_pass
+
+log = logging.getLogger(__name__)
+
+IMPORTANCE = ("activation", "magnitude")
+HEAD_UNITS = ("query", "kv")
+# config keys holding the MLP width, one per architecture family
+MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StructuredConfig:
+    ratio: float = 0.25  # fraction of the units (channels, heads) each block loses
+    importance: str = "activation"  # output energy on calibration data, or "magnitude" (weight norms, no data)
+    reconstruct: bool = True  # refit the consumer Linear on the kept inputs (needs importance: activation)
+    dampening: float = 0.01  # fraction of mean diag(H) added before the least-squares solve
+    batch_size: int = 8  # calibration samples per forward pass
+    forward_dtype: str = "auto"  # calibration forwards: bfloat16 autocast where fast, else float32
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.reconstruct and self.importance != "activation":
+            raise ValueError("reconstruct needs calibration statistics: use importance: activation, "
+                             "or reconstruct: false")
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeadsConfig(StructuredConfig):
+    unit: str = "query"  # "query": query heads within every KV group; "kv": whole KV groups with their queries
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.unit not in HEAD_UNITS:
+            raise ValueError(f"unit must be one of {', '.join(HEAD_UNITS)}, got {self.unit!r}")
+
+
+def refit(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, dampening: float = 0.01) -> torch.Tensor:
+    """Least-squares weights (out, |keep|) on inputs `keep` that best reproduce x W^T, with H = E[x x^T] (in, in)."""
+    Hk = H[keep][:, keep].double()  # (k, k)
+    Hk.diagonal().add_(dampening * Hk.diagonal().mean())
+    rhs = (W.double() @ H[:, keep].double()).T  # (k, out)
+    return torch.linalg.solve(Hk, rhs).T.to(W.dtype)  # (out, k) = W H[:, K] H[K, K]^-1
+
+
+def slice_linear(lin: nn.Linear, *, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None,
+                 weight: torch.Tensor | None = None) -> nn.Linear:
+    """A new Linear with output rows `rows` and input columns `cols` of `lin` (or the given `weight`)."""
+    W = lin.weight.detach() if weight is None else weight
+    if weight is None:
+        W = W[rows] if rows is not None else W
+        W = W[:, cols] if cols is not None else W
+    b = lin.bias.detach() if lin.bias is not None else None
+    if b is not None and rows is not None:
+        b = b[rows]
+    new = nn.Linear(W.shape[1], W.shape[0], bias=b is not None, device=W.device, dtype=lin.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(W)
+        if b is not None:
+            new.bias.copy_(b)
+    return new
+
+
+def _set(block: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(block.get_submodule(parent) if parent else block, child, new)
+
+
+def _units(block: nn.Module, inputs, which: str) -> tuple[list[str], str, dict[str, nn.Linear]]:
+    """(producers, consumer, Linears) of the block's attention (`which="attention"`) or MLP."""
+    lins = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+    stages = input_stages(block, inputs, lins)
+    if len(stages) < 4:
+        raise ValueError(f"expected attention and MLP stages in a decoder block, found {stages}")
+    producers, consumer = (stages[0], stages[1]) if which == "attention" else (stages[-2], stages[-1])
+    if len(consumer) != 1:
+        raise ValueError(f"the {which} output should be one Linear, found {consumer}")
+    return producers, consumer[0], lins
+
+
+def _energy(W: torch.Tensor, H: torch.Tensor | None, unit: int) -> torch.Tensor:
+    """Output energy of each group of `unit` consecutive input columns of W (out, in): tr(W_g H_gg W_g^T)."""
+    out, n = W.shape
+    if H is None:  # data-free: squared column norms
+        return W.float().square().sum(0).reshape(n // unit, unit).sum(1)
+    Wg = W.float().reshape(out, n // unit, unit).transpose(0, 1)  # (groups, out, unit)
+    Hg = torch.stack([H[g * unit:(g + 1) * unit, g * unit:(g + 1) * unit] for g in range(n // unit)])
+    return torch.einsum("gou,guv,gov->g", Wg, Hg, Wg)
+
+
+def _run(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, label: str, which: str, prune_block,
+         progress: Progress | None) -> int:
+    """Shared loop: per block find the units, measure the consumer's input Hessian, prune, feed the next block."""
+    path, blocks = decoder_blocks(model)
+    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
+    dtype = resolve_forward_dtype(cfg.forward_dtype, next(blocks[0].parameters()))
+    removed = 0
+    for b, block in blocks_in_turn(model, blocks):
+        producers, consumer, lins = _units(block, inputs, which)
+        H = None
+        if cfg.importance == "activation":
+            stats = observe_stages(block, inputs, [[consumer]], lins,
+                                   lambda m: (HessianCollector(m.in_features, device=m.weight.device),), dtype=dtype)
+            H = stats[consumer][0].hessian
+        before = sum(p.numel() for p in block.parameters())
+        prune_block(block, producers, consumer, lins, H)
+        removed += before - sum(p.numel() for p in block.parameters())
+        run_block(block, inputs, dtype=dtype)  # the pruned block feeds the next one
+        if progress:
+            progress(label, b + 1, len(blocks))
+    return removed
+
+
+def _refit_or_slice(block, consumer: str, lin: nn.Linear, H, keep: torch.Tensor, cfg: StructuredConfig) -> None:
+    W = refit(lin.weight.detach().float(), H, keep, cfg.dampening).to(lin.weight.dtype) if cfg.reconstruct else None
+    _set(block, consumer, slice_linear(lin, cols=keep, weight=W))
+
+
+@register_pass("prune_channels", StructuredConfig, needs_calibration=True, streams_blocks=True)
+@torch.no_grad()
+def run_channels(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, *,
+                 progress: Progress | None = None) -> PassReport:
+    """Remove a fraction of every block's MLP channels (intermediate size) by output energy."""
+    config = model.config
+    key = next((k for k in MLP_WIDTH_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if key is None:
+        raise ValueError(f"{type(config).__name__} has none of {', '.join(MLP_WIDTH_KEYS)}: cannot record the new MLP width")
+    width = getattr(config, key)
+    n_keep = width - round(cfg.ratio * width)
+    if n_keep in (0, width):
+        raise ValueError(f"ratio {cfg.ratio} of {width} channels removes {width - n_keep}: choose a ratio in "
+                         f"[{0.5 / width:.4f}, {1 - 0.5 / width:.4f})")
+
+    def prune_block(block, producers, consumer, lins, H):
+        down = lins[consumer]
+        if down.in_features != width or any(lins[p].out_features != width for p in producers):
+            raise ValueError(f"MLP Linears {producers} -> {consumer} do not have the config's width {width}")
+        score = _energy(down.weight.detach(), H, 1)
+        if H is None:  # data-free: the channel's producer rows count too
+            for p in producers:
+                score = score * lins[p].weight.detach().float().norm(dim=1)
+        keep = torch.topk(score, n_keep).indices.sort().values
+        for p in producers:
+            _set(block, p, slice_linear(lins[p], rows=keep))
+        _refit_or_slice(block, consumer, down, H, keep, cfg)
+
+    removed = _run(model, cfg, calib, "prune_channels", "mlp", prune_block, progress)
+    setattr(config, key, n_keep)
+    log.info("prune_channels: %s %d -> %d", key, width, n_keep)
+    return _report("prune_channels", cfg, model, removed, {key: [width, n_keep]})
+
+
+@register_pass("prune_heads", HeadsConfig, needs_calibration=True, streams_blocks=True)
+@torch.no_grad()
+def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
+              progress: Progress | None = None) -> PassReport:
+    """Remove query heads (evenly in every KV group) or whole KV groups from every block's attention."""
+    config = model.config
+    if getattr(config, "head_dim", None) is None or getattr(config, "num_key_value_heads", None) is None:
+        raise ValueError(f"{type(config).__name__} derives its head size from hidden_size: pruning heads would "
+                         "need custom code to load (supported: configs with head_dim and num_key_value_heads, "
+                         "e.g. Llama, Mistral, Qwen2)")
+    n_h, n_kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    rep = n_h // n_kv
+    per, units = (rep, "query heads per KV group") if cfg.unit == "query" else (n_kv, "KV groups")
+    drop = round(cfg.ratio * per)
+    if not 0 < drop < per:
+        raise ValueError(f"ratio {cfg.ratio} of {per} {units} removes {drop}: with unit {cfg.unit!r} the ratio "
+                         f"moves in steps of 1/{per} ({', '.join(f'{k / per:.3f}' for k in range(1, per))})")
+    new_rep, new_kv = (rep - drop, n_kv) if cfg.unit == "query" else (rep, n_kv - drop)
+
+    def prune_block(block, producers, consumer, lins, H):
+        o = lins[consumer]
+        q = next((p for p in producers if lins[p].out_features == o.in_features == n_h * hd), None)
+        kv = [p for p in producers if p != q and lins[p].out_features == n_kv * hd]
+        if q is None or len(kv) != 2:
+            raise ValueError(f"attention Linears {producers} -> {consumer} do not match {n_h} heads, "
+                             f"{n_kv} KV heads of size {hd}")
+        head = _energy(o.weight.detach(), H, hd)  # (n_h,)
+        if H is None:
+            head = head * lins[q].weight.detach().float().reshape(n_h, -1).square().sum(1)
+        by_group = head.reshape(n_kv, rep)  # query head h uses KV head h // rep
+        if cfg.unit == "query":
+            keep_q = torch.topk(by_group, new_rep, dim=1).indices.sort(dim=1).values  # (n_kv, new_rep)
+            heads = (keep_q + torch.arange(n_kv)[:, None] * rep).reshape(-1)
+            groups = torch.arange(n_kv)
+        else:
+            groups = torch.topk(by_group.sum(1), new_kv).indices.sort().values
+            heads = (groups[:, None] * rep + torch.arange(rep)).reshape(-1)
+        cols = lambda idx: (idx[:, None] * hd + torch.arange(hd)).reshape(-1)  # noqa: E731
+        _set(block, q, slice_linear(lins[q], rows=cols(heads)))
+        for p in kv:
+            _set(block, p, slice_linear(lins[p], rows=cols(groups)))
+        _refit_or_slice(block, consumer, o, H, cols(heads), cfg)
+        attn = block.get_submodule(consumer.rpartition(".")[0]) if "." in consumer else block
+        if hasattr(attn, "num_key_value_groups"):
+            attn.num_key_value_groups = new_rep
+
+    removed = _run(model, cfg, calib, "prune_heads", "attention", prune_block, progress)
+    config.num_attention_heads, config.num_key_value_heads = new_kv * new_rep, new_kv
+    log.info("prune_heads: heads %d -> %d, KV heads %d -> %d", n_h, new_kv * new_rep, n_kv, new_kv)
+    return _report("prune_heads", cfg, model, removed,
+                   {"num_attention_heads": [n_h, new_kv * new_rep], "num_key_value_heads": [n_kv, new_kv]},
+                   unit=cfg.unit)
+
+
+def _report(name: str, cfg: StructuredConfig, model: nn.Module, removed: int, shape: dict, **extra) -> PassReport:
+    return PassReport(
+        name=name,
+        config={"ratio": cfg.ratio, "importance": cfg.importance, "reconstruct": cfg.reconstruct, **extra,
+                "config_changes": shape},
+        modules=len(decoder_blocks(model)[1]),
+        metrics={"parameters_removed": float(removed)},
+    )
