@@ -8,6 +8,7 @@ peer sees exactly the tokens our methods see.
     run_peer.py --method {none,hqq,bnb-nf4,llmc-gptq,llmc-awq} --bits B --group G \\
         --model DIR --calib CALIB.safetensors --eval EVAL.safetensors --out RESULT.json \\
         [--threads 2] [--work DIR] [--asym]
+    run_peer.py --method {llmc-sparsegpt,llmc-wanda} --sparsity-spec {0.5,2:4} --model ... (pruning)
 
 CALIB holds `ids` (samples, seq_len) int64, EVAL holds `windows` (n, seq_len)
 int64. Perplexity = exp(sum of NLL over every predicted token / their count):
@@ -33,9 +34,11 @@ import traceback
 from importlib import metadata
 from pathlib import Path
 
-METHODS = ("none", "hqq", "bnb-nf4", "llmc-gptq", "llmc-awq")
+PRUNERS = ("llmc-sparsegpt", "llmc-wanda")  # pruning peers for bench/prune_reference.py (--sparsity-spec)
+METHODS = ("none", "hqq", "bnb-nf4", "llmc-gptq", "llmc-awq", *PRUNERS)
 PEER_PACKAGE = {"none": None, "hqq": "hqq", "bnb-nf4": "bitsandbytes",
-                "llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor"}
+                "llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor",
+                "llmc-sparsegpt": "llmcompressor", "llmc-wanda": "llmcompressor"}
 
 
 def rss_bytes() -> int:
@@ -237,6 +240,48 @@ def run_llmc(model, bits: int, group: int, calib, *, awq: bool, work: Path, symm
     return res, after_eval
 
 
+def run_llmc_prune(model, spec: str, calib, *, wanda: bool) -> dict:
+    """llm-compressor's SparseGPTModifier / WandaPruningModifier at a fraction ("0.5") or N:M ("2:4")."""
+    import torch
+    from datasets import Dataset
+    from llmcompressor import oneshot
+
+    if wanda:
+        from llmcompressor.modifiers.pruning.wanda import WandaPruningModifier as Modifier
+    else:
+        try:
+            from llmcompressor.modifiers.pruning.sparsegpt import SparseGPTModifier as Modifier
+        except ImportError:  # older layout
+            from llmcompressor.modifiers.obcq import SparseGPTModifier as Modifier
+    if ":" in spec:
+        keep, m = (int(x) for x in spec.split(":"))
+        sparsity, structure = 1 - keep / m, spec
+    else:
+        sparsity, structure = float(spec), "0:0"
+    modifier = Modifier(sparsity=sparsity, mask_structure=structure, ignore=["lm_head"])
+    n, seq_len = calib.shape
+    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    t0 = time.perf_counter()
+    oneshot(model=model, dataset=ds, recipe=modifier, num_calibration_samples=n, max_seq_length=seq_len,
+            shuffle_calibration_samples=False, tokenizer=model.config.name_or_path)
+    seconds = time.perf_counter() - t0
+    rss = rss_bytes()
+    fractions = {name: float((lin.weight == 0).float().mean()) for name, lin in decoder_linears(model)}
+    total = sum(lin.weight.numel() for _, lin in decoder_linears(model))
+    zeros = sum(float((lin.weight == 0).sum()) for _, lin in decoder_linears(model))
+    return {
+        "quantize_seconds": seconds, "peak_rss_bytes": rss, "sparsity": zeros / total,
+        "layer_sparsity_min": min(fractions.values()), "layer_sparsity_max": max(fractions.values()),
+        "zeros_per_module": fractions, "bits_per_weight": 32.0, "symmetric": None,
+        "bits_note": "pruned float32 weights (dense storage)",
+        "notes": [f"{Modifier.__name__}(sparsity={sparsity:g}, mask_structure={structure!r}, ignore=['lm_head']), "
+                  "other fields at their defaults",
+                  f"calibration: {n} windows x {seq_len} tokens given as a datasets.Dataset "
+                  "(input_ids, attention_mask), unshuffled",
+                  "quantize_seconds is the pruning time (oneshot); perplexity scored on the in-memory model"],
+    }
+
+
 def llmc_bits(out: Path) -> dict:
     """Bits per weight of the quantized Linears from a compressed-tensors checkpoint on disk."""
     from safetensors import safe_open
@@ -275,8 +320,9 @@ def llmc_bits(out: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--method", required=True, choices=METHODS)
-    ap.add_argument("--bits", type=int, required=True)
-    ap.add_argument("--group", type=int, required=True)
+    ap.add_argument("--bits", type=int, default=None)
+    ap.add_argument("--group", type=int, default=None)
+    ap.add_argument("--sparsity-spec", help="pruning peers: a fraction (0.5) or N:M (2:4)")
     ap.add_argument("--model", required=True)
     ap.add_argument("--calib", required=True)
     ap.add_argument("--eval", required=True)
@@ -289,6 +335,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.asym and not args.method.startswith("llmc"):
         ap.error("--asym applies to llm-compressor only (HQQ is asymmetric already, NF4 has no zero points)")
+    if (args.method in PRUNERS) != (args.sparsity_spec is not None):
+        ap.error("--sparsity-spec is for (and required by) the pruning methods " + ", ".join(PRUNERS))
+    if args.method not in PRUNERS and (args.bits is None or args.group is None):
+        ap.error("--bits and --group are required for the quantizers")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -323,6 +373,8 @@ def main() -> None:
                 res = run_hqq(model, args.bits, args.group, calib)
             elif args.method == "bnb-nf4":
                 res = run_bnb(model, args.bits, args.group, calib)
+            elif args.method in PRUNERS:
+                res = run_llmc_prune(model, args.sparsity_spec, calib, wanda=args.method == "llmc-wanda")
             else:
                 res, after_eval = run_llmc(model, args.bits, args.group, calib,
                                            awq=args.method == "llmc-awq", work=work, symmetric=not args.asym)
