@@ -233,6 +233,14 @@ def _watching(watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tens
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_forward_options(batch_size: int, forward_dtype: str) -> None:
+    """Validate the `batch_size` and `forward_dtype` fields every calibrated pass's config has."""
+    if forward_dtype not in FORWARD_DTYPES:
+        raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {forward_dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
 def resolve_forward_dtype(name: str, param: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype for calibration forwards of a model whose weights look like `param`; None: no autocast.
 

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate.blocks import (
-    FORWARD_DTYPES,
     capture_first_block_inputs,
+    check_forward_options,
     decoder_blocks,
     resolve_forward_dtype,
     run_block,
@@ -48,10 +48,9 @@ class LayersConfig:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.importance not in LAYER_IMPORTANCE:
             raise ValueError(f"importance must be one of {', '.join(LAYER_IMPORTANCE)}, got {self.importance!r}")
-        if self.forward_dtype not in FORWARD_DTYPES:
-            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
-        if self.batch_size < 1 or self.loss_samples < 1:
-            raise ValueError("batch_size and loss_samples must be positive")
+        check_forward_options(self.batch_size, self.forward_dtype)
+        if self.loss_samples < 1:
+            raise ValueError(f"loss_samples must be positive, got {self.loss_samples}")
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import FORWARD_DTYPES
+from calibrate.blocks import check_forward_options
 from compress.pipeline import PassReport
 from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
 
@@ -136,10 +136,7 @@ class CalibratedSparsityConfig(SparsityConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.forward_dtype not in FORWARD_DTYPES:
-            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        check_forward_options(self.batch_size, self.forward_dtype)
 
 
 def sparsity_report(name: str, cfg: SparsityConfig, zeros: dict[str, tuple[int, int]], *,

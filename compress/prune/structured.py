@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from calibrate.blocks import (
-    FORWARD_DTYPES,
     blocks_in_turn,
     capture_first_block_inputs,
+    check_forward_options,
     decoder_blocks,
     input_stages,
     observe_stages,
@@ -66,10 +66,7 @@ class StructuredConfig:
         if self.reconstruct and self.importance != "activation":
             raise ValueError("reconstruct needs calibration statistics: use importance: activation, "
                              "or reconstruct: false")
-        if self.forward_dtype not in FORWARD_DTYPES:
-            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        check_forward_options(self.batch_size, self.forward_dtype)
         if not 0 <= self.dampening < 1:
             raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
 

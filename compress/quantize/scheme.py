@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate.blocks import FORWARD_DTYPES
+from calibrate.blocks import check_forward_options
 from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -94,7 +94,4 @@ class CalibratedQuantConfig(WeightQuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.forward_dtype not in FORWARD_DTYPES:
-            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        check_forward_options(self.batch_size, self.forward_dtype)
