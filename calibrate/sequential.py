@@ -32,6 +32,19 @@ from calibrate.stats import HessianCollector
 Solver = Callable[[str, str, nn.Module, Callable[[], torch.Tensor]], None]
 
 
+def inverse_cholesky_(H: torch.Tensor, dampening: float) -> torch.Tensor:
+    """In place: the upper Cholesky factor of (H + damp I)^-1, whose row j holds column j's update coefficients.
+
+    `H` (in, in) must be the caller's own float copy (a 5632-wide down_proj
+    Hessian is 121 MiB, so no second one is made); damp is `dampening` times
+    the mean of diag(H).
+    """
+    H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
+    torch.linalg.cholesky(H, out=H)
+    torch.cholesky_inverse(H, out=H)
+    return torch.linalg.cholesky(H, upper=True, out=H)
+
+
 @torch.no_grad()
 def solve_blocks(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, solve: Solver, *,
                  label: str, batch_size: int = 8, dtype: torch.dtype | None = None, true_sequential: bool = True,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from calibrate.blocks import resolve_forward_dtype
-from calibrate.sequential import solve_blocks
+from calibrate.sequential import inverse_cholesky_, solve_blocks
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import (
@@ -60,11 +60,7 @@ def prune_weight(W: torch.Tensor, H: torch.Tensor, fraction: float, n_m: tuple[i
     H = H.detach().float().clone()
     dead = torch.diag(H) == 0  # inputs that were always zero: any weight there is free to prune
     H.diagonal()[dead] = 1.0
-    H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
-    # Upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
-    torch.linalg.cholesky(H, out=H)
-    torch.cholesky_inverse(H, out=H)
-    Hinv = torch.linalg.cholesky(H, upper=True, out=H)
+    Hinv = inverse_cholesky_(H, dampening)
 
     if n_m is not None:
         m = n_m[1]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from calibrate.blocks import resolve_forward_dtype
-from calibrate.sequential import solve_blocks
+from calibrate.sequential import inverse_cholesky_, solve_blocks
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
@@ -83,14 +83,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
         group_of = [j // g for j in range(n)]
     H.diagonal()[dead] = 1.0
 
-    damp = dampening * torch.mean(torch.diag(H))
-    H.diagonal().add_(damp)
-    # Upper Cholesky factor of H^-1: row j holds the update coefficients of column j.
-    # Computed in place in our copy of H (a 5632-wide down_proj Hessian is 121 MiB).
-    Hinv = H
-    torch.linalg.cholesky(Hinv, out=Hinv)
-    torch.cholesky_inverse(Hinv, out=Hinv)
-    torch.linalg.cholesky(Hinv, upper=True, out=Hinv)
+    Hinv = inverse_cholesky_(H, dampening)  # in place in our copy of H
 
     Q = torch.zeros(out, n, dtype=torch.int32)
     loss = torch.zeros(out)
