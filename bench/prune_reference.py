@@ -6,9 +6,10 @@ the fp32 reference model, save it, reload the saved directory and score it
 under the DESIGN.md perplexity protocol. Recorded per row: perplexity, the
 pass's wall time, peak RSS of the process up to the saved model (and its ratio
 to the fp32 model's bytes), sparsity per pruned layer (min / max over layers,
-the full list in the report), parameter count, and forward latency (median of
-repeated batch-1 prefills of 512 tokens on the reloaded model; each ratio is
-against the dense row of the same run).
+the full list in the report), parameter count, and forward latency: the
+median of 15 batch-1 prefills of 512 tokens on the reloaded model, taking turns
+with the dense model loaded in the same process; forward_time_ratio is the
+median of the 15 paired ratios.
 Calibration: 128 windows x 512 tokens of the WikiText-2 validation split, seed 0.
 
     .venv/bin/python bench/prune_reference.py [--configs acceptance|structured|all|CFG,...] [--windows 64]
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from quantize_reference import PEER_PYTHON, PEER_SCRIPT, write_peer_inputs  # noqa: E402
+from quantize_reference import PEER_PYTHON, PEER_SCRIPT, rss_bytes, write_peer_inputs  # noqa: E402
 
 UNSTRUCTURED = ["dense", "magnitude:0.5", "wanda:0.5", "sparsegpt:0.5", "peer:llmc-wanda:0.5",
                 "peer:llmc-sparsegpt:0.5", "magnitude:2:4", "wanda:2:4", "sparsegpt:2:4", "peer:llmc-wanda:2:4",
@@ -68,20 +68,26 @@ def recipe_for(cfg: str):
     raise SystemExit(f"bad config {cfg!r}: see --help")
 
 
-def latency(model, threads: int, tokens: int = 512, repeats: int = 7) -> float:
-    """Median seconds of a batch-1 forward over `tokens` tokens (after one warm-up)."""
+def latency(models: list, threads: int, tokens: int = 512, repeats: int = 15) -> list[list[float]]:
+    """Seconds of batch-1 forwards over `tokens` tokens, `repeats` per model, the models taking turns.
+
+    Taking turns (after one warm-up each) exposes every model to the same
+    drifts of the machine (frequency, cache, other load), so the ratio of two
+    models' times is measured far more tightly than either time alone.
+    """
     import torch
 
     torch.set_num_threads(threads)
     ids = torch.randint(100, 1000, (1, tokens), generator=torch.Generator().manual_seed(0))
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=False)
-            if i:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+            for m, t in zip(models, times, strict=True):
+                t0 = time.perf_counter()
+                m(input_ids=ids, use_cache=False)
+                if i:
+                    t.append(time.perf_counter() - t0)
+    return times
 
 
 def one(cfg: str, windows: int, threads: int) -> dict:
@@ -93,7 +99,7 @@ def one(cfg: str, windows: int, threads: int) -> dict:
     from compress.runner import compress_model, evaluate, weights_bytes
 
     torch.set_num_threads(threads)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss0 = rss_bytes()
     row: dict = {"config": cfg}
     with tempfile.TemporaryDirectory() as d:
         if cfg == "dense":
@@ -102,7 +108,7 @@ def one(cfg: str, windows: int, threads: int) -> dict:
         else:
             recipe = recipe_for(cfg)
             summary = compress_model(None, recipe, Path(d) / "p")
-            row["peak_rss_bytes_during_prune"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            row["peak_rss_bytes_during_prune"] = rss_bytes()
             rep = summary["reports"][0]
             row.update(steps=recipe.to_list(), prune_seconds=round(rep["seconds"], 1), report=rep)
             zeros = rep["config"].get("zeros_per_module")
@@ -115,7 +121,13 @@ def one(cfg: str, windows: int, threads: int) -> dict:
         if "peak_rss_bytes_during_prune" in row:
             row["peak_rss_over_fp32_model"] = row["peak_rss_bytes_during_prune"] / row["fp32_model_bytes"]
         row["rss_after_imports_bytes"] = rss0
-        row["forward_seconds_1x512"] = latency(lm.model, threads)
+        if cfg == "dense":
+            row.update(forward_seconds_1x512=statistics.median(latency([lm.model], threads)[0]), forward_time_ratio=1.0)
+        else:  # against the dense model in this process, forwards taking turns
+            ours, dense = latency([lm.model, load_model(None).model], threads)
+            row.update(forward_seconds_1x512=statistics.median(ours),
+                       dense_forward_seconds_1x512=statistics.median(dense),
+                       forward_time_ratio=statistics.median(a / b for a, b in zip(ours, dense, strict=True)))
         r = evaluate(lm, ["wikitext2"], options={"windows": windows})["wikitext2"]
     row.update(perplexity=r["perplexity"], protocol=r["protocol"])
     return row
@@ -171,8 +183,7 @@ def main() -> None:
         for r in rows:
             if dense and "perplexity" in r:
                 r["rise_over_dense"] = r["perplexity"] / dense["perplexity"] - 1
-            if dense and "forward_seconds_1x512" in r:
-                r["forward_time_ratio"] = r["forward_seconds_1x512"] / dense["forward_seconds_1x512"]
+            if dense and "parameters" in r:
                 r["parameter_ratio"] = r["parameters"] / dense["parameters"]
         write_json_atomic(Path(args.output), {**meta, "complete": done, "configs": configs, "results": rows})
 
@@ -195,7 +206,7 @@ def main() -> None:
             print(f"{cfg:28s} ppl {row['perplexity']:8.3f}  {row.get('prune_seconds', 0):6.0f} s  "
                   f"rss {row.get('peak_rss_bytes_during_prune', 0) / 2**30:.2f} GiB  "
                   f"sparsity {row.get('sparsity') or 0:.4f}  params {row.get('parameters', 0) / 1e6:.2f} M  "
-                  f"fwd {row.get('forward_seconds_1x512', 0):.3f} s", flush=True)
+                  f"fwd {row.get('forward_seconds_1x512', 0):.3f} s ({row.get('forward_time_ratio', 0):.3f}x)", flush=True)
         save(True)
 
 

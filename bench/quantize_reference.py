@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -55,6 +54,9 @@ NAMED = {"matrix": MATRIX, "acceptance": ACCEPTANCE, "matrix-rest": MATRIX_REST}
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 PEER_SCRIPT = ROOT / "bench" / "peers" / "run_peer.py"
+sys.path.insert(0, str(PEER_SCRIPT.parent))
+from run_peer import rss_bytes  # noqa: E402  (stdlib only: the same peak-RSS reading as the peers')
+
 PEER_TOOLS = {"none": "transformers", "hqq": "hqq", "bnb-nf4": "bitsandbytes",
               "llmc-gptq": "llm-compressor", "llmc-awq": "llm-compressor"}
 
@@ -72,7 +74,7 @@ def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threa
     recipe = quantize_recipe(method, bits=bits, group_size=group, symmetric=symmetric)
     with tempfile.TemporaryDirectory() as d:
         summary = compress_model(None, recipe, Path(d) / "a")
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = rss_bytes()
         seconds = sum(r["seconds"] for r in summary["reports"])
         out = Path(summary["out"])
         mods = json.loads((out / "compress.json").read_text())["quantization"]["modules"]

@@ -120,6 +120,12 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
             raise ValueError("decoder blocks called with extra positional arguments are not supported")
         for k in ("past_key_value", "past_key_values"):
             kw.pop(k, None)  # no KV cache while calibrating
+        prev = got.kwargs[-1] if got.kwargs else {}
+        for k, v in kw.items():  # batches share equal tensors (a 4-D causal mask is 2 MiB per batch of 8 x 512)
+            p = prev.get(k)
+            if (isinstance(v, torch.Tensor) and isinstance(p, torch.Tensor) and p.shape == v.shape
+                    and p.dtype == v.dtype and p.device == v.device and torch.equal(p, v)):
+                kw[k] = p
         got.hidden.append(hidden.detach())
         got.kwargs.append(kw)
         raise _Stop
@@ -153,7 +159,22 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, dtype: torch.dtype | Non
     for i, kw in enumerate(inputs.kwargs):
         h = inputs.hidden[i]
         with _autocast(h.device, dtype):
-            inputs.hidden[i] = _first(block(h, **kw)).detach().to(h.dtype)
+            _replace(inputs.hidden, i, _first(block(h, **kw)))
+
+
+def _replace(hidden: list[torch.Tensor], i: int, out: torch.Tensor) -> None:
+    """hidden[i] = out, in the dtype of hidden[i], written into its memory where the shape allows.
+
+    Writing in place keeps the long-lived batches where they are: fresh
+    copies would land past the freed ones and grow the heap by one copy of
+    the activations per block (glibc keeps such holes instead of returning
+    them).
+    """
+    h = hidden[i]
+    if out.shape == h.shape and not h.requires_grad:
+        h.copy_(out)
+    else:
+        hidden[i] = out.detach().to(h.dtype)
 
 
 def blocks_in_turn(model: nn.Module, blocks: nn.ModuleList) -> Iterator[tuple[int, nn.Module]]:
@@ -167,6 +188,7 @@ def blocks_in_turn(model: nn.Module, blocks: nn.ModuleList) -> Iterator[tuple[in
     for b, block in enumerate(blocks):
         if store is None:
             yield b, block
+            lazy.trim_memory()  # the block's freed temporaries (the store trims after releasing a block)
             continue
         with store.loaded(f"{path}.{b}", block):
             yield b, block
@@ -275,6 +297,7 @@ class _Child:
     targets: set[str]
     last: str | None  # the target whose output is the child's output (Llama: o_proj, down_proj), if one is
     tail: tuple | None  # the rest of a tuple output (e.g. (None,) for attention weights); None: the output itself
+    keep_output: bool  # False when the output is wider than the block's input (OPT's fc1): it is recomputed
 
 
 class BlockReplay:
@@ -292,9 +315,13 @@ class BlockReplay:
     - when its output is its last target's output (o_proj, down_proj) and all
       targets before that one are final, that target's input is kept and the
       child is replaced by the target applied to it.
+    A tensor that takes more bytes than the block's input (down_proj's input,
+    OPT's fc1 output: the MLP's intermediate width) is not kept: kept for every
+    batch it would cost more memory than the calibration activations
+    themselves, so what produces it runs again instead.
     So the attention runs twice per block (for o_proj's and for the MLP's
     Hessians only through o_proj; later passes take its output), and the
-    output pass runs just down_proj for the MLP.
+    output pass runs the MLP once more.
     Forwards run under autocast to `dtype` when given; block outputs keep the
     dtype of the block inputs.
     """
@@ -333,6 +360,10 @@ class BlockReplay:
                 h.remove()
         self.stages = _stages(order, self.targets)
         ran = [n for n, _ in order]
+        inputs_of = dict(reversed(order))  # target -> its input on the first call
+        # a tensor kept for every batch may take at most what the block's input takes: more would cost more
+        # memory than the calibration activations themselves, for time saved only in the later passes
+        budget = _nbytes(self.inputs.hidden[0])
         self._children = []
         for c in dict.fromkeys(calls):
             inside = {t for t in self.targets if t == c or t.startswith(f"{c}.")}
@@ -342,6 +373,8 @@ class BlockReplay:
             outs, out = target_out.get(last, []), child_out.get(c)
             if last == c:
                 last = None  # the child is a target itself: nothing inside it to skip
+            elif last is not None and _nbytes(inputs_of[last]) > budget:
+                last = None  # too wide to keep (down_proj's input): the child runs again
             elif len(outs) == 1 and out is outs[0]:
                 pass  # the child returns its last target's output
             elif (len(outs) == 1 and isinstance(out, tuple) and out and out[0] is outs[0]
@@ -349,7 +382,9 @@ class BlockReplay:
                 tail = out[1:]  # ... as the first element of a tuple of Nones
             else:
                 last = None
-            self._children.append(_Child(c, children[c], inside, last, tail))
+            first_out = _first(out)
+            keep = not isinstance(first_out, torch.Tensor) or _nbytes(first_out) <= budget
+            self._children.append(_Child(c, children[c], inside, last, tail, keep))
 
     def freeze(self, names) -> None:
         self.frozen.update(names)
@@ -369,8 +404,8 @@ class BlockReplay:
         """Replace each batch by the block's output (in place: one copy in memory); the last pass."""
         self._begin_pass({}, last_pass=True)
         try:
-            for i, h in enumerate(self.inputs.hidden):
-                self.inputs.hidden[i] = _first(self._forward(i)).detach().to(h.dtype)
+            for i in range(len(self.inputs.hidden)):
+                _replace(self.inputs.hidden, i, _first(self._forward(i)))
         finally:
             self._end_pass()
             self._outs.clear()
@@ -387,7 +422,7 @@ class BlockReplay:
         for ch in self._children:
             inner_final = settled and ch.targets - {ch.last} <= self.frozen
             settled = settled and ch.targets <= self.frozen
-            if settled and not ch.targets & watched.keys():
+            if settled and ch.keep_output and not ch.targets & watched.keys():
                 if ch.name in self._outs:
                     self._patch(ch.module, lambda outs=self._outs[ch.name]: outs[self._i])
                     continue
@@ -430,6 +465,10 @@ class BlockReplay:
         for name in self._outs:
             self._ins.pop(name, None)  # the output is kept: the input it came from is not needed
         self._patched, self._handles, self._recording = [], [], []
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
 
 
 def _stages(order: list[tuple[str, torch.Tensor]], modules: dict[str, nn.Module]) -> list[list[str]]:

@@ -14,8 +14,8 @@ CALIB holds `ids` (samples, seq_len) int64, EVAL holds `windows` (n, seq_len)
 int64. Perplexity = exp(sum of NLL over every predicted token / their count):
 for each window, logits at positions 0..L-2 predict tokens 1..L-1, no BOS,
 float32 logits. The quantize time covers the quantizer only (not loading, not
-scoring); the peak RSS is ru_maxrss right after quantization (as in our bench)
-and again at the end. Bits per weight count what the tool actually stores for
+scoring); the peak RSS is the process's VmHWM right after quantization (as in our
+bench) and again at the end. Bits per weight count what the tool actually stores for
 the quantized Linear modules (the JSON's bits_note says how). On failure the
 JSON carries "error" and the exit status is 1.
 """
@@ -42,7 +42,20 @@ PEER_PACKAGE = {"none": None, "hqq": "hqq", "bnb-nf4": "bitsandbytes",
 
 
 def rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set size so far.
+
+    Read from VmHWM in /proc/self/status, not from ru_maxrss: Linux carries
+    ru_maxrss over fork and exec, so a process started by a bigger parent (the
+    bench driver, which has read the data) would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # elsewhere: ru_maxrss (KiB on Linux)
 
 
 def version(dist: str | None) -> str | None:
