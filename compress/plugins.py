@@ -35,6 +35,11 @@ class _Builtin:
         register(structured.run_heads)
         register(layers.run)
 
+        from compress.distill import kd, student
+
+        register(student.run)
+        register(kd.run)
+
     @hookimpl
     def register_exporters(self, register):
         from export import gguf as gguf_export

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
     calib = calib or CalibConfig()
+    recipe = _bind_teacher(recipe, model)
     needs_calib = any(s.spec.needs_calibration for s in recipe.steps)
     # read once, before the model loads, so a missing calibration file fails early
     text = read_text(calib.source) if needs_calib or calib.source != "wikitext2" else None
@@ -58,7 +60,9 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
             calib = _fit_positions(calib, lm.model)
         ids = load_calibration(lm.tokenizer, calib, text=text) if needs_calib else None
         reports = apply(lm.model, recipe, ids, progress=progress)
-        exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
+        written = main_process()
+        if written:  # in a distributed run (accelerate launch) every process trains, one writes
+            exporter.export(lm, out, recipe=recipe.to_list(), reports=reports, force=force)
     finally:
         if store is not None:
             store.close()
@@ -68,8 +72,27 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
         "format": fmt,
         "reports": [r.to_dict() for r in reports],
         "calibration": dataclasses.asdict(calib) if needs_calib else None,
-        "bytes": weights_bytes(out),
+        "bytes": weights_bytes(out) if written else 0,
+        "written": written,
     }
+
+
+def main_process() -> bool:
+    """False in the non-zero ranks of a distributed run (torch.distributed, or RANK set by a launcher)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _bind_teacher(recipe: Recipe, model: str | Path | None) -> Recipe:
+    """A step with `teacher: None` (distill) learns from the model the recipe started from."""
+    if model is None:
+        return recipe  # the reference model, which teacher None loads as well
+    steps = tuple(dataclasses.replace(s, config=dataclasses.replace(s.config, teacher=str(model)))
+                  if getattr(s.config, "teacher", "") is None else s for s in recipe.steps)
+    return dataclasses.replace(recipe, steps=steps)
 
 
 def _fit_positions(calib: CalibConfig, model: torch.nn.Module) -> CalibConfig:

@@ -35,9 +35,20 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from compress.cli import demo, evaluate, export, gate, passes, prune, quantize, report, run
+    from compress.cli import (
+        demo,
+        distill,
+        evaluate,
+        export,
+        gate,
+        passes,
+        prune,
+        quantize,
+        report,
+        run,
+    )
 
-    for mod in (passes, quantize, prune, run, export, evaluate, gate, report, demo):
+    for mod in (passes, quantize, prune, distill, run, export, evaluate, gate, report, demo):
         cli.add_command(mod.command)
 
 

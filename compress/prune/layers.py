@@ -33,6 +33,7 @@ from compress.registry import register_pass
 log = logging.getLogger(__name__)
 
 LAYER_IMPORTANCE = ("cosine", "loss")
+ORIGIN_KEY = "compress_layer_origin"  # config.json key: original block index of every remaining block
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -153,6 +154,9 @@ def remove_blocks(model: nn.Module, drop: list[int]) -> None:
                 m.layer_idx = new
     config = model.config
     config.num_hidden_layers = len(kept)
+    # which block of the original model each one is: distillation maps student to teacher layers by it
+    origin = getattr(config, ORIGIN_KEY, None) or list(range(n))
+    setattr(config, ORIGIN_KEY, [origin[i] for i in kept])
     for key, value in list(vars(config).items()):  # per-layer lists (layer_types, ...) keep the kept entries
         if isinstance(value, list) and len(value) == n and key != "architectures":
             setattr(config, key, [value[i] for i in kept])
