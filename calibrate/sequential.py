@@ -18,12 +18,12 @@ import torch
 from torch import nn
 
 from calibrate.blocks import (
-    BlockReplay,
     blocks_in_turn,
     capture_first_block_inputs,
     modules_by_block,
     run_block,
 )
+from calibrate.replay import BlockReplay
 from calibrate.stats import HessianCollector
 
 # solve(full name, name inside the block, module, take_hessian): rewrite the module from its Hessian.

@@ -27,16 +27,19 @@ console = Console(stderr=True)
 
 @contextlib.contextmanager
 def progress_bar() -> Iterator[Any]:
-    """Yield a (label, done, total) callback that drives one rich bar per label."""
+    """Yield a (label, done, total[, info]) callback that drives one rich bar per label.
+
+    `info` is a short status shown after the bar (a training loop's loss and tokens/s).
+    """
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                   console=console, transient=False, disable=not console.is_terminal) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(label: str, done: int, total: int) -> None:
+        def update(label: str, done: int, total: int, info: str = "") -> None:
             if label not in tasks:
-                tasks[label] = bar.add_task(label, total=total)
-            bar.update(tasks[label], completed=done, total=total)
+                tasks[label] = bar.add_task(label, total=total, info=info)
+            bar.update(tasks[label], completed=done, total=total, info=info)
             if done >= total:
                 tasks.pop(label)  # a later phase with the same label gets a new bar
 

@@ -101,10 +101,14 @@ def resolve_precision(name: str, device: torch.device) -> str:
 def run(model: nn.Module, cfg: DistillConfig, calib=None, *, progress: Progress | None = None) -> PassReport:
     """Train the model (the student) to imitate the teacher on the training text; the model is changed in place."""
     from compress.distill.train import train
+    from compress.lazy import store_of
     from compress.models import load_model
 
-    teacher_lm = load_model(cfg.teacher)
+    # without a teacher term only its tokenizer is needed: a lazy load reads no weights
+    teacher_lm = load_model(cfg.teacher, lazy=not cfg.needs_teacher)
     teacher = teacher_lm.model if cfg.needs_teacher else None
+    if teacher is None and (store := store_of(teacher_lm.model)) is not None:
+        store.close()
     if teacher is not None:
         s_vocab = model.get_output_embeddings().weight.shape[0]
         t_vocab = teacher.get_output_embeddings().weight.shape[0]

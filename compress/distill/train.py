@@ -32,7 +32,7 @@ from compress.pipeline import Progress
 log = logging.getLogger(__name__)
 
 # fields that may differ between a run and the run it resumes (they do not change the trajectory)
-RESUME_FREE = ("resume", "checkpoint_every", "eval_every", "checkpoint_dir", "teacher")
+RESUME_FREE = ("resume", "checkpoint_every", "eval_every", "checkpoint_dir")
 
 
 class Distillee(nn.Module):
@@ -99,12 +99,21 @@ def train(student: nn.Module, teacher: nn.Module | None, tokenizer, cfg: Distill
           progress: Progress | None = None) -> dict[str, Any]:
     """Distill `teacher` into `student` (changed in place); return the curve, evals and summary metrics."""
     from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
+    from accelerate.state import AcceleratorState
 
     data = pack_text(tokenizer, cfg.data, seq_len=cfg.seq_len, heldout=cfg.heldout)
-    acc = Accelerator(cpu=not torch.cuda.is_available(),
-                      mixed_precision=resolve_precision(cfg.mixed_precision, torch.device(
-                          "cuda" if torch.cuda.is_available() else "cpu")))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    acc = Accelerator(cpu=device.type == "cpu", mixed_precision=resolve_precision(cfg.mixed_precision, device))
+    try:
+        return _train(acc, student, teacher, data, cfg, progress)
+    finally:  # accelerate keeps one precision per process; a later run here may want another
+        AcceleratorState._reset_state()
+
+
+def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: DistillConfig,
+           progress: Progress | None) -> dict[str, Any]:
+    from transformers import get_cosine_schedule_with_warmup
+
     world, rank = acc.num_processes, acc.process_index
     per_step = cfg.micro_batch_size * world
     if cfg.batch_size % per_step:

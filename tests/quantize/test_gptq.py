@@ -108,7 +108,8 @@ def test_gptq_refuses_modules_outside_blocks(make_tiny):
 
 def test_block_replay_reuses_final_children_exactly(make_tiny, tiny_tokenizer, arch):
     """What is final is not recomputed by later passes, and the block's output is bit for bit the same."""
-    from calibrate.blocks import BlockInputs, BlockReplay, run_block
+    from calibrate.blocks import BlockInputs, run_block
+    from calibrate.replay import BlockReplay
 
     model = make_tiny(arch)
     ids = torch.randint(0, len(tiny_tokenizer), (4, 16))
@@ -147,7 +148,8 @@ def test_block_replay_reuses_final_children_exactly(make_tiny, tiny_tokenizer, a
 
 
 def test_block_replay_autocast_keeps_the_residual_dtype(make_tiny, tiny_tokenizer):
-    from calibrate.blocks import BlockInputs, BlockReplay, resolve_forward_dtype, run_block
+    from calibrate.blocks import BlockInputs, resolve_forward_dtype, run_block
+    from calibrate.replay import BlockReplay
 
     model = make_tiny("llama")
     inputs = capture_first_block_inputs(model, torch.randint(0, len(tiny_tokenizer), (2, 16)), batch_size=1)
