@@ -16,7 +16,7 @@ def main() -> None:
         d = json.load(f)
     rows = d["results"]
     fp32 = next((x["fp32_model_bytes"] for x in rows if x.get("fp32_model_bytes")), None)  # the dense checkpoint
-    print("| config | tool | perplexity | rise over dense | pruning time | peak RSS (x fp32 file) | sparsity (layer min-max) | parameters | forward 1x512 (ratio) |")
+    print("| config | tool | perplexity | rise over dense | pruning time | peak RSS (x fp32 file) | sparsity (layer min-max) | parameters | forward 1x512: this / dense (median ratio) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
@@ -27,7 +27,10 @@ def main() -> None:
         rss_s = f"{rss / 2**30:.2f} GiB ({rss / fp32:.2f}x)" if rss and fp32 else ""
         sp = f"{r['sparsity']:.4f} ({r['layer_sparsity_min']:.4f}-{r['layer_sparsity_max']:.4f})" if r.get("sparsity") else ""
         params = f"{r['parameters'] / 1e6:.2f} M" if r.get("parameters") else ""
-        fwd = f"{r['forward_seconds_1x512']:.3f} s ({r['forward_time_ratio']:.2f}x)" if r.get("forward_seconds_1x512") else ""
+        fwd = ""
+        if r.get("forward_seconds_1x512"):
+            dense_s = r.get("dense_forward_seconds_1x512", r["forward_seconds_1x512"])  # taken in turns, same process
+            fwd = f"{r['forward_seconds_1x512']:.3f} / {dense_s:.3f} s ({r['forward_time_ratio']:.3f}x)"
         rise = f"{100 * r['rise_over_dense']:+.1f} %" if "rise_over_dense" in r else ""
         print(f"| {r['config']} | {tool} | {r['perplexity']:.3f} | {rise} | {r.get('prune_seconds', 0):.0f} s | {rss_s} | {sp} | {params} | {fwd} |")
 

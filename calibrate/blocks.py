@@ -142,6 +142,7 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
                     pass
     finally:
         handle.remove()
+    lazy.trim_memory()  # the embedding forwards' temporaries
     return got
 
 

@@ -25,6 +25,7 @@ from calibrate.blocks import (
 )
 from calibrate.replay import BlockReplay
 from calibrate.stats import HessianCollector
+from compress.lazy import trim_memory
 
 # solve(full name, name inside the block, module, take_hessian): rewrite the module from its Hessian.
 # take_hessian() returns the stage's (in, in) Hessian; for the stage's last module it hands over the only
@@ -74,6 +75,7 @@ def solve_blocks(model: nn.Module, selected: dict[str, nn.Module], calib: torch.
                 for n in st:
                     solve(f"{path}.{b}.{n}", n, mods[n], hessian.pop if n == st[-1] else lambda h=hessian: h[0])
                 replay.freeze(st)
+            trim_memory()  # the stage's Hessians and solver temporaries, freed: keep the heap from creeping
         replay.run()  # the processed block feeds the next one
         if block_done is not None:
             block_done(block)
