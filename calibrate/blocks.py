@@ -263,6 +263,13 @@ def check_forward_options(batch_size: int, forward_dtype: str) -> None:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
 
 
+def native_bf16(device_type: str) -> bool:
+    """Whether the device multiplies bfloat16 natively: CUDA with bf16 support, a CPU with AVX512-BF16 or AMX."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def resolve_forward_dtype(name: str, param: torch.Tensor) -> torch.dtype | None:
     """The autocast dtype for calibration forwards of a model whose weights look like `param`; None: no autocast.
 
@@ -277,9 +284,7 @@ def resolve_forward_dtype(name: str, param: torch.Tensor) -> torch.dtype | None:
         if param.dtype != torch.float32:
             return None  # already a 16-bit model: run it as it is
         dev = "cpu" if param.device.type == "meta" else param.device.type  # lazily loaded: the store loads onto the CPU
-        fast = (torch.cuda.is_bf16_supported() if dev == "cuda" else
-                dev == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))
-        return torch.bfloat16 if fast else None
+        return torch.bfloat16 if native_bf16(dev) else None
     dtype = getattr(torch, name)
     return None if dtype == param.dtype else dtype
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from calibrate.blocks import native_bf16
 from compress.distill.losses import DIVERGENCES, HIDDEN_LOSSES
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
@@ -91,10 +92,9 @@ def resolve_precision(name: str, device: torch.device) -> str:
     """accelerate's mixed_precision for `name` on `device` ("auto": bf16 where the hardware has it)."""
     if name != "auto":
         return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    fast = device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-    return "bf16" if fast else "no"
+    if native_bf16(device.type):
+        return "bf16"
+    return "fp16" if device.type == "cuda" else "no"
 
 
 @register_pass("distill", DistillConfig)
