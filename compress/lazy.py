@@ -61,11 +61,12 @@ class TensorStore:
                  spill_root: str | Path | None = None) -> None:
         self.model = model
         self.tied = set(tied)  # names that alias another tensor (a tied lm_head): never loaded or written
-        self.where: dict[str, Path] = {}
+        # model tensor name -> (file, name inside the file): they differ once blocks are renumbered
+        self.where: dict[str, tuple[Path, str]] = {}
         for f in files:
             with safe_open(f, "pt") as h:
                 for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    self.where[k] = Path(f)
+                    self.where[k] = (Path(f), k)
         self._tmp = tempfile.TemporaryDirectory(prefix="compress-spill-", dir=spill_root)
         self._spills = 0
         self._loaded: dict[str, dict[str, tuple[int, int]]] = {}  # prefix -> {name: (id, version)}
@@ -81,17 +82,18 @@ class TensorStore:
     def load(self, prefix: str, module: nn.Module) -> None:
         """Give `module` (the submodule named `prefix`) its tensors from disk."""
         current = self._own(prefix, module)
-        by_file: dict[Path, list[str]] = {}
+        by_file: dict[Path, list[tuple[str, str]]] = {}
         for name in current:
             key = f"{prefix}.{name}" if prefix else name
             if key not in self.where:
                 raise ValueError(f"tensor {key} is not in the checkpoint")
-            by_file.setdefault(self.where[key], []).append(name)
+            f, stored = self.where[key]
+            by_file.setdefault(f, []).append((name, stored))
         state = {}
         for f, names in by_file.items():
             with safe_open(f, "pt") as h:
-                for name in names:
-                    t = h.get_tensor(f"{prefix}.{name}" if prefix else name)
+                for name, stored in names:
+                    t = h.get_tensor(stored)
                     want = current[name]
                     if t.is_floating_point() and want.is_floating_point():
                         t = t.to(want.dtype)
@@ -112,7 +114,7 @@ class TensorStore:
             stale = [k for k in self.where if k.startswith(f"{prefix}.") and k not in full]
             for k in stale:  # e.g. a Linear's `weight` replaced by a QuantLinear's packed tensors
                 del self.where[k]
-            self.where.update(dict.fromkeys(full, f))
+            self.where.update({k: (f, k) for k in full})
         _free(module)
         trim_memory()
 
@@ -124,6 +126,26 @@ class TensorStore:
         finally:
             self.release(prefix, module)
 
+    def renumber(self, path: str, kept: list[int]) -> None:
+        """Blocks `path.{kept[i]}` become `path.{i}`; the others' tensors are forgotten (layer pruning).
+
+        Only the names change: every tensor stays in the file it is in.
+        """
+        if self._loaded:
+            raise RuntimeError(f"cannot renumber blocks while {sorted(self._loaded)} are loaded")
+        new_index = {old: new for new, old in enumerate(kept)}
+        head = f"{path}."
+        where = {}
+        for k, v in self.where.items():
+            if not k.startswith(head):
+                where[k] = v
+                continue
+            index, _, rest = k[len(head):].partition(".")
+            if index.isdigit() and int(index) not in new_index:
+                continue  # a removed block
+            where[f"{head}{new_index[int(index)]}.{rest}" if index.isdigit() else k] = v
+        self.where = where
+
     def save(self, out: Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write every tensor into `out` as `model.safetensors` (or shards plus an index, past
         `max_shard_bytes`, as Hugging Face does), streaming one tensor at a time.
@@ -133,8 +155,9 @@ class TensorStore:
         meta = self.model.state_dict(keep_vars=True)
         entries = []  # (key, torch dtype, shape) in model order: blocks stay contiguous
         for k in [k for k in meta if k in self.where] + sorted(k for k in self.where if k not in meta):
-            with safe_open(self.where[k], "pt") as h:
-                sl = h.get_slice(k)
+            f, stored = self.where[k]
+            with safe_open(f, "pt") as h:
+                sl = h.get_slice(stored)
                 dtype, shape = _DTYPES[sl.get_dtype()], list(sl.get_shape())
             if k in meta and dtype.is_floating_point and meta[k].dtype.is_floating_point:
                 dtype = meta[k].dtype
@@ -178,8 +201,9 @@ class TensorStore:
                 rows = shape[0] if shape else 1
                 step = max(1, rows * CHUNK_BYTES // max(_nbytes(dtype, shape), 1))
                 for a in range(0, rows, step):
-                    with safe_open(self.where[k], "pt") as h:  # reopened: the mapped pages go with it
-                        t = h.get_slice(k)[a : a + step] if shape else h.get_tensor(k)
+                    src, stored = self.where[k]
+                    with safe_open(src, "pt") as h:  # reopened: the mapped pages go with it
+                        t = h.get_slice(stored)[a : a + step] if shape else h.get_tensor(stored)
                     t = t.to(dtype).contiguous()
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
                     del t

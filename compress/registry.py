@@ -23,7 +23,12 @@ class PassSpec:
     config_cls: type
     run: Callable[..., Any]
     needs_calibration: bool = False
-    streams_blocks: bool = False  # works on a lazily loaded model, one decoder block in memory at a time
+    # works on a lazily loaded model, one decoder block in memory at a time (or: for which configs it does)
+    streams_blocks: bool | Callable[[Any], bool] = False
+
+    def streams(self, config: Any) -> bool:
+        """Whether the pass, with this config, can run on a lazily loaded model."""
+        return bool(self.streams_blocks(config) if callable(self.streams_blocks) else self.streams_blocks)
 
     @property
     def summary(self) -> str:
@@ -105,7 +110,8 @@ EXPORTERS: Registry[ExporterSpec] = Registry("exporter")
 TASKS: Registry[TaskSpec] = Registry("task")
 
 
-def register_pass(name: str, config_cls: type, *, needs_calibration: bool = False, streams_blocks: bool = False):
+def register_pass(name: str, config_cls: type, *, needs_calibration: bool = False,
+                  streams_blocks: bool | Callable[[Any], bool] = False):
     """Decorator: register `run(model, cfg, calib) -> PassReport` as pass `name`."""
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
         raise TypeError(f"pass {name!r}: config must be a frozen dataclass, got {config_cls!r}")

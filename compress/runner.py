@@ -52,7 +52,7 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     # read once, before the model loads, so a missing calibration file fails early
     text = read_text(calib.source) if needs_calib or calib.source != "wikitext2" else None
     # passes that work block by block leave the weights on disk until they need them
-    lazy = low_memory and all(s.spec.streams_blocks for s in recipe.steps)
+    lazy = low_memory and all(s.spec.streams(s.config) for s in recipe.steps)
     lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
     store = store_of(lm.model)
     try:

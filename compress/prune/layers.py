@@ -20,12 +20,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate.blocks import (
+    BlockInputs,
+    blocks_in_turn,
     capture_first_block_inputs,
     check_forward_options,
     decoder_blocks,
     resolve_forward_dtype,
     run_block,
 )
+from compress import lazy
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import CONFIG_KEY, pruned_modules
 from compress.registry import register_pass
@@ -56,17 +59,28 @@ class LayersConfig:
 
 @torch.no_grad()
 def block_influence(model: nn.Module, calib: torch.Tensor, *, batch_size: int = 8,
-                    dtype: torch.dtype | None = None) -> list[float]:
-    """ShortGPT's BI of every decoder block: 1 - mean cosine similarity of its input and output hidden states."""
+                    dtype: torch.dtype | None = None, progress: Progress | None = None) -> list[float]:
+    """ShortGPT's BI of every decoder block: 1 - mean cosine similarity of its input and output hidden states.
+
+    Block by block over the captured calibration inputs, so a lazily loaded
+    model holds one block in memory; only one batch's input is copied at a time.
+    """
     _, blocks = decoder_blocks(model)
     inputs = capture_first_block_inputs(model, calib, batch_size=batch_size)
     bi = []
-    for block in blocks:
-        before = [h.clone() for h in inputs.hidden]
-        run_block(block, inputs, dtype=dtype)
-        cos = torch.cat([F.cosine_similarity(a.float(), b.float(), dim=-1).reshape(-1)
-                         for a, b in zip(before, inputs.hidden, strict=True)])
-        bi.append(1.0 - float(cos.mean()))
+    for b, block in blocks_in_turn(model, blocks):
+        total, count = 0.0, 0
+        for i, kw in enumerate(inputs.kwargs):
+            before = inputs.hidden[i].clone()  # (batch, seq, hidden)
+            one = BlockInputs([inputs.hidden[i]], [kw])
+            run_block(block, one, dtype=dtype)
+            inputs.hidden[i] = one.hidden[0]
+            cos = F.cosine_similarity(before.float(), inputs.hidden[i].float(), dim=-1)  # (batch, seq)
+            total += float(cos.sum())
+            count += cos.numel()
+        bi.append(1.0 - total / count)
+        if progress:
+            progress("prune_layers", b + 1, len(blocks))
     return bi
 
 
@@ -112,7 +126,9 @@ def _set_blocks(model: nn.Module, blocks: list[nn.Module]) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList(blocks))
 
 
-@register_pass("prune_layers", LayersConfig, needs_calibration=True)
+# block influence goes block by block; the loss importance needs whole-model forwards
+@register_pass("prune_layers", LayersConfig, needs_calibration=True,
+               streams_blocks=lambda cfg: cfg.importance == "cosine")
 @torch.no_grad()
 def run(model: nn.Module, cfg: LayersConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Remove the least important decoder blocks; the config's layer count (and per-layer lists) follow."""
@@ -125,7 +141,7 @@ def run(model: nn.Module, cfg: LayersConfig, calib: torch.Tensor, *, progress: P
     dtype = resolve_forward_dtype(cfg.forward_dtype, next(model.parameters()))
     scores = None
     if cfg.importance == "cosine":
-        scores = block_influence(model, calib, batch_size=cfg.batch_size, dtype=dtype)
+        scores = block_influence(model, calib, batch_size=cfg.batch_size, dtype=dtype, progress=progress)
         dropped = sorted(range(n), key=lambda i: scores[i])[:n_drop]
     else:
         dropped = _greedy_by_loss(model, blocks, calib[:cfg.loss_samples], n_drop, cfg.batch_size, dtype, progress)
@@ -148,6 +164,9 @@ def remove_blocks(model: nn.Module, drop: list[int]) -> None:
     n = len(blocks)
     kept = [i for i in range(n) if i not in set(drop)]
     _set_blocks(model, [blocks[i] for i in kept])
+    store = lazy.store_of(model)
+    if store is not None:  # a lazily loaded model: the stored tensors take the blocks' new names
+        store.renumber(path, kept)
     for new, block in enumerate(decoder_blocks(model)[1]):
         for m in block.modules():  # the KV cache is indexed by layer_idx
             if isinstance(getattr(m, "layer_idx", None), int):

@@ -138,3 +138,42 @@ def test_low_memory_structured_is_identical(model_dirs, tmp_path, steps):
         compress_model(model_dirs["llama"], Recipe.from_steps(steps), tmp_path / str(low), calib=calib, low_memory=low)
     a, b = (load_file(tmp_path / str(x) / "model.safetensors") for x in (False, True))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("steps", [[{"pass": "prune_layers", "ratio": 0.25}],
+                                   [{"pass": "prune_layers", "ratio": 0.5}, {"pass": "prune_channels", "ratio": 0.25},
+                                    {"pass": "magnitude", "sparsity": 0.5}]])
+def test_low_memory_layer_pruning_is_identical(make_tiny, tiny_tokenizer, tmp_path, steps, monkeypatch):
+    import json
+
+    from safetensors.torch import load_file
+
+    from compress.lazy import TensorStore
+
+    renumbered = []  # the low-memory run really streams: its store renames the kept blocks' tensors
+    real = TensorStore.renumber
+    monkeypatch.setattr(TensorStore, "renumber", lambda self, *a: (renumbered.append(a), real(self, *a)))
+
+    torch.manual_seed(0)
+    config = make_tiny("llama").config
+    config.num_hidden_layers = 4
+    m = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+        m.model.layers[1].self_attn.o_proj.weight.zero_()  # block 1 is the identity: a middle block goes first
+        m.model.layers[1].mlp.down_proj.weight.zero_()
+    m.save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    calib = CalibConfig(samples=8, seq_len=64)
+    for low in (False, True):
+        summary = compress_model(tmp_path / "src", Recipe.from_steps(steps), tmp_path / str(low), calib=calib,
+                                 low_memory=low)
+        assert 1 in summary["reports"][0]["config"]["removed_blocks"]
+        assert len(renumbered) == int(low)
+    a, b = (load_file(tmp_path / str(x) / "model.safetensors") for x in (False, True))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    ja, jb = (json.loads((tmp_path / str(x) / "config.json").read_text()) for x in (False, True))
+    assert ja["compress_layer_origin"] == jb["compress_layer_origin"] and 1 not in ja["compress_layer_origin"]
+    assert ja["num_hidden_layers"] == jb["num_hidden_layers"] == 4 - round(4 * steps[0]["ratio"])
