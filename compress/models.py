@@ -149,6 +149,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
+    from compress.pipeline import RECIPE_ATTR
     from compress.quantize.qlinear import QuantLinear
     from compress.quantize.scheme import QuantScheme
     from compress.targets import set_submodule
@@ -178,6 +179,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     if missing or unexpected:
         raise ValueError(f"{p}: tensors do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.eval()
+    setattr(model, RECIPE_ATTR, list(prov.get("recipe", [])))  # how it was quantized: LoRA merging re-does it
     tok = load_tokenizer(p)
     return LoadedModel(model, tok, str(p), files, prov)
 

@@ -17,6 +17,12 @@ from compress.recipe import Recipe
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
+RECIPE_ATTR = "compress_recipe"  # on a model: the steps (dicts) that made it, from its artifact and this run
+
+
+def recipe_history(model: nn.Module) -> list[dict[str, Any]]:
+    """The recipe steps applied to `model` so far: its artifact's recorded ones, then those `apply` ran."""
+    return list(getattr(model, RECIPE_ATTR, None) or [])
 
 
 @dataclass(frozen=True)
@@ -41,10 +47,12 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
     a calibrated pass without it raises ValueError before anything changes.
     """
     for step in recipe.steps:
-        if step.spec.needs_calibration and calib is None:
+        if step.spec.needs_calibration is True and calib is None:
             raise ValueError(f"pass {step.name!r} needs calibration data; pass `calib`")
     reports = []
     for i, step in enumerate(recipe.steps):
+        if calib is None and step.spec.calibrates(step.config, model):  # one that needs it only sometimes
+            raise ValueError(f"pass {step.name!r} needs calibration data here; pass `calib`")
         log.info("step %d/%d: %s", i + 1, len(recipe.steps), step.name)
         t0 = time.perf_counter()
         run = step.spec.run
@@ -52,6 +60,7 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
         extra = {"progress": progress} if "progress" in inspect.signature(run).parameters else {}
         report = run(model, step.config, calib, **extra)
         untie_quantized_head(model)
+        setattr(model, RECIPE_ATTR, [*recipe_history(model), step.to_dict()])
         report = dataclasses.replace(report, seconds=round(time.perf_counter() - t0, 3))
         reports.append(report)
     return reports

@@ -40,6 +40,10 @@ class _Builtin:
         register(student.run)
         register(kd.run)
 
+        from compress.lora import merge
+
+        register(merge.run)
+
     @hookimpl
     def register_exporters(self, register):
         from export import gguf as gguf_export

@@ -22,9 +22,15 @@ class PassSpec:
     name: str
     config_cls: type
     run: Callable[..., Any]
-    needs_calibration: bool = False
+    # or, for passes that need it only sometimes: (config, model) -> bool, asked just before the pass runs
+    needs_calibration: bool | Callable[[Any, Any], bool] = False
     # works on a lazily loaded model, one decoder block in memory at a time (or: for which configs it does)
     streams_blocks: bool | Callable[[Any], bool] = False
+
+    def calibrates(self, config: Any, model: Any) -> bool:
+        """Whether the pass, with this config and on this model, needs calibration data."""
+        c = self.needs_calibration
+        return bool(c(config, model) if callable(c) else c)
 
     def streams(self, config: Any) -> bool:
         """Whether the pass, with this config, can run on a lazily loaded model."""
@@ -110,7 +116,7 @@ EXPORTERS: Registry[ExporterSpec] = Registry("exporter")
 TASKS: Registry[TaskSpec] = Registry("task")
 
 
-def register_pass(name: str, config_cls: type, *, needs_calibration: bool = False,
+def register_pass(name: str, config_cls: type, *, needs_calibration: bool | Callable[[Any, Any], bool] = False,
                   streams_blocks: bool | Callable[[Any], bool] = False):
     """Decorator: register `run(model, cfg, calib) -> PassReport` as pass `name`."""
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):

@@ -48,14 +48,15 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
     calib = calib or CalibConfig()
     recipe = _bind_teacher(recipe, model)
-    needs_calib = any(s.spec.needs_calibration for s in recipe.steps)
+    may_calib = any(s.spec.needs_calibration for s in recipe.steps)  # (a pass may need it only on some models)
     # read once, before the model loads, so a missing calibration file fails early
-    text = read_text(calib.source) if needs_calib or calib.source != "wikitext2" else None
+    text = read_text(calib.source) if may_calib or calib.source != "wikitext2" else None
     # passes that work block by block leave the weights on disk until they need them
     lazy = low_memory and all(s.spec.streams(s.config) for s in recipe.steps)
     lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
     store = store_of(lm.model)
     try:
+        needs_calib = any(s.spec.calibrates(s.config, lm.model) for s in recipe.steps)
         if needs_calib:
             calib = _fit_positions(calib, lm.model)
         ids = load_calibration(lm.tokenizer, calib, text=text) if needs_calib else None

@@ -89,3 +89,27 @@ def tokens(tiny_tokenizer) -> torch.Tensor:
 def make_tiny(tiny_tokenizer):
     """Factory: make_tiny(arch, seed=0) -> a fresh tiny random model."""
     return lambda arch, seed=0: make_model(arch, tiny_tokenizer, seed)
+
+
+@pytest.fixture
+def make_adapter():
+    """Factory: make_adapter(base, path, seed=1, **LoraConfig fields) saves a PEFT adapter for `base` with
+    random non-zero factors (and perturbed DoRA magnitudes) on q/v/down_proj; returns peft's merged model."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    def make(base, path, *, seed=1, **lora):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"],
+                                                                    **lora))
+        with torch.no_grad():
+            for name, p in peft_model.named_parameters():
+                if "lora_A" in name or "lora_B" in name:
+                    p.normal_(0, 0.05)
+                elif "lora_magnitude_vector" in name:
+                    p.mul_(1 + 0.1 * torch.randn_like(p))
+        peft_model.save_pretrained(path)
+        return peft_model.merge_and_unload()
+
+    return make

@@ -41,6 +41,7 @@ def _register_commands() -> None:
         evaluate,
         export,
         gate,
+        lora,
         passes,
         prune,
         quantize,
@@ -48,7 +49,7 @@ def _register_commands() -> None:
         run,
     )
 
-    for mod in (passes, quantize, prune, distill, run, export, evaluate, gate, report, demo):
+    for mod in (passes, quantize, prune, distill, lora, run, export, evaluate, gate, report, demo):
         cli.add_command(mod.command)
 
 

@@ -29,7 +29,8 @@ def command() -> None:
     from compress.registry import EXPORTERS, PASSES, TASKS
 
     for spec in PASSES:
-        calib = " [needs calibration]" if spec.needs_calibration else ""
+        calib = (" [calibration: depends on the model]" if callable(spec.needs_calibration)
+                 else " [needs calibration]" if spec.needs_calibration else "")
         click.echo(f"{spec.name}{calib}: {spec.summary}")
         for f in spec.fields():
             click.echo(f"    {f.name} = {_default(f)}")
