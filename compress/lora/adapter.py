@@ -98,6 +98,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     replaced: dict[str, torch.Tensor] = {}
     for key, t in _read_tensors(path, allow_pickle).items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = name.replace(".base_layer.", ".")  # a trained bias of an adapted Linear (bias: lora_only / all)
         m = _LORA.match(name)
         if m:
             parts.setdefault(m["module"], {})[m["kind"]] = t

@@ -101,8 +101,19 @@ def _needs_calibration(cfg: LoraMergeConfig, model: nn.Module) -> bool:
 
 
 def _replace_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, attr = name.rpartition(".")
-    t = getattr(model.get_submodule(owner) if owner else model, attr)
+    """Give tensor `name` the adapter's value; a tied one (an output head sharing the embedding) is untied first,
+    since the adapter trained a copy of it (PEFT's modules_to_save) and the other user keeps the base value."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    t = getattr(owner, attr)
+    shared = [n for n, p in model.named_parameters(remove_duplicate=False) if p is t and n != name]
+    if shared:
+        setattr(owner, attr, nn.Parameter(value.detach().to(t.dtype).clone(), requires_grad=t.requires_grad))
+        get_head = getattr(model, "get_output_embeddings", None)
+        if get_head is not None and get_head() is owner and getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # saved and loaded as two tensors from now on
+        log.info("lora_merge: %s was tied to %s; untied to take the adapter's value", name, shared[0])
+        return
     with torch.no_grad():
         t.copy_(value.to(t.dtype))
 

@@ -173,3 +173,32 @@ def test_merge_into_a_quantized_artifact(model_dirs, tmp_path, method, make_adap
     assert err_merged < 2.0 * err_direct
     prov = json.loads((tmp_path / "m" / "compress.json").read_text())
     assert [s["pass"] for s in prov["recipe"]] == [method, "lora_merge"]
+
+
+@pytest.mark.parametrize("arch,lora", [("opt", {"bias": "lora_only"}), ("llama", {"modules_to_save": ["lm_head"]})])
+def test_trained_biases_and_saved_modules_merge(make_tiny, tmp_path, arch, lora):
+    """Trained biases replace the base's; a trained copy of the tied head is untied from the embedding."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = make_tiny(arch)
+    torch.manual_seed(3)
+    peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **lora))
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:  # LoRA factors and the trained biases / head copy
+                p.add_(0.05 * torch.randn_like(p))
+    peft_model.save_pretrained(tmp_path / "a")
+    ids = torch.randint(3, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+    (report,) = _merge(base, tmp_path / "a")
+    assert report.config["replaced_tensors"]
+    base.save_pretrained(tmp_path / "m")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert float((base(input_ids=ids).logits - want).abs().max()) < 1e-5
+        assert float((back(input_ids=ids).logits - want).abs().max()) < 1e-5
+    if "modules_to_save" in lora:
+        assert not back.config.tie_word_embeddings
+        assert torch.equal(back.get_input_embeddings().weight, make_tiny(arch).get_input_embeddings().weight)
