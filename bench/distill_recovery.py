@@ -31,7 +31,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 from run_peer import rss_bytes  # noqa: E402  (stdlib only)
 
-TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "ce": {"kd_weight": 0.0, "ce_weight": 1.0}}
+# kd: logits only; kd+ce: Hinton's mix of soft and hard targets; ce: the plain fine-tuning baseline
+TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
+         "ce": {"kd_weight": 0.0, "ce_weight": 1.0}}
 
 
 def score(model_dir: str | None, windows: int) -> dict:
@@ -53,7 +55,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     step = {"pass": "distill", "steps": args.steps, "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind]}
-    if kind == "kd":
+    if step["kd_weight"] > 0:
         from compress.reference import reference_model_dir
 
         step["teacher"] = str(reference_model_dir())  # the unpruned reference model
@@ -80,7 +82,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=20)
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="kd,ce")
+    ap.add_argument("--rows", default="kd+ce,ce")
+    ap.add_argument("--pruned-dir", help="keep the pruned student here, or reuse it if it exists")
     ap.add_argument("--output", default=str(HERE / "results" / "distill_recovery.json"))
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # KIND STUDENT OUT
     args = ap.parse_args()
@@ -110,14 +113,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
         doc["rows"].append({"row": "teacher", **score(None, args.windows)})
-        student = Path(tmp) / "pruned"
+        student = Path(args.pruned_dir) if args.pruned_dir else Path(tmp) / "pruned"
         t0 = time.perf_counter()
-        compress_model(None, Recipe.single("prune_channels", ratio=0.25), student)
+        if not (student / "config.json").is_file():
+            compress_model(None, Recipe.single("prune_channels", ratio=0.25), student)
         doc["rows"].append({"row": "pruned", "prune_seconds": round(time.perf_counter() - t0, 1),
                             **score(str(student), args.windows)})
         save()
         for kind in args.rows.split(","):
-            p = subprocess.run([sys.executable, __file__, "--one", kind, str(student), str(Path(tmp) / kind),
+            p = subprocess.run([sys.executable, __file__, "--one", kind, str(student), str(Path(tmp) / kind.replace("+", "_")),
                                 *sys.argv[1:]], capture_output=True, text=True)
             row = (json.loads(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 else
                    {"row": kind, "error": f"exited {p.returncode}", "stderr_tail": p.stderr[-3000:]})
