@@ -52,6 +52,9 @@ def _pruned_student(spec: str) -> dict:
 @click.option("--checkpoint-every", type=int, default=None, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
 @click.option("--train-seed", type=int, default=None, help="Seed of the data order and projections [default: 0].")
+@click.option("--teacher-cache", type=click.Path(), default=None,
+              help="Cache the teacher's top-k log-probs here (filled once; later runs need no teacher forward).")
+@click.option("--cache-topk", type=int, default=None, help="Tokens per position in the teacher cache [default: 64].")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
@@ -59,7 +62,7 @@ def _pruned_student(spec: str) -> dict:
 def command(student, teacher, pruned, student_layers, student_mlp_ratio, data, steps, batch_size, micro_batch_size,
             seq_len, lr, warmup_steps, temperature, divergence, kd_weight, ce_weight, hidden_weight, hidden_loss,
             layer_map, attention_weight, mixed_precision, eval_every, checkpoint_dir, checkpoint_every, resume,
-            train_seed, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
+            train_seed, teacher_cache, cache_topk, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Distill TEACHER into STUDENT (a model directory) or into a student made from the teacher.
 
     The student is trained on the text to match the teacher's next-token
@@ -88,7 +91,7 @@ def command(student, teacher, pruned, student_layers, student_mlp_ratio, data, s
               "hidden_weight": hidden_weight, "hidden_loss": hidden_loss, "layer_map": layer_map,
               "attention_weight": attention_weight, "mixed_precision": mixed_precision, "eval_every": eval_every,
               "checkpoint_dir": checkpoint_dir, "checkpoint_every": checkpoint_every, "resume": resume or None,
-              "seed": train_seed}
+              "seed": train_seed, "teacher_cache": teacher_cache, "cache_topk": cache_topk}
     if student and teacher is None:  # the default teacher is the reference model, not the student's own source
         from compress.reference import reference_model_dir
 

@@ -58,6 +58,8 @@ class DistillConfig:
     checkpoint_dir: str | None = None  # where periodic checkpoints go (needed for checkpoint_every and resume)
     checkpoint_every: int = 0  # steps between checkpoints (0: none)
     resume: bool = False  # continue from the newest checkpoint in checkpoint_dir
+    teacher_cache: str | None = None  # directory of the teacher's top-k log-probs: filled on first use, reused after
+    cache_topk: int = 64  # tokens per position kept in the teacher cache (the logit loss uses them plus the rest)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "micro_batch_size", "seq_len"):
@@ -82,6 +84,14 @@ class DistillConfig:
             raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError("checkpoint_every and resume need checkpoint_dir")
+        if self.cache_topk < 1:
+            raise ValueError(f"cache_topk must be positive, got {self.cache_topk}")
+        if self.teacher_cache is not None:
+            if self.kd_weight == 0:
+                raise ValueError("teacher_cache holds the teacher's logits for the kd term, but kd_weight is 0")
+            if self.hidden_weight or self.attention_weight or self.divergence != "forward":
+                raise ValueError("teacher_cache serves forward-KL logit distillation only: hidden-state and "
+                                 "attention losses, reverse KL and JS need the teacher itself")
 
     @property
     def needs_teacher(self) -> bool:
@@ -104,18 +114,25 @@ def run(model: nn.Module, cfg: DistillConfig, calib=None, *, progress: Progress 
     from compress.lazy import store_of
     from compress.models import load_model
 
-    # without a teacher term only its tokenizer is needed: a lazy load reads no weights
-    teacher_lm = load_model(cfg.teacher, lazy=not cfg.needs_teacher)
-    teacher = teacher_lm.model if cfg.needs_teacher else None
-    if teacher is None and (store := store_of(teacher_lm.model)) is not None:
-        store.close()
-    if teacher is not None:
+    # the tokenizer and identity now; the weights only if the teacher runs (not without a teacher term, nor when
+    # a filled teacher cache answers for it)
+    teacher_lm = load_model(cfg.teacher, lazy=True)
+    lazy_store = store_of(teacher_lm.model)
+    if lazy_store is not None:
+        lazy_store.close()
+
+    def load_teacher() -> nn.Module:
+        teacher = teacher_lm.model if lazy_store is None else load_model(cfg.teacher).model
         s_vocab = model.get_output_embeddings().weight.shape[0]
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
         if s_vocab != t_vocab:
             raise ValueError(f"the student's vocabulary ({s_vocab}) differs from the teacher's ({t_vocab}): "
                              "logit distillation needs the same tokenizer")
-    result = train(model, teacher, teacher_lm.tokenizer, cfg, progress=progress)
+        return teacher
+
+    teacher_id = (teacher_lm.source, teacher_lm.source_sha256()) if cfg.teacher_cache else None
+    result = train(model, load_teacher if cfg.needs_teacher else None, teacher_lm.tokenizer, cfg, progress=progress,
+                   teacher_id=teacher_id)
     return PassReport(name="distill", config={**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                                               "teacher_source": teacher_lm.source, **result["record"]},
                       modules=result["trained_tensors"], metrics=result["metrics"])

@@ -59,6 +59,19 @@ def logit_divergence(student: torch.Tensor, teacher: torch.Tensor, *, temperatur
     return _mean(per, mask) * temperature**2
 
 
+def topk_forward_kl(student: torch.Tensor, teacher_logprobs: torch.Tensor, teacher_indices: torch.Tensor, *,
+                    temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 times forward KL between the distributions coarsened to the teacher's top-k tokens plus one bucket for
+    the rest; student logits (..., vocab), the teacher's softened log-probabilities and their token indices
+    (..., k). Equal to `logit_divergence` when k is the vocabulary, a lower bound of it otherwise."""
+    s = F.log_softmax(student.float() / temperature, dim=-1).gather(-1, teacher_indices)  # (..., k)
+    t = teacher_logprobs.detach().float()
+    rest_t = (1 - t.exp().sum(-1)).clamp_min(0)  # the teacher's mass outside its top k
+    rest_s = (1 - s.exp().sum(-1)).clamp_min(1e-12)
+    per = (t.exp() * (t - s)).sum(-1) + rest_t * (rest_t.clamp_min(1e-12).log() - rest_s.log())
+    return _mean(per, mask) * temperature**2
+
+
 def hidden_loss(student: torch.Tensor, teacher: torch.Tensor, *, kind: str = "mse",
                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over positions of MSE (averaged over the width) or 1 - cosine similarity; (..., width) each.

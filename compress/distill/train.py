@@ -16,6 +16,7 @@ import inspect
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from compress.distill import losses
+from compress.distill.cache import TeacherCache
 from compress.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from compress.distill.data import pack_text
 from compress.distill.kd import DistillConfig, resolve_precision
@@ -32,7 +34,7 @@ from compress.pipeline import Progress
 log = logging.getLogger(__name__)
 
 # fields that may differ between a run and the run it resumes (they do not change the trajectory)
-RESUME_FREE = ("resume", "checkpoint_every", "eval_every", "checkpoint_dir")
+RESUME_FREE = ("resume", "checkpoint_every", "eval_every", "checkpoint_dir", "teacher_cache")
 
 
 class Distillee(nn.Module):
@@ -68,9 +70,11 @@ def _trainable(student: nn.Module, cfg: DistillConfig) -> None:
 
 @torch.no_grad()
 def heldout_eval(step: int, student: nn.Module, teacher: nn.Module | None, seqs: torch.Tensor, micro: int,
-                 device: torch.device) -> dict[str, float]:
+                 device: torch.device, cache: TeacherCache | None = None,
+                 temperature: float = 1.0) -> dict[str, float]:
     """The student's perplexity (exp of the mean next-token NLL) on `seqs` (n, seq_len), and its mean
-    KL(teacher || student) per token there when there is a teacher; float32, no autocast."""
+    KL(teacher || student) per token there when there is a teacher (from a teacher cache: the top-k
+    coarsened KL at the cache's temperature, `kl_to_teacher_topk`); float32, no autocast."""
     row: dict[str, float] = {"step": step}
     if seqs.shape[0] == 0:
         return row
@@ -83,10 +87,13 @@ def heldout_eval(step: int, student: nn.Module, teacher: nn.Module | None, seqs:
         nll += losses.cross_entropy(logits, ids).item() * ids.shape[0]
         if teacher is not None:
             kl += losses.logit_divergence(logits, teacher(input_ids=ids, use_cache=False).logits).item() * ids.shape[0]
+        elif cache is not None:
+            lp, ix = cache.load("heldout", range(i, i + ids.shape[0]), device)
+            kl += losses.topk_forward_kl(logits, lp, ix, temperature=temperature).item() / temperature**2 * ids.shape[0]
     student.train(was)
     row["perplexity"] = math.exp(nll / seqs.shape[0])
-    if teacher is not None:
-        row["kl_to_teacher"] = kl / seqs.shape[0]
+    if teacher is not None or cache is not None:
+        row["kl_to_teacher" if teacher is not None else "kl_to_teacher_topk"] = kl / seqs.shape[0]
     return row
 
 
@@ -95,9 +102,13 @@ def _fingerprint(cfg: DistillConfig, world: int) -> dict[str, Any]:
     return {**d, "processes": world}
 
 
-def train(student: nn.Module, teacher: nn.Module | None, tokenizer, cfg: DistillConfig, *,
-          progress: Progress | None = None) -> dict[str, Any]:
-    """Distill `teacher` into `student` (changed in place); return the curve, evals and summary metrics."""
+def train(student: nn.Module, teacher: nn.Module | Callable[[], nn.Module] | None, tokenizer, cfg: DistillConfig, *,
+          progress: Progress | None = None, teacher_id: tuple[str, str] | None = None) -> dict[str, Any]:
+    """Distill `teacher` into `student` (changed in place); return the curve, evals and summary metrics.
+
+    `teacher` may be a function that loads it, called only if the teacher has to run. With
+    `cfg.teacher_cache`, `teacher_id` (source, sha256 of its weights) identifies it in the cache.
+    """
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
@@ -105,13 +116,43 @@ def train(student: nn.Module, teacher: nn.Module | None, tokenizer, cfg: Distill
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     acc = Accelerator(cpu=device.type == "cpu", mixed_precision=resolve_precision(cfg.mixed_precision, device))
     try:
-        return _train(acc, student, teacher, data, cfg, progress)
+        cache = None
+        if cfg.teacher_cache:
+            cache = _prepare_cache(acc, teacher, teacher_id, data, cfg, progress)
+            teacher = None  # every position the run reads is in the cache
+        elif teacher is not None and not isinstance(teacher, nn.Module):
+            teacher = teacher()
+        return _train(acc, student, teacher, data, cfg, progress, cache)
     finally:  # accelerate keeps one precision per process; a later run here may want another
         AcceleratorState._reset_state()
 
 
+def _prepare_cache(acc, teacher, teacher_id: tuple[str, str] | None, data, cfg: DistillConfig,
+                   progress: Progress | None) -> TeacherCache:
+    """Open the teacher cache and fill what this run will read and it lacks (each process a share)."""
+    if teacher_id is None:
+        raise ValueError("a teacher cache needs the teacher's identity (teacher_id) to tell caches apart")
+    fp = TeacherCache.fingerprint(teacher=teacher_id[0], teacher_sha256=teacher_id[1],
+                                  tokens=torch.cat([data.train, data.heldout]), seq_len=cfg.seq_len,
+                                  heldout=cfg.heldout, topk=cfg.cache_topk, temperature=cfg.temperature)
+    cache = TeacherCache(cfg.teacher_cache, fp)
+    read = sorted({int(i) for s in range(cfg.steps) for i in data.batch_indices(s, cfg.batch_size, cfg.seed)})
+    todo = {"train": cache.missing("train", read), "heldout": cache.missing("heldout", range(data.heldout.shape[0]))}
+    if any(todo.values()):
+        model = teacher if isinstance(teacher, nn.Module) else teacher()
+        model.to(acc.device).eval().requires_grad_(False)
+        log.info("filling the teacher cache %s: %d sequences", cfg.teacher_cache, sum(map(len, todo.values())))
+        for split, seqs in (("train", data.train), ("heldout", data.heldout)):
+            mine = todo[split][acc.process_index::acc.num_processes]
+            cache.fill(model, split, seqs, mine, temperature=cfg.temperature, micro_batch_size=cfg.micro_batch_size,
+                       device=acc.device, on_batch=lambda d, n, s=split: progress and progress(f"teacher cache ({s})",
+                                                                                              d, n))
+        acc.wait_for_everyone()
+    return cache
+
+
 def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: DistillConfig,
-           progress: Progress | None) -> dict[str, Any]:
+           progress: Progress | None, cache: TeacherCache | None = None) -> dict[str, Any]:
     from transformers import get_cosine_schedule_with_warmup
 
     world, rank = acc.num_processes, acc.process_index
@@ -153,7 +194,8 @@ def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: Distil
         log.info("resuming from %s at step %d", ck, start)
     model, opt = acc.prepare(module, opt)
     if not evals:
-        evals.append(heldout_eval(0, student, teacher, data.heldout, cfg.micro_batch_size, acc.device))
+        evals.append(heldout_eval(0, student, teacher, data.heldout, cfg.micro_batch_size, acc.device, cache,
+                                  cfg.temperature))
 
     terms = [("kd", cfg.kd_weight), ("ce", cfg.ce_weight), ("hidden", cfg.hidden_weight),
              ("attention", cfg.attention_weight)]
@@ -164,10 +206,12 @@ def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: Distil
         sums = torch.zeros(len(terms) + 1, device=acc.device)  # per-term losses of this process, then the total
         for a in range(accum):
             first = (a * world + rank) * cfg.micro_batch_size
-            ids = data.train[idx[first : first + cfg.micro_batch_size]].to(acc.device)
+            rows = idx[first : first + cfg.micro_batch_size]
+            ids = data.train[rows].to(acc.device)
+            cached = cache.load("train", rows.tolist(), acc.device) if cache is not None else None
             sync = a == accum - 1
             with contextlib.nullcontext() if sync else acc.no_sync(model):  # DDP all-reduces on the last one
-                parts = _losses(model, teacher, ids, cfg, acc, pairs, attn)
+                parts = _losses(model, teacher, ids, cfg, acc, pairs, attn, cached)
                 total = sum(w * parts[name] for name, w in terms if w > 0)
                 acc.backward(total / accum)
             sums += torch.stack([parts.get(name, torch.zeros(())).detach().float() for name, _ in terms]
@@ -185,7 +229,8 @@ def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: Distil
         curve.append(row)
         done = step + 1
         if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
-            evals.append(heldout_eval(done, student, teacher, data.heldout, cfg.micro_batch_size, acc.device))
+            evals.append(heldout_eval(done, student, teacher, data.heldout, cfg.micro_batch_size, acc.device, cache,
+                                      cfg.temperature))
         if root is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             if acc.is_main_process:
                 save_checkpoint(root, done, acc.unwrap_model(model), opt, sched,
@@ -197,8 +242,8 @@ def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: Distil
     acc.wait_for_everyone()
     acc.free_memory()
     student.requires_grad_(True).eval()
-    kl = {f"heldout_kl_to_teacher_{when}": e["kl_to_teacher"] for when, e in (("before", evals[0]), ("after", evals[-1]))
-          if "kl_to_teacher" in e}
+    kl = {f"heldout_{key}_{when}": e[key] for when, e in (("before", evals[0]), ("after", evals[-1]))
+          for key in ("kl_to_teacher", "kl_to_teacher_topk") if key in e}
     return {
         "record": {"curve": curve, "evals": evals, "processes": world, "gradient_accumulation": accum,
                    "precision": acc.mixed_precision, "layer_pairs": pairs, "tokens_in_data": data.tokens,
@@ -212,12 +257,15 @@ def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: Distil
 
 
 def _losses(model, teacher, ids, cfg: DistillConfig, acc, pairs: list[tuple[int, int]],
-            attn: bool) -> dict[str, torch.Tensor]:
+            attn: bool, cached: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     hidden = cfg.hidden_weight > 0
     logits, hs, s_att = model(ids, hidden, attn)
     parts: dict[str, torch.Tensor] = {}
     if cfg.ce_weight > 0:
         parts["ce"] = losses.cross_entropy(logits, ids)
+    if cached is not None:  # the teacher's top-k log-probs from the cache (forward KL only)
+        parts["kd"] = losses.topk_forward_kl(logits, *cached, temperature=cfg.temperature)
+        return parts
     if teacher is None:
         return parts
     with torch.no_grad(), acc.autocast():
