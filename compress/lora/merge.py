@@ -93,6 +93,18 @@ def _requantize_steps(schemes: dict[str, dict], how: str, history: list[dict]) -
     return how, steps
 
 
+def _drop_sparsity_record(model: nn.Module, names: list[str]) -> None:
+    """A dense LoRA delta fills a pruned module's zeros: it is no longer sparse, so it leaves the record."""
+    from compress.prune.sparsity import CONFIG_KEY, pruned_modules
+
+    sparse = pruned_modules(model)
+    densified = sorted(set(sparse) & set(names))
+    if densified:
+        log.warning("lora_merge: merging dense deltas into %d pruned modules (%s, ...) removes their sparsity",
+                    len(densified), densified[0])
+        setattr(model.config, CONFIG_KEY, {"modules": {k: v for k, v in sparse.items() if k not in densified}})
+
+
 def _needs_calibration(cfg: LoraMergeConfig, model: nn.Module) -> bool:
     """Only re-quantizing a quantized base with GPTQ runs calibration data."""
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
@@ -160,6 +172,7 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
     for a in adapters:
         for name, t in a.replaced.items():
             _replace_tensor(model, name, t)
+    _drop_sparsity_record(model, names)
     config = {"adapters": list(cfg.adapters), "weights": weights, "method": cfg.method if len(adapters) > 1 else
               "single", "merged_modules": names, "replaced_tensors": sorted(n for a in adapters for n in a.replaced),
               "dora": any(a.dora for a in adapters)}

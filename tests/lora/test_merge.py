@@ -202,3 +202,15 @@ def test_trained_biases_and_saved_modules_merge(make_tiny, tmp_path, arch, lora)
     if "modules_to_save" in lora:
         assert not back.config.tie_word_embeddings
         assert torch.equal(back.get_input_embeddings().weight, make_tiny(arch).get_input_embeddings().weight)
+
+
+def test_merging_into_a_pruned_model_drops_the_merged_modules_from_the_sparsity_record(make_tiny, tmp_path,
+                                                                                      make_adapter, tiny_tokenizer):
+    base = make_tiny("llama")
+    apply(base, Recipe.single("magnitude", sparsity=0.5))
+    assert len(base.config.compress_sparsity["modules"]) == 14
+    make_adapter(make_tiny("llama"), tmp_path / "a", r=4, lora_alpha=8)
+    _merge(base, tmp_path / "a")
+    left = base.config.compress_sparsity["modules"]
+    assert len(left) == 8 and not any(n.endswith(("q_proj", "v_proj", "down_proj")) for n in left)
+    assert all((base.get_submodule(n).weight == 0).float().mean() == 0.5 for n in left)  # untouched ones stay sparse
