@@ -6,7 +6,7 @@ model. Then, under the DESIGN.md perplexity protocol (WikiText-2 test, 64 x
 1024), in one run:
   fp32              the reference model
   fp32+lora         the adapter merged in float (`lora_merge`)
-  int4              the default `compress quantize --bits 4` artifact (AWQ + GPTQ, W4 g128)
+  int4              a `compress quantize --bits 4 --method M` artifact (M: --method, default gptq; W4 g128)
   int4<-lora        the adapter merged into that int4 artifact: the touched layers are dequantized, merged and
                     re-quantized with the artifact's recorded method (GPTQ, fresh calibration)
   fp32+lora->int4   merge in fp32, then the same quantization recipe from scratch
@@ -71,11 +71,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--method", default="gptq", help="quantization method of the int4 artifact (awq+gptq: the default)")
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "lora_merge_reference.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     doc: dict = {"command": " ".join(["python", *sys.argv]), "threads": args.threads, "versions": package_versions(),
-                 "quantization": quantize_recipe(bits=4).to_list(), "rows": {}}
+                 "quantization": quantize_recipe(args.method, bits=4).to_list(), "rows": {}}
 
     def row(name: str, path: str | None, **extra) -> None:
         t0 = time.perf_counter()
@@ -91,7 +92,7 @@ def main() -> None:
         print("training the adapter", flush=True)
         doc["adapter"] = train_adapter(tmp / "adapter", args.steps, args.seq_len, args.batch, args.lr)
         merge = {"pass": "lora_merge", "adapters": [str(tmp / "adapter")]}
-        quant = quantize_recipe(bits=4).to_list()
+        quant = quantize_recipe(args.method, bits=4).to_list()
         # (row, source, steps, output directory)
         runs = [("fp32+lora", None, [merge], "fp32_lora"), ("int4", None, quant, "int4"),
                 ("int4<-lora", tmp / "int4", [merge], "int4_merged"),
