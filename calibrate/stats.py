@@ -43,11 +43,12 @@ class HessianCollector:
 
 
 class ChannelStats:
-    """Per-input-channel mean |x| and mean x^2 (AWQ scales, Wanda norms)."""
+    """Per-input-channel mean |x|, mean x^2 and max |x| (AWQ scales, Wanda norms, SmoothQuant ranges)."""
 
     def __init__(self, n: int, device: torch.device | str = "cpu") -> None:
         self.abs_sum = torch.zeros(n, dtype=torch.float64, device=device)
         self.sq_sum = torch.zeros(n, dtype=torch.float64, device=device)
+        self.max_abs = torch.zeros(n, dtype=torch.float32, device=device)
         self.tokens = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
@@ -55,6 +56,7 @@ class ChannelStats:
         # float32 within a batch (pairwise summation), float64 across batches
         self.abs_sum += x.abs().sum(0)
         self.sq_sum += x.square().sum(0)
+        torch.maximum(self.max_abs, x.abs().amax(0), out=self.max_abs)
         self.tokens += x.shape[0]
 
     @property

@@ -152,6 +152,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     from compress.pipeline import RECIPE_ATTR
     from compress.quantize.qlinear import QuantLinear
     from compress.quantize.scheme import QuantScheme
+    from compress.quantize.w8a8linear import W8A8Linear
     from compress.targets import set_submodule
 
     config = AutoConfig.from_pretrained(p)
@@ -164,9 +165,13 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{p}: quantized module {name} is not in the model") from None
-        scheme = QuantScheme(**info["scheme"])
-        set_submodule(model, name, QuantLinear(info["in_features"], info["out_features"], scheme,
-                                               bias=info.get("bias", False), dtype=dtype))
+        if info.get("kind") == "w8a8":
+            new = W8A8Linear(info["in_features"], info["out_features"], activations=info["activations"],
+                             bias=info.get("bias", False), dtype=dtype)
+        else:
+            new = QuantLinear(info["in_features"], info["out_features"], QuantScheme(**info["scheme"]),
+                              bias=info.get("bias", False), dtype=dtype)
+        set_submodule(model, name, new)
         del old
     state: dict[str, torch.Tensor] = {}
     files = sorted(p.glob("*.safetensors"))
@@ -185,14 +190,18 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
 
 
 def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """name -> layout of every QuantLinear in `model` (what the loader needs to rebuild it)."""
+    """name -> layout of every QuantLinear and W8A8Linear in `model` (what the loader needs to rebuild it)."""
     from compress.quantize.qlinear import QuantLinear
+    from compress.quantize.w8a8linear import W8A8Linear
 
-    return {
-        name: {"scheme": m.scheme.to_dict(), "in_features": m.in_features,
-               "out_features": m.out_features, "bias": m.bias is not None}
-        for name, m in model.named_modules() if isinstance(m, QuantLinear)
-    }
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[name] = {"scheme": m.scheme.to_dict(), "in_features": m.in_features,
+                         "out_features": m.out_features, "bias": m.bias is not None}
+        elif isinstance(m, W8A8Linear):
+            out[name] = m.layout()
+    return out
 
 
 def save_model(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,

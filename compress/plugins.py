@@ -19,12 +19,14 @@ class _Builtin:
 
     @hookimpl
     def register_passes(self, register):
-        from compress.quantize import awq, gptq, mixed, rtn
+        from compress.quantize import awq, gptq, mixed, rtn, smoothquant, w8a8
 
         register(rtn.run)
         register(gptq.run)
         register(awq.run)
         register(mixed.run)
+        register(smoothquant.run)
+        register(w8a8.run)
 
         from compress.prune import layers, magnitude, sparsegpt, structured, wanda
 

@@ -200,6 +200,12 @@ def _check_model(lm: LoadedModel) -> tuple[str, bool]:
         raise ValueError(f"GGUF export: rope_scaling {cfg.rope_scaling} is not supported yet")
     if lm.tokenizer is None:
         raise ValueError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+    from compress.quantize.w8a8linear import W8A8Linear
+
+    w8a8 = [n for n, m in lm.model.named_modules() if isinstance(m, W8A8Linear)]
+    if w8a8:
+        raise ValueError(f"GGUF has no int8-activation format ({w8a8[0]} and {len(w8a8) - 1} more are W8A8); "
+                         "export W8A8 artifacts with --format onnx, or quantize weight-only for GGUF")
     return ARCHITECTURES[mt]
 
 

@@ -9,6 +9,11 @@ operators, about 12 nodes per decoder layer:
 
     SkipSimplifiedLayerNormalization   residual add + RMSNorm in one kernel
     MatMulNBits / MatMul               q, k, v, o, gate, up, down, lm_head
+    QuantizeLinear + MatMulIntegerToFloat   W8A8 Linears, static activations
+                                       (one QuantizeLinear per shared input);
+                                       per-token dynamic ones as the same
+                                       ops spelled out (scale, round, cast,
+                                       MatMulInteger, rescale)
     GroupQueryAttention                rotary embedding (non-interleaved, as
                                        HF's rotate_half), grouped KV heads,
                                        causal softmax and the KV cache concat
@@ -56,6 +61,7 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     from onnx import TensorProto, helper, numpy_helper
 
     from compress.quantize.qlinear import QuantLinear
+    from compress.quantize.w8a8linear import W8A8Linear
     from export.onnx import matmulnbits_tensors
 
     why = fused_supported(model)
@@ -95,6 +101,9 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
             node("MatMulNBits", ins, [out if mod.bias is None else f"{name}_mm"], "com.microsoft", K=t["K"],
                  N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level)
             used[t["bits"]] = used.get(t["bits"], 0) + 1
+        elif isinstance(mod, W8A8Linear):
+            int8_linear(x, mod, name, out)  # counted by the exporter (W8A8Linear modules), not in `used`
+            return out
         elif isinstance(mod, nn.Linear):
             node("MatMul", [x, init(f"{name}.weight_t", f32(mod.weight).T)],
                  [out if mod.bias is None else f"{name}_mm"])
@@ -103,6 +112,48 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         if mod.bias is not None:
             node("Add", [f"{name}_mm", init(f"{name}.bias", f32(mod.bias))], [out])
         return out
+
+    quantized: dict[tuple, tuple[str, str, str]] = {}  # (input, grid) -> (uint8 codes, scale, zero point)
+
+    def quantize_input(x: str, mod: nn.Module, name: str) -> tuple[str, str, str]:
+        """uint8 codes of x on `mod`'s activation grid: the int8 grid shifted by 128 (the same integers - z)."""
+        if mod.activations == "static":
+            s, z = float(mod.input_scale), int(mod.input_zero_point)
+            key = (x, s, z)
+            if key not in quantized:
+                sn = init(f"{name}.input_scale", np.array(s, np.float32))
+                zn = init(f"{name}.input_zero_point", np.array(z + 128, np.uint8))
+                quantized[key] = (node("QuantizeLinear", [x, sn, zn], [f"{name}.input_q"])[0], sn, zn)
+            return quantized[key]
+        key = (x, "dynamic")
+        if key not in quantized:  # symmetric per token: s = max|x| / 127 per row, as W8A8Linear.quantize_input
+            node("Abs", [x], [f"{name}.abs"])
+            node("ReduceMax", [f"{name}.abs"], [f"{name}.amax"], axes=[-1], keepdims=1)
+            node("Div", [f"{name}.amax", init(f"{name}.qmax", np.array(127, np.float32))], [f"{name}.s0"])
+            node("Max", [f"{name}.s0", init(f"{name}.tiny", np.array(1e-12, np.float32))], [f"{name}.scale"])
+            node("Div", [x, f"{name}.scale"], [f"{name}.xs"])
+            node("Round", [f"{name}.xs"], [f"{name}.r"])
+            node("Add", [f"{name}.r", init(f"{name}.shift", np.array(128, np.float32))], [f"{name}.ru"])
+            node("Clip", [f"{name}.ru", init(f"{name}.lo", np.array(0, np.float32)),
+                          init(f"{name}.hi", np.array(255, np.float32))], [f"{name}.rc"])
+            node("Cast", [f"{name}.rc"], [f"{name}.input_q"], to=TensorProto.UINT8)
+            quantized[key] = (f"{name}.input_q", f"{name}.scale", init(f"{name}.zp", np.array(128, np.uint8)))
+        return quantized[key]
+
+    def int8_linear(x: str, mod: nn.Module, name: str, out: str) -> None:
+        xq, s, z = quantize_input(x, mod, name)
+        w = init(f"{name}.weight_q", mod.weight.cpu().numpy().T)  # (in, out) int8
+        w_scale = init(f"{name}.weight_scale", f32(mod.weight_scale).reshape(-1))  # (out,)
+        bias = [init(f"{name}.bias", f32(mod.bias))] if mod.bias is not None else []
+        if mod.activations == "static":
+            node("MatMulIntegerToFloat", [xq, w, s, w_scale, z, "", *bias], [out], "com.microsoft")
+            return
+        node("MatMulInteger", [xq, w, z], [f"{name}.acc"])
+        node("Cast", [f"{name}.acc"], [f"{name}.accf"], to=TensorProto.FLOAT)
+        node("Mul", [f"{name}.accf", s], [f"{name}.rows"])
+        node("Mul", [f"{name}.rows", w_scale], [out if not bias else f"{name}.mm"])
+        if bias:
+            node("Add", [f"{name}.mm", bias[0]], [out])
 
     # per-sequence lengths for GroupQueryAttention: seqlens_k = total - 1 (int32), total = mask width
     node("ReduceSum", ["attention_mask", init("axes_1", np.array([1], np.int64))], ["mask_sum"], keepdims=0)

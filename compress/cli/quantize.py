@@ -10,19 +10,27 @@ from compress.cli._common import calib_config, calib_options, console, echo_json
 @click.command("quantize")
 @click.argument("model", required=False)
 @click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=128, show_default=True, help="Input columns per scale; -1 = per output channel.")
+@click.option("--group-size", type=int, default=None, help="Input columns per scale; -1 = per output channel.  [default: 128]")
 @click.option("--sym/--asym", "symmetric", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
 @click.option("--method", default=None,
               help="A quantization pass (see `compress passes`) or awq+gptq (the default: AWQ scales, GPTQ rounding).")
 @click.option("--target-bits", type=float, default=None,
               help="Average stored bits per weight: bits per layer chosen from measured sensitivity (GPTQ).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
+@click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
+              help="int8: W8A8, int8 weights per channel and int8 activations (with --bits 8).")
+@click.option("--dynamic", is_flag=True, help="W8A8: per-token activation scales at run time instead of calibrated ones.")
+@click.option("--observer", type=click.Choice(["minmax", "percentile", "mse", "kl"]), default=None,
+              help="W8A8 static: how calibration picks the activation range.  [default: minmax]")
+@click.option("--smoothquant", default=None, metavar="ALPHA|search",
+              help="W8A8: migrate activation outliers into the weights first (alpha in [0, 1], or search per block).")
 @click.option("--ignore", multiple=True, help="Modules to keep in float (repeatable); default: lm_head.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 @calib_options
-def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype, ignore, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
+def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
+            smoothquant, ignore, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -32,16 +40,48 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
     Example:
       compress quantize --bits 4 --group-size 128 --out out/smollm2-w4
       compress quantize --target-bits 3.5 --group-size 64 --asym --out out/smollm2-mixed
+      compress quantize --bits 8 --activations int8 --observer mse --smoothquant 0.5 --out out/smollm2-w8a8
     """
-    from compress.quantize.presets import quantize_recipe
     from compress.runner import compress_model
 
-    fields = {"group_size": group_size, "symmetric": symmetric, "scale_dtype": scale_dtype}
-    if ignore:
-        fields["ignore"] = list(ignore)
-    recipe = quantize_recipe(method, bits=int(bits), target_bits=target_bits, **fields)
+    recipe = _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
+                     smoothquant, ignore)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
                                    calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
     console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB)")
     echo_json(summary)
+
+
+def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
+            smoothquant, ignore):
+    from compress.quantize.presets import quantize_recipe, w8a8_recipe
+
+    if activations == "int8":
+        given = [o for o, v in (("--group-size", group_size), ("--method", method), ("--target-bits", target_bits),
+                                ("--asym", not symmetric), ("--scale-dtype", scale_dtype != "float16")) if v not in (None, False)]
+        if bits != "8":
+            raise click.UsageError("--activations int8 quantizes weights to 8 bits too: pass --bits 8")
+        if given:
+            raise click.UsageError(f"{', '.join(given)} do not apply to W8A8 (int8 weights per output channel, "
+                                   "symmetric, float32 scales)")
+        if dynamic and (observer or smoothquant is not None):
+            raise click.UsageError("--dynamic computes activation scales at run time: --observer and --smoothquant "
+                                   "need calibrated (static) activations")
+        sq = smoothquant
+        if sq is not None and sq != "search":
+            try:
+                sq = float(sq)
+            except ValueError:
+                raise click.UsageError(f"--smoothquant takes an alpha in [0, 1] or 'search', got {sq!r}") from None
+        return w8a8_recipe(activations="dynamic" if dynamic else "static", observer=observer or "minmax",
+                           smoothquant=sq, ignore=list(ignore) or None)
+    w8a8_only = [o for o, v in (("--dynamic", dynamic), ("--observer", observer), ("--smoothquant", smoothquant))
+                 if v not in (None, False)]
+    if w8a8_only:
+        raise click.UsageError(f"{', '.join(w8a8_only)} apply to activation quantization: add --activations int8")
+    fields = {"group_size": 128 if group_size is None else group_size, "symmetric": symmetric,
+              "scale_dtype": scale_dtype}
+    if ignore:
+        fields["ignore"] = list(ignore)
+    return quantize_recipe(method, bits=int(bits), target_bits=target_bits, **fields)

@@ -130,12 +130,16 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 def check_against(adapter: Adapter, model: nn.Module) -> None:
     """Refuse an adapter whose modules or shapes are not the model's, naming the first mismatch."""
     from compress.quantize.qlinear import QuantLinear
+    from compress.quantize.w8a8linear import W8A8Linear
 
     for name, f in adapter.modules.items():
         try:
             mod = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"adapter {adapter.path}: target module {name} is not in the model") from None
+        if isinstance(mod, W8A8Linear):
+            raise ValueError(f"adapter {adapter.path}: module {name} is W8A8 (int8 activations); merging into "
+                             "W8A8 artifacts is not supported: merge into the float model, then quantize")
         if not isinstance(mod, nn.Linear | QuantLinear):
             raise ValueError(f"adapter {adapter.path}: module {name} is a {type(mod).__name__}, not a Linear")
         out, n_in = mod.out_features, mod.in_features

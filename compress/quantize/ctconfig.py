@@ -8,6 +8,13 @@ from typing import Any
 def quantization_config(modules: dict[str, dict[str, Any]], ignore: list[str]) -> dict[str, Any] | None:
     """A compressed-tensors style `quantization_config` block: one group per distinct scheme.
 
+    W8A8 modules (`kind` "w8a8") form "int-quantized" groups with their
+    activation scheme; a model holding both kinds is "mixed-precision".
+    transformers + compressed-tensors runs a static W8A8 artifact with the
+    same logits (tested); for dynamic per-token activations it takes
+    max|x| / 127.5 as the scale where we (and vLLM's int8 kernels) take
+    max|x| / 127, a slightly different grid.
+
     `ignore` names the Linear modules left in float. Verified
     (tests/export/test_compressed_tensors.py): transformers 4.57 with
     compressed-tensors 0.20 loads our symmetric 4- and 8-bit artifacts, group
@@ -21,12 +28,21 @@ def quantization_config(modules: dict[str, dict[str, Any]], ignore: list[str]) -
     if not modules:
         return None
     groups: dict[tuple, list[str]] = {}
+    w8a8: dict[str, list[str]] = {}
     for name, info in modules.items():
+        if info.get("kind") == "w8a8":
+            w8a8.setdefault(info["activations"], []).append(name)
+            continue
         s = info["scheme"]
         groups.setdefault((s["bits"], s["group_size"], s["symmetric"]), []).append(name)
     config_groups = {}
-    for i, ((bits, gs, sym), names) in enumerate(sorted(groups.items())):
-        config_groups[f"group_{i}"] = {
+    for activations, names in sorted(w8a8.items()):
+        config_groups[f"group_{len(config_groups)}"] = _w8a8_group(names, activations)
+    formats = ["int-quantized"] if w8a8 else []
+    if groups:
+        formats.append("pack-quantized")
+    for (bits, gs, sym), names in sorted(groups.items()):
+        config_groups[f"group_{len(config_groups)}"] = {
             "targets": names,
             "format": "pack-quantized",
             "weights": {
@@ -41,11 +57,33 @@ def quantization_config(modules: dict[str, dict[str, Any]], ignore: list[str]) -
         }
     return {
         "quant_method": "compressed-tensors",
-        "format": "pack-quantized",
+        "format": formats[0] if len(formats) == 1 else "mixed-precision",
         "quantization_status": "compressed",
         "config_groups": config_groups,
         "ignore": ignore,
         "kv_cache_scheme": None,
         "sparsity_config": {},
         "global_compression_ratio": None,
+    }
+
+
+def _w8a8_group(names: list[str], activations: str) -> dict[str, Any]:
+    """int8 weights per channel and int8 activations: static per tensor or dynamic per token.
+
+    The static activation zero point is stored (possibly 0), so the group is
+    written asymmetric; compressed-tensors reads `input_scale` and
+    `input_zero_point` for it.
+    """
+    static = activations == "static"
+    return {
+        "targets": names,
+        "format": "int-quantized",
+        "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel", "group_size": None,
+                    "dynamic": False, "actorder": None, "block_structure": None, "observer": "minmax",
+                    "observer_kwargs": {}},
+        "input_activations": {"num_bits": 8, "type": "int", "symmetric": not static,
+                              "strategy": "tensor" if static else "token", "group_size": None,
+                              "dynamic": not static, "actorder": None, "block_structure": None,
+                              "observer": "minmax" if static else None, "observer_kwargs": {}},
+        "output_activations": None,
     }

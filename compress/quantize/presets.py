@@ -28,3 +28,18 @@ def quantize_recipe(method: str | None = None, *, bits: int = 4, target_bits: fl
         return Recipe.from_steps([{"pass": "awq", "bits": bits, **fields, "quantize": False},
                                   {"pass": "gptq", "bits": bits, **fields}])
     return Recipe.single(method, bits=bits, **fields)
+
+
+def w8a8_recipe(*, activations: str = "static", observer: str = "minmax", smoothquant: float | str | None = None,
+                ignore: list[str] | None = None, **fields: Any) -> Recipe:
+    """W8A8 (`compress quantize --bits 8 --activations int8`): optional SmoothQuant, then the `w8a8` pass.
+
+    `smoothquant` is an alpha in [0, 1], "search" (alpha chosen per block), or None (no smoothing).
+    """
+    sel = {"ignore": ignore} if ignore else {}
+    steps: list[dict[str, Any]] = []
+    if smoothquant is not None:
+        sq = {"search": True} if smoothquant == "search" else {"alpha": float(smoothquant)}
+        steps.append({"pass": "smoothquant", **sq, **sel})
+    steps.append({"pass": "w8a8", "activations": activations, "observer": observer, **sel, **fields})
+    return Recipe.from_steps(steps)

@@ -1,0 +1,164 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from compress.pipeline import apply
+from compress.quantize.smoothquant import smoothing_factors
+from compress.quantize.w8a8linear import W8A8Linear, quantize_activation
+from compress.recipe import Recipe
+
+
+def _reference(m: W8A8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The W8A8 product computed in int64 from the module's own codes and scales."""
+    xf = x.reshape(-1, m.in_features).double()
+    if m.activations == "static":
+        s, z = m.input_scale.double(), m.input_zero_point.long()
+    else:
+        s, z = xf.abs().amax(1, keepdim=True) / 127, torch.zeros((), dtype=torch.long)
+    q = (torch.round(xf / s) + z).clamp(-128, 127).long()
+    acc = (q - z) @ m.weight.long().T  # exact integers
+    y = acc.double() * s * m.weight_scale.double().T
+    if m.bias is not None:
+        y = y + m.bias.double()
+    return y.reshape(*x.shape[:-1], m.out_features)
+
+
+@pytest.mark.parametrize("activations,zero", [("static", 0), ("static", -37), ("dynamic", 0)])
+def test_w8a8linear_is_the_integer_product(activations, zero):
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 40, bias=True)
+    kw = {"input_scale": torch.tensor(0.03), "input_zero_point": torch.tensor(zero)} if activations == "static" else {}
+    m = W8A8Linear.from_linear(lin, activations=activations, **kw)
+    assert m.weight.dtype == torch.int8 and m.weight.abs().max() == 127  # each row's max reaches the grid end
+    x = torch.randn(3, 7, 96) * 0.8
+    x[0, 0, :4] = 10.0  # beyond the static grid: saturated
+    y = m(x)
+    assert y.shape == (3, 7, 40)
+    ref = _reference(m, x)
+    assert torch.allclose(y.double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    # and, inside the grid, close to the float layer it came from
+    with torch.no_grad():
+        want = lin(x)[1:]
+    assert (y[1:] - want).abs().max() < 0.05 * want.abs().max()
+
+
+def test_activation_codes_round_half_to_even_and_saturate():
+    x = torch.tensor([0.5, 1.5, 2.5, -0.5, 1000.0, -1000.0])
+    q = quantize_activation(x, torch.tensor(1.0), torch.tensor(0.0))
+    assert q.tolist() == [0, 2, 2, 0, 127, -128]
+    assert quantize_activation(torch.tensor([0.0]), torch.tensor(0.1), torch.tensor(-20.0)).item() == -20
+
+
+def test_static_module_needs_a_scale():
+    with pytest.raises(ValueError, match="input scale"):
+        W8A8Linear.from_linear(nn.Linear(8, 8), activations="static")
+    with pytest.raises(ValueError, match="static, dynamic"):
+        W8A8Linear(8, 8, activations="sometimes")
+
+
+def test_smoothing_factors_follow_the_paper():
+    x_max = torch.tensor([10.0, 1.0, 0.0, 4.0])
+    W1, W2 = torch.tensor([[1.0, -2.0, 1.0, 0.5]]), torch.tensor([[-4.0, 1.0, 1.0, 0.25]])
+    s = smoothing_factors(x_max, [W1, W2], 0.5)
+    w_max = torch.tensor([4.0, 2.0, 1.0, 0.5])
+    want = x_max.sqrt() / w_max.sqrt()
+    assert torch.allclose(s[[0, 1, 3]], want[[0, 1, 3]])
+    assert s[2] == 1.0  # a channel that never fired is left alone
+    assert torch.allclose(smoothing_factors(x_max, [W1], 1.0)[[0, 1, 3]], x_max[[0, 1, 3]])
+
+
+def _outlier_model(make_tiny, arch):
+    """A tiny model whose MLP input has one channel 30x larger than the rest (as LLM activations do)."""
+    m = make_tiny(arch)
+    with torch.no_grad():
+        for n, mod in m.named_modules():
+            if n.endswith(("post_attention_layernorm", "final_layer_norm")) and ".layers." in n:
+                mod.weight[3] *= 30
+    return m
+
+
+@pytest.fixture
+def data(tiny_tokenizer):
+    from compress.data import wikitext2_path
+
+    calib = torch.tensor(tiny_tokenizer(wikitext2_path("validation").read_text()[:40_000]).input_ids[:16 * 64])
+    test = torch.tensor(tiny_tokenizer(wikitext2_path("test").read_text()[:20_000]).input_ids[:4 * 64])
+    return calib.view(16, 64), test.view(4, 64)
+
+
+def _rel_error(model, base, test) -> float:
+    with torch.no_grad():
+        ref, out = base(test).logits, model(test).logits
+    return float((out - ref).pow(2).mean() / ref.pow(2).mean())
+
+
+def test_smoothquant_keeps_the_function_and_flattens_outliers(make_tiny, arch, data):
+    calib, test = data
+    base = _outlier_model(make_tiny, arch)
+    m = copy.deepcopy(base)
+    rep = apply(m, Recipe.single("smoothquant", alpha=0.5), calib)[0]
+    assert rep.metrics["smoothed_stages"] == (6 if arch == "llama" else 8)  # Llama: o_proj has no producer (GQA)
+    assert rep.metrics["outlier_ratio_after"] < 0.5 * rep.metrics["outlier_ratio_before"]
+    assert _rel_error(m, base, test) < 1e-9
+    def weight(model):  # a weight SmoothQuant scales: the first stage's consumer
+        return model.model.layers[0].self_attn.q_proj.weight if arch == "llama" else model.model.decoder.layers[0].fc1.weight
+
+    assert not torch.allclose(weight(m), weight(base))
+
+
+@pytest.mark.parametrize("steps", [
+    [{"pass": "w8a8"}],
+    [{"pass": "w8a8", "observer": "mse"}],
+    [{"pass": "w8a8", "activations": "dynamic"}],
+])
+def test_w8a8_replaces_every_linear_but_the_head(make_tiny, arch, data, steps):
+    calib, test = data
+    base = make_tiny(arch)
+    m = copy.deepcopy(base)
+    rep = apply(m, Recipe.from_steps(steps), calib)[-1]
+    q = [n for n, x in m.named_modules() if isinstance(x, W8A8Linear)]
+    assert len(q) == (14 if arch == "llama" else 12) and not any("lm_head" in n for n in q)
+    assert 8.0 < rep.metrics["bits_per_weight"] < 8.6  # int8 plus a float32 scale per row
+    assert _rel_error(m, base, test) < 2e-2
+    if steps[0].get("activations") != "dynamic":
+        assert rep.metrics["activation_grids"] == 8  # q/k/v, o, gate/up (fc1), down (fc2) per layer share one
+
+
+def test_smoothquant_then_w8a8_beats_w8a8_on_outliers(make_tiny, arch, data):
+    calib, test = data
+    base = _outlier_model(make_tiny, arch)
+    errs = {}
+    for label, steps in (("plain", [{"pass": "w8a8"}]),
+                         ("sq", [{"pass": "smoothquant", "alpha": 0.5}, {"pass": "w8a8"}]),
+                         ("search", [{"pass": "smoothquant", "search": True}, {"pass": "w8a8"}])):
+        m = copy.deepcopy(base)
+        reps = apply(m, Recipe.from_steps(steps), calib)
+        errs[label] = _rel_error(m, base, test)
+        if label == "search":
+            assert 0.3 <= reps[0].metrics["mean_alpha"] <= 0.8
+    assert errs["sq"] < 0.5 * errs["plain"]
+    assert errs["search"] < 0.5 * errs["plain"]
+
+
+def test_clipping_observers_narrow_the_grid_on_outliers(make_tiny, data):
+    calib, _ = data
+    base = _outlier_model(make_tiny, "llama")
+    ranges = {}
+    for obs in ("minmax", "percentile"):
+        m = copy.deepcopy(base)
+        ranges[obs] = apply(m, Recipe.single("w8a8", observer=obs, percentile=99.0), calib)[0] \
+            .metrics["mean_activation_range"]
+    assert ranges["percentile"] < 0.8 * ranges["minmax"]
+
+
+def test_w8a8_config_errors():
+    with pytest.raises(ValueError, match="minmax, percentile, mse, kl"):
+        Recipe.single("w8a8", observer="entropy")
+    with pytest.raises(ValueError, match="static, dynamic"):
+        Recipe.single("w8a8", activations="weights")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Recipe.single("smoothquant", alpha=1.5)
+    with pytest.raises(ValueError, match="needs calibration"):
+        apply(nn.Linear(2, 2), Recipe.single("w8a8"))
