@@ -39,7 +39,7 @@ def w8a8_recipe(*, activations: str = "static", observer: str = "minmax", smooth
     sel = {"ignore": ignore} if ignore else {}
     steps: list[dict[str, Any]] = []
     if smoothquant is not None:
-        sq = {"search": True} if smoothquant == "search" else {"alpha": float(smoothquant)}
+        sq = {"search": True, "search_observer": observer} if smoothquant == "search" else {"alpha": float(smoothquant)}
         steps.append({"pass": "smoothquant", **sq, **sel})
     steps.append({"pass": "w8a8", "activations": activations, "observer": observer, **sel, **fields})
     return Recipe.from_steps(steps)

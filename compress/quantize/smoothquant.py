@@ -10,10 +10,14 @@ difficulty into the weights). 1/s is folded into the module producing the
 input (a norm's weight, or an earlier Linear's rows: `calibrate.fold`), so
 nothing extra runs at inference.
 
-With `search`, a is chosen per block from `alpha_grid` as the one whose
-block output under simulated W8A8 (per-channel weights, per-tensor min/max
-activations) is closest to the float block's; the paper tunes one a per
-model by hand. The pass changes float weights only: a `w8a8` step follows.
+With `search`, a is chosen for each stage (the Linears sharing one input)
+from `alpha_grid`, or no smoothing at all, as the one whose simulated W8A8
+output (per-channel int8 weights, per-tensor activations on the grid of
+`search_observer`) is closest to the float output on a sample of the
+stage's calibration inputs. The paper tunes one a per model by hand; on the
+reference model the best a ranges from 0.3 to 1.0 between stages (MLP down
+projections, whose inputs carry the largest outliers, want 0.8-1.0). The
+pass changes float weights only: a `w8a8` step follows.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import torch
 from torch import nn
 
 from calibrate.blocks import (
-    BlockInputs,
     blocks_in_turn,
     capture_first_block_inputs,
     check_forward_options,
@@ -36,6 +39,7 @@ from calibrate.blocks import (
     run_block,
 )
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
+from calibrate.observers import OBSERVERS, fake_quantize, make_observer
 from calibrate.stats import ChannelStats
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
@@ -47,8 +51,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class SmoothQuantConfig:
     alpha: float = 0.5  # migration strength: 0 leaves activations alone, 1 moves all of their range into W
-    search: bool = False  # choose alpha per block from alpha_grid on the block's simulated W8A8 output error
-    alpha_grid: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    search: bool = False  # choose alpha per stage from alpha_grid on the stage's simulated W8A8 output error
+    alpha_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    search_observer: str = "minmax"  # the activation grid the search simulates (use the w8a8 step's)
+    search_tokens: int = 4096  # input rows per stage the search scores on
     targets: tuple[str, ...] = tg.DEFAULT_TARGETS
     ignore: tuple[str, ...] = tg.DEFAULT_IGNORE
     batch_size: int = 8  # calibration samples per forward pass
@@ -60,6 +66,10 @@ class SmoothQuantConfig:
                 raise ValueError(f"alpha values must lie in [0, 1], got {a}")
         if self.search and not self.alpha_grid:
             raise ValueError("search needs a non-empty alpha_grid")
+        if self.search_observer not in OBSERVERS:
+            raise ValueError(f"search_observer must be one of {', '.join(OBSERVERS)}, got {self.search_observer!r}")
+        if self.search_tokens < 1:
+            raise ValueError(f"search_tokens must be positive, got {self.search_tokens}")
         tg.validate_patterns(self.targets, "targets")
         tg.validate_patterns(self.ignore, "ignore")
         check_forward_options(self.batch_size, self.forward_dtype)
@@ -73,35 +83,50 @@ def smoothing_factors(x_max: torch.Tensor, Ws: list[torch.Tensor], alpha: float)
     return torch.where(x_max > 0, s, torch.ones_like(s)).clamp(1e-4, 1e4)
 
 
-@torch.no_grad()
-def _fake_w8a8_error(block: nn.Module, inputs: BlockInputs, mods: dict[str, nn.Module],
-                     reference: list[torch.Tensor], dtype) -> float:
-    """Squared error of the block's outputs with its `mods` simulated as W8A8 (weights restored after)."""
-    saved = {n: m.weight.detach().clone() for n, m in mods.items()}
-    for m in mods.values():
-        W = m.weight.float()
-        scale = (W.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (out, 1)
-        m.weight.copy_((torch.round(W / scale).clamp(-127, 127) * scale).to(m.weight.dtype))
+class TokenSample:
+    """Up to `per_batch` evenly spaced token rows of each batch's input (the alpha search's data)."""
 
-    def fake_act(mod, args):  # per-tensor asymmetric min/max of this batch, int8
-        x = args[0]
-        lo, hi = x.min().clamp(max=0), x.max().clamp(min=0)
-        s = ((hi - lo) / 255).clamp_min(1e-12)
-        z = torch.round(-128 - lo / s)
-        return ((torch.round(x / s) + z).clamp(-128, 127) - z) * s, *args[1:]
+    def __init__(self, per_batch: int) -> None:
+        self.per_batch, self.rows = per_batch, []
 
-    handles = [m.register_forward_pre_hook(fake_act) for m in mods.values()]
-    err = 0.0
-    try:
-        out = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs)
-        run_block(block, out, dtype=dtype)
-        err = sum(float((a.float() - b.float()).pow(2).sum()) for a, b in zip(out.hidden, reference, strict=True))
-    finally:
-        for h in handles:
-            h.remove()
-        for n, m in mods.items():
-            m.weight.copy_(saved[n])
-    return err
+    def add_batch(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])  # (tokens, in)
+        step = max(1, x.shape[0] // self.per_batch)
+        self.rows.append(x[::step][: self.per_batch].float().clone())
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        return torch.cat(self.rows)
+
+
+def w8a8_output_error(x: torch.Tensor, W: torch.Tensor, s: torch.Tensor, observer: str = "minmax") -> float:
+    """||Q(x / s) Q(W diag(s))^T - x W^T||^2 / ||x W^T||^2: W8A8 with per-channel weights and a per-tensor
+    asymmetric activation grid from `observer`, after smoothing by s. x (tokens, in), W (out, in)."""
+    Ws = W.float() * s  # (out, in)
+    w_scale = (Ws.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (out, 1)
+    Wq = torch.round(Ws / w_scale).clamp(-127, 127) * w_scale
+    xs = x / s
+    obs = make_observer(observer, symmetric=False)
+    obs.add_batch(xs)
+    xq = fake_quantize(xs, *obs.qparams())
+    y = x @ W.float().T
+    return float((xq @ Wq.T - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30))
+
+
+def search_alpha(x: torch.Tensor, x_max: torch.Tensor, Ws: list[torch.Tensor], grid: tuple[float, ...],
+                 observer: str = "minmax") -> tuple[float | None, float, float]:
+    """The alpha of `grid` whose smoothing gives the least W8A8 output error on the sample x of a stage's input.
+
+    Returns (alpha, its error, the error without smoothing); alpha is None when no smoothing (s = 1) wins.
+    """
+    W = torch.cat([w.detach().float() for w in Ws])  # (sum out_i, in): the stage's Linears side by side
+    base = w8a8_output_error(x, W, torch.ones_like(x_max), observer)
+    best, best_err = None, base
+    for alpha in grid:
+        err = w8a8_output_error(x, W, smoothing_factors(x_max, Ws, alpha), observer)
+        if err < best_err:
+            best, best_err = alpha, err
+    return best, best_err, base
 
 
 @register_pass("smoothquant", SmoothQuantConfig, needs_calibration=True, streams_blocks=True)
@@ -113,69 +138,65 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
     inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
     dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     producers_of: dict[tuple, dict[str, str | None]] = {}
-    smoothed = skipped = 0
-    chosen: list[float] = []
+    smoothed = skipped = unsmoothed = 0
+    chosen: dict[str, list[float]] = {}  # stage lead module (name inside the block) -> alpha per block
+    err_before = err_after = 0.0
     outlier_before = outlier_after = 0.0
+    per_batch = max(1, cfg.search_tokens // max(len(inputs.hidden), 1))
     for b, block in blocks_in_turn(model, blocks):
         mods = per_block[b]
         if mods:
             stages = input_stages(block, inputs, mods)
-            stats = observe_stages(block, inputs, stages, mods,
-                                   lambda m: (ChannelStats(m.in_features, device=m.weight.device),), dtype=dtype)
+
+            def collectors(m):
+                stats = ChannelStats(m.in_features, device=m.weight.device)
+                return (stats, TokenSample(per_batch)) if cfg.search else (stats,)
+
+            stats = observe_stages(block, inputs, stages, mods, collectors, dtype=dtype)
             kind = (type(block), tuple(map(tuple, stages)))
             if kind not in producers_of:
                 producers_of[kind] = find_producers(block, inputs, stages, mods)
-            plan = [(st, block.get_submodule(producers_of[kind][st[0]]), stats[st[0]][0].max_abs)
-                    for st in stages if producers_of[kind][st[0]] is not None and stats[st[0]][0].tokens]
-            skipped += len(stages) - len(plan)
-            alpha = cfg.alpha
-            if cfg.search and plan:
-                alpha = _search_alpha(block, inputs, mods, plan, cfg, dtype)
-            for st, producer, x_max in plan:
-                s = smoothing_factors(x_max, [mods[n].weight for n in st], alpha)
-                fold_into_producer(producer, s)
+            for st in stages:
+                producer, st_stats = producers_of[kind][st[0]], stats.pop(st[0])
+                if producer is None or not st_stats[0].tokens:
+                    skipped += 1
+                    continue
+                x_max, Ws = st_stats[0].max_abs, [mods[n].weight for n in st]
+                alpha: float | None = cfg.alpha
+                if cfg.search:
+                    alpha, after, before = search_alpha(st_stats[1].tokens, x_max, Ws, cfg.alpha_grid,
+                                                        cfg.search_observer)
+                    err_before += before
+                    err_after += after
+                if alpha is None:  # smoothing made this stage worse: left alone
+                    unsmoothed += 1
+                    continue
+                s = smoothing_factors(x_max, Ws, alpha)
+                fold_into_producer(block.get_submodule(producer), s)
                 for n in st:
                     scale_consumer(mods[n], s)
+                chosen.setdefault(st[0], []).append(alpha)
                 # how far the largest channel stands out from the typical one, before and after
                 outlier_before += float(x_max.max() / x_max.median().clamp_min(1e-8))
-                after = x_max / s
-                outlier_after += float(after.max() / after.median().clamp_min(1e-8))
+                after_max = x_max / s
+                outlier_after += float(after_max.max() / after_max.median().clamp_min(1e-8))
                 smoothed += 1
-            chosen.append(alpha)
         run_block(block, inputs, dtype=dtype)
         if progress:
             progress("smoothquant", b + 1, len(blocks))
+    metrics = {"smoothed_stages": smoothed, "stages_without_producer": skipped,
+               "outlier_ratio_before": outlier_before / max(smoothed, 1),
+               "outlier_ratio_after": outlier_after / max(smoothed, 1),
+               **{f"mean_alpha:{k}": sum(v) / len(v) for k, v in chosen.items()}}
+    if cfg.search:
+        metrics["stages_left_unsmoothed"] = unsmoothed
+        metrics["search_error_ratio"] = err_after / max(err_before, 1e-30)
     log.info("smoothquant: %d stages smoothed, %d without a foldable producer", smoothed, skipped)
     return PassReport(
         name="smoothquant",
         config={"alpha": cfg.alpha, "search": cfg.search, "alpha_grid": list(cfg.alpha_grid),
-                "targets": list(cfg.targets), "ignore": list(cfg.ignore), "forward_dtype": cfg.forward_dtype,
-                "calibration_tokens": int(calib.numel())},
+                "search_observer": cfg.search_observer, "targets": list(cfg.targets), "ignore": list(cfg.ignore),
+                "forward_dtype": cfg.forward_dtype, "calibration_tokens": int(calib.numel())},
         modules=sum(len(m) for m in per_block),
-        metrics={"smoothed_stages": smoothed, "stages_without_producer": skipped,
-                 "mean_alpha": sum(chosen) / max(len(chosen), 1),
-                 "outlier_ratio_before": outlier_before / max(smoothed, 1),
-                 "outlier_ratio_after": outlier_after / max(smoothed, 1)},
+        metrics=metrics,
     )
-
-
-@torch.no_grad()
-def _search_alpha(block: nn.Module, inputs: BlockInputs, mods: dict[str, nn.Module], plan, cfg: SmoothQuantConfig,
-                  dtype) -> float:
-    """The alpha of `alpha_grid` with the least simulated-W8A8 block output error (the block is left unchanged)."""
-    reference = BlockInputs([h.clone() for h in inputs.hidden], inputs.kwargs)
-    run_block(block, reference, dtype=dtype)
-    saved = {k: v.detach().clone() for k, v in block.state_dict().items()}
-    best, best_err = cfg.alpha_grid[0], float("inf")
-    for alpha in cfg.alpha_grid:
-        for st, producer, x_max in plan:
-            s = smoothing_factors(x_max, [mods[n].weight for n in st], alpha)
-            fold_into_producer(producer, s)
-            for n in st:
-                scale_consumer(mods[n], s)
-        err = _fake_w8a8_error(block, inputs, mods, reference.hidden, dtype)
-        block.load_state_dict(saved)
-        if err < best_err:
-            best, best_err = alpha, err
-    log.debug("smoothquant: block alpha %.2f (error %.4g)", best, best_err)
-    return best
