@@ -28,9 +28,12 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 # llama.cpp for the GGUF exporter's check, `compress eval --backend llama.cpp` and the GGUF tests.
-# pip builds it from the sdist (cmake + gcc, ~5 min on 2 cores) and caches the wheel for the next venv.
+# pip builds it from the sdist (cmake + gcc, ~5 min on 2 cores). GGML_NATIVE=OFF: a -march=native build
+# of llama.cpp 0.3.36 segfaults in decode on AVX-512 (VNNI/BF16/FP16) Xeons; the portable build
+# (AVX2/FMA/F16C kernels) runs on every x86-64 machine we use. --no-cache-dir so a natively built
+# wheel left in pip's cache by an older setup is never reused.
 $(LLAMA_STAMP): $(STAMP)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[llama]"
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet --disable-pip-version-check --no-cache-dir -e ".[llama]"
 	@touch $(LLAMA_STAMP)
 
 llama-setup: $(LLAMA_STAMP)
