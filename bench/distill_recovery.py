@@ -14,7 +14,12 @@ perplexity protocol (WikiText-2 test, 64 x 1024). The recovered fraction is
 (ppl_pruned - ppl_student) / (ppl_pruned - ppl_teacher); the issue asks for
 at least 0.5 from a KD run of at most 30 minutes, and KD beating CE.
 
-    .venv/bin/python bench/distill_recovery.py [--steps 60] [--lr 1e-4] [--windows 64] [--rows kd,ce]
+    .venv/bin/python bench/distill_recovery.py [--steps 60] [--lr 1e-4] [--windows 64] [--rows kd,ce] [--keep-rows]
+
+--keep-rows keeps the trained rows of an earlier run in --output that this run
+does not redo, when they were trained with exactly this run's settings (the
+rows of a long benchmark can then be run one at a time, alone on the machine);
+every command that contributed is listed in "commands".
 """
 
 from __future__ import annotations
@@ -52,9 +57,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     from compress.runner import compress_model
 
     torch.set_num_threads(args.threads)
-    step = {"pass": "distill", "steps": args.steps, "batch_size": args.batch_size,
-            "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
-            "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind]}
+    step = _step(kind, args)
     if step["kd_weight"] > 0:
         from compress.reference import reference_model_dir
 
@@ -71,6 +74,28 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     return row
 
 
+def _kept_rows(path: Path, args: argparse.Namespace) -> list[dict]:
+    """Trained rows of an earlier run in `path` with the same step settings as this run, not redone now."""
+    if not path.is_file():
+        return []
+    redo = set(args.rows.split(","))
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["row"] in TRAIN and r["row"] not in redo]
+    for r in rows:
+        mine = {k: v for k, v in _step(r["row"], args).items() if k != "teacher"}
+        theirs = {k: v for k, v in r["step"].items() if k != "teacher"}
+        if mine != theirs:
+            sys.exit(f"--keep-rows: row {r['row']} in {path} was trained with {theirs}, this run uses {mine}")
+        if r["protocol"]["windows"] != args.windows:
+            sys.exit(f"--keep-rows: row {r['row']} in {path} was scored on {r['protocol']['windows']} windows")
+    return rows
+
+
+def _step(kind: str, args: argparse.Namespace) -> dict:
+    return {"pass": "distill", "steps": args.steps, "batch_size": args.batch_size,
+            "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
+            "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
@@ -85,6 +110,7 @@ def main() -> None:
     ap.add_argument("--rows", default="kd+ce,ce")
     ap.add_argument("--pruned-dir", help="keep the pruned student here, or reuse it if it exists")
     ap.add_argument("--output", default=str(HERE / "results" / "distill_recovery.json"))
+    ap.add_argument("--keep-rows", action="store_true", help="keep --output's trained rows made with the same settings")
     ap.add_argument("--one", nargs=3, help=argparse.SUPPRESS)  # KIND STUDENT OUT
     args = ap.parse_args()
     if args.one:
@@ -101,6 +127,10 @@ def main() -> None:
     doc: dict = {"command": " ".join(["python", *sys.argv]), "threads": args.threads, "versions": package_versions(),
                  "student": "reference model, prune_channels ratio 0.25 (activation importance, refit)",
                  "data": "wikitext2 validation split, packed 512-token sequences, last 8 held out", "rows": []}
+    kept = _kept_rows(Path(args.output), args) if args.keep_rows else []
+    if kept:
+        old = json.loads(Path(args.output).read_text())
+        doc["commands"] = [*old.get("commands", [old["command"]]), doc["command"]]
 
     def save() -> None:
         rows = {r["row"]: r for r in doc["rows"]}
@@ -119,6 +149,7 @@ def main() -> None:
             compress_model(None, Recipe.single("prune_channels", ratio=0.25), student)
         doc["rows"].append({"row": "pruned", "prune_seconds": round(time.perf_counter() - t0, 1),
                             **score(str(student), args.windows)})
+        doc["rows"].extend(kept)
         save()
         for kind in args.rows.split(","):
             p = subprocess.run([sys.executable, __file__, "--one", kind, str(student), str(Path(tmp) / kind.replace("+", "_")),
