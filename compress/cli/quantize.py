@@ -24,13 +24,16 @@ from compress.cli._common import calib_config, calib_options, console, echo_json
               help="W8A8 static: how calibration picks the activation range.  [default: minmax]")
 @click.option("--smoothquant", default=None, metavar="ALPHA|search",
               help="W8A8: migrate activation outliers into the weights first (alpha in [0, 1], or search per block).")
+@click.option("--fallback-error", type=float, default=None, metavar="E",
+              help="W8A8 static: keep in float every stage whose relative output error on calibration data exceeds E "
+                   "(e.g. 0.01); the report lists each stage's error.")
 @click.option("--ignore", multiple=True, help="Modules to keep in float (repeatable); default: lm_head.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 @calib_options
 def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-            smoothquant, ignore, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
+            smoothquant, fallback_error, ignore, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -45,7 +48,7 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
     from compress.runner import compress_model
 
     recipe = _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-                     smoothquant, ignore)
+                     smoothquant, ignore, fallback_error)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
                                    calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
@@ -54,7 +57,7 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
 
 
 def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-            smoothquant, ignore):
+            smoothquant, ignore, fallback_error=None):
     from compress.quantize.presets import quantize_recipe, w8a8_recipe
 
     if activations == "int8":
@@ -65,9 +68,11 @@ def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activ
         if given:
             raise click.UsageError(f"{', '.join(given)} do not apply to W8A8 (int8 weights per output channel, "
                                    "symmetric, float32 scales)")
-        if dynamic and (observer or smoothquant is not None):
-            raise click.UsageError("--dynamic computes activation scales at run time: --observer and --smoothquant "
-                                   "need calibrated (static) activations")
+        if dynamic and (observer or smoothquant is not None or fallback_error is not None):
+            raise click.UsageError("--dynamic computes activation scales at run time: --observer, --smoothquant and "
+                                   "--fallback-error need calibrated (static) activations")
+        if fallback_error is not None and not fallback_error > 0:
+            raise click.UsageError(f"--fallback-error must be positive, got {fallback_error}")
         sq = smoothquant
         if sq is not None and sq != "search":
             try:
@@ -75,9 +80,10 @@ def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activ
             except ValueError:
                 raise click.UsageError(f"--smoothquant takes an alpha in [0, 1] or 'search', got {sq!r}") from None
         return w8a8_recipe(activations="dynamic" if dynamic else "static", observer=observer or "minmax",
-                           smoothquant=sq, ignore=list(ignore) or None)
-    w8a8_only = [o for o, v in (("--dynamic", dynamic), ("--observer", observer), ("--smoothquant", smoothquant))
-                 if v not in (None, False)]
+                           smoothquant=sq, ignore=list(ignore) or None,
+                           **({"fallback_error": fallback_error} if fallback_error is not None else {}))
+    w8a8_only = [o for o, v in (("--dynamic", dynamic), ("--observer", observer), ("--smoothquant", smoothquant),
+                                ("--fallback-error", fallback_error)) if v not in (None, False)]
     if w8a8_only:
         raise click.UsageError(f"{', '.join(w8a8_only)} apply to activation quantization: add --activations int8")
     fields = {"group_size": 128 if group_size is None else group_size, "symmetric": symmetric,

@@ -76,6 +76,34 @@ def test_onnx_export_runs_integer_kernels_and_matches_torch(artifacts, label, tm
     assert np.abs(got - ref).max() < 1e-3
 
 
+def test_float_fallback_stages_survive_save_load_and_onnx(artifacts, model_dirs, tmp_path, tokens):
+    """--fallback-error: the worst stage stays a float Linear in the artifact (listed in the compressed-tensors
+    ignore list), and the ONNX export runs it as a float MatMul beside the integer ones."""
+    prov = json.loads((artifacts["static"] / "compress.json").read_text())
+    (rep,) = [r for r in prov["reports"] if r["name"] == "w8a8"]
+    errors = sorted(rep["config"]["stage_errors"].values())
+    art = tmp_path / "fallback"
+    r = CliRunner().invoke(cli, ["quantize", str(model_dirs["llama"]), "--bits", "8", "--activations", "int8",
+                                 "--smoothquant", "0.5", "--observer", "mse", "--fallback-error",
+                                 repr((errors[-1] + errors[-2]) / 2), *CALIB, "--out", str(art)])
+    assert r.exit_code == 0, r.output
+    (rep,) = [r for r in json.loads((art / "compress.json").read_text())["reports"] if r["name"] == "w8a8"]
+    floats = rep["config"]["float_fallback"]
+    assert floats and rep["modules"] == 14 - len(floats)
+    model = load_model(art).model
+    assert all(type(model.get_submodule(n)) is torch.nn.Linear for n in floats)
+    cfg = json.loads((art / "config.json").read_text())["quantization_config"]
+    assert set(floats) <= set(cfg["ignore"])
+    out = tmp_path / "onnx"
+    r = CliRunner().invoke(cli, ["export", str(art), "--format", "onnx", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == 14 - len(floats) and ops.count("MatMul") == 1 + len(floats)
+    assert json.loads((out / "compress.json").read_text())["format_exported"]["verify_max_abs_logit_diff"] < 1e-3
+
+
 def test_w8a8_refused_where_it_cannot_go(artifacts, model_dirs, tmp_path, make_adapter):
     runner = CliRunner()
     r = runner.invoke(cli, ["export", str(artifacts["static"]), "--format", "gguf", "--out", str(tmp_path / "g")])
@@ -98,6 +126,9 @@ def test_w8a8_refused_where_it_cannot_go(artifacts, model_dirs, tmp_path, make_a
     (["--bits", "8", "--activations", "int8", "--smoothquant", "lots"], "alpha in [0, 1] or 'search'"),
     (["--bits", "8", "--activations", "int8", "--smoothquant", "1.5"], "[0, 1]"),
     (["--bits", "8", "--observer", "mse"], "add --activations int8"),
+    (["--bits", "8", "--activations", "int8", "--dynamic", "--fallback-error", "0.1"], "need calibrated (static)"),
+    (["--bits", "8", "--activations", "int8", "--fallback-error", "-1"], "must be positive"),
+    (["--bits", "8", "--fallback-error", "0.1"], "add --activations int8"),
 ])
 def test_cli_refuses_inconsistent_options(model_dirs, tmp_path, args, message):
     r = CliRunner().invoke(cli, ["quantize", str(model_dirs["llama"]), *args, *CALIB, "--out", str(tmp_path / "x")])

@@ -194,3 +194,27 @@ def test_alpha_search_scores_the_real_w8a8_error():
     x2 = torch.randn(2048, 64, generator=g)
     _, after2, before2 = search_alpha(x2, x2.abs().amax(0), [W], (0.5,))
     assert after2 <= before2
+
+
+def test_stages_over_the_fallback_error_stay_float(make_tiny, data):
+    """Every stage's output error is measured; with fallback_error the worst stages (the planted outliers) stay
+    float Linears, the model's error drops, and the float modules are reported."""
+    calib, test = data
+    base = _outlier_model(make_tiny, "llama")
+    m = copy.deepcopy(base)
+    rep = apply(m, Recipe.single("w8a8"), calib)[0]
+    errors = rep.config["stage_errors"]
+    assert len(errors) == 8 and rep.config["float_fallback"] == [] and rep.metrics["float_fallback_modules"] == 0
+    assert rep.metrics["max_stage_error"] == max(errors.values()) > 10 * min(errors.values())
+    threshold = sorted(errors.values())[-3]  # strictly above: the two worst stages
+    kept = apply(fb := copy.deepcopy(base), Recipe.single("w8a8", fallback_error=threshold), calib)[0]
+    floats = [n for n, x in fb.named_modules() if type(x) is nn.Linear and n != "lm_head"]
+    assert sorted(floats) == sorted(kept.config["float_fallback"]) and floats
+    assert kept.modules == 14 - len(floats)
+    stages_out = {n for n, e in kept.config["stage_errors"].items() if e > threshold}
+    assert stages_out and stages_out <= set(floats)
+    assert _rel_error(fb, base, test) < _rel_error(m, base, test)
+    with pytest.raises(ValueError, match="fallback_error needs static"):
+        Recipe.single("w8a8", activations="dynamic", fallback_error=0.1)
+    with pytest.raises(ValueError, match="fallback_error must be positive"):
+        Recipe.single("w8a8", fallback_error=0.0)
