@@ -7,17 +7,26 @@ model. Then, under the DESIGN.md perplexity protocol (WikiText-2 test, 64 x
   fp32              the reference model
   fp32+lora         the adapter merged in float (`lora_merge`)
   int4              a `compress quantize --bits 4 --method M` artifact (M: --method, default gptq; W4 g128)
-  int4<-lora        the adapter merged into that int4 artifact: the touched layers are dequantized, merged and
-                    re-quantized with the artifact's recorded method (GPTQ, fresh calibration)
+  int4+lora float   the exact merge into that artifact, not re-quantized: its dequantized weights + the delta in
+                    float (what a merge into the int4 artifact approximates; not a packed artifact)
+  int4<-lora        the adapter merged into that int4 artifact (`lora_merge` defaults: GPTQ with fresh
+                    calibration, each module onto its own scales and zero points or onto fresh grids, whichever
+                    reconstructs the layer better)
+  int4<-lora G      the same with `grid: G` for each G of --grids (kept: always the artifact's grid; fresh: GPTQ
+                    grids recomputed from the merged weights, the first implementation)
   fp32+lora->int4   merge in fp32, then the same quantization recipe from scratch
 The issue asks int4<-lora to be within 1 % of fp32+lora->int4.
 
-    .venv/bin/python bench/lora_merge_reference.py [--windows 64] [--steps 16]
+    .venv/bin/python bench/lora_merge_reference.py [--windows 64] [--steps 16] [--workdir DIR]
+
+--workdir keeps the adapter and the artifacts there, and reuses those already
+there (their rows then say "reused": true and carry no timing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -63,6 +72,28 @@ def train_adapter(out: Path, steps: int, seq_len: int, batch: int, lr: float) ->
             "lr": lr, "losses": losses, "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def exact_merge(artifact: Path, adapter: Path):
+    """The int4 artifact with every packed Linear replaced by a float one holding its dequantized weight, the
+    adapter merged in float: the model a merge into the artifact would give without re-quantization."""
+    from torch import nn
+
+    from compress.pipeline import apply
+    from compress.quantize.qlinear import QuantLinear
+    from compress.targets import set_submodule
+
+    lm = load_model(artifact)
+    for name, m in list(lm.model.named_modules()):
+        if isinstance(m, QuantLinear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            with torch.no_grad():
+                lin.weight.copy_(m.dequantize_weight())
+                if m.bias is not None:
+                    lin.bias.copy_(m.bias)
+            set_submodule(lm.model, name, lin)
+    apply(lm.model, Recipe.single("lora_merge", adapters=[str(adapter)]))
+    return lm
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=64)
@@ -73,43 +104,62 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--method", default="gptq", help="quantization method of the int4 artifact (awq+gptq: the default)")
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "lora_merge_reference.json"))
+    ap.add_argument("--workdir", help="keep the adapter and artifacts here; reuse the ones already there")
+    ap.add_argument("--grids", default="kept,fresh", help="extra int4<-lora rows, one per lora_merge grid")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     doc: dict = {"command": " ".join(["python", *sys.argv]), "threads": args.threads, "versions": package_versions(),
                  "quantization": quantize_recipe(args.method, bits=4).to_list(), "rows": {}}
 
-    def row(name: str, path: str | None, **extra) -> None:
+    def row(name: str, path: str | None, lm=None, **extra) -> None:
         t0 = time.perf_counter()
-        r = evaluate(load_model(path), ["wikitext2"], options={"windows": args.windows})["wikitext2"]
+        r = evaluate(lm or load_model(path), ["wikitext2"], options={"windows": args.windows})["wikitext2"]
         doc["rows"][name] = {"perplexity": r["perplexity"], "protocol": r["protocol"], **extra}
         if path:
             doc["rows"][name]["bytes"] = weights_bytes(Path(path))
         print(f"{name:16s} ppl {r['perplexity']:.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
         write_json_atomic(Path(args.output), doc)
 
-    with tempfile.TemporaryDirectory(prefix="lora-bench-") as tmp:
+    with (contextlib.nullcontext(args.workdir) if args.workdir else tempfile.TemporaryDirectory(prefix="lora-bench-")
+          ) as tmp:
         tmp = Path(tmp)
-        print("training the adapter", flush=True)
-        doc["adapter"] = train_adapter(tmp / "adapter", args.steps, args.seq_len, args.batch, args.lr)
+        if (tmp / "adapter" / "adapter_config.json").is_file():
+            doc["adapter"] = {"reused": str(tmp / "adapter")}
+        else:
+            print("training the adapter", flush=True)
+            doc["adapter"] = train_adapter(tmp / "adapter", args.steps, args.seq_len, args.batch, args.lr)
         merge = {"pass": "lora_merge", "adapters": [str(tmp / "adapter")]}
         quant = quantize_recipe(args.method, bits=4).to_list()
         # (row, source, steps, output directory)
         runs = [("fp32+lora", None, [merge], "fp32_lora"), ("int4", None, quant, "int4"),
+                ("int4+lora float", None, None, None),
                 ("int4<-lora", tmp / "int4", [merge], "int4_merged"),
+                *[(f"int4<-lora {g}", tmp / "int4", [{**merge, "grid": g}], f"int4_merged_{g}")
+                  for g in filter(None, args.grids.split(","))],
                 ("fp32+lora->int4", None, [merge, *quant], "fp32_lora_int4")]
         row("fp32", None)
         for name, src, steps, dest in runs:
-            t0 = time.perf_counter()
-            summary = compress_model(src, Recipe.from_steps(steps), tmp / dest)
-            seconds = round(time.perf_counter() - t0, 1)
-            reports = {r["name"]: r for r in summary["reports"]}
-            extra = {"seconds": seconds}
-            if "lora_merge" in reports:
-                extra["merge"] = {"metrics": reports["lora_merge"]["metrics"], "modules": reports["lora_merge"]["modules"],
-                                  "requantized": reports["lora_merge"]["config"].get("requantized", {}).get("method")}
+            if steps is None:
+                row(name, None, lm=exact_merge(tmp / "int4", tmp / "adapter"))
+                continue
+            extra: dict = {"reused": True}
+            if not (tmp / dest / "config.json").is_file():
+                t0 = time.perf_counter()
+                summary = compress_model(src, Recipe.from_steps(steps), tmp / dest)
+                extra = {"seconds": round(time.perf_counter() - t0, 1)}
+                reports = {r["name"]: r for r in summary["reports"]}
+                if "lora_merge" in reports:
+                    rep = reports["lora_merge"]
+                    req = rep["config"].get("requantized") or {}
+                    extra["merge"] = {"metrics": rep["metrics"], "modules": rep["modules"],
+                                      "requantized": {k: req.get(k) for k in ("method", "grid")} if req else None}
             row(name, str(tmp / dest), **extra)
     rows = doc["rows"]
-    doc["int4_merge_vs_merge_then_quantize"] = rows["int4<-lora"]["perplexity"] / rows["fp32+lora->int4"]["perplexity"] - 1
+    ref = rows["fp32+lora->int4"]["perplexity"]
+    doc["int4_merge_vs_merge_then_quantize"] = rows["int4<-lora"]["perplexity"] / ref - 1
+    for g in filter(None, args.grids.split(",")):
+        doc[f"{g}_grid_vs_merge_then_quantize"] = rows[f"int4<-lora {g}"]["perplexity"] / ref - 1
+    doc["exact_float_merge_vs_merge_then_quantize"] = rows["int4+lora float"]["perplexity"] / ref - 1
     write_json_atomic(Path(args.output), doc)
     print(f"merged into int4 vs merge-then-quantize: {100 * doc['int4_merge_vs_merge_then_quantize']:+.2f} %")
 

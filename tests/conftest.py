@@ -93,20 +93,20 @@ def make_tiny(tiny_tokenizer):
 
 @pytest.fixture
 def make_adapter():
-    """Factory: make_adapter(base, path, seed=1, **LoraConfig fields) saves a PEFT adapter for `base` with
-    random non-zero factors (and perturbed DoRA magnitudes) on q/v/down_proj; returns peft's merged model."""
+    """Factory: make_adapter(base, path, seed=1, std=0.05, **LoraConfig fields) saves a PEFT adapter for `base` with
+    random non-zero factors (normal, `std`) (and perturbed DoRA magnitudes) on q/v/down_proj; returns peft's merged model."""
     import copy
 
     from peft import LoraConfig, get_peft_model
 
-    def make(base, path, *, seed=1, **lora):
+    def make(base, path, *, seed=1, std=0.05, **lora):
         torch.manual_seed(seed)
         peft_model = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["q_proj", "v_proj", "down_proj"],
                                                                     **lora))
         with torch.no_grad():
             for name, p in peft_model.named_parameters():
                 if "lora_A" in name or "lora_B" in name:
-                    p.normal_(0, 0.05)
+                    p.normal_(0, std)
                 elif "lora_magnitude_vector" in name:
                     p.mul_(1 + 0.1 * torch.randn_like(p))
         peft_model.save_pretrained(path)

@@ -28,12 +28,16 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
               help="TIES: fraction of each adapter's delta entries kept.")
 @click.option("--requantize", type=click.Choice(["recorded", "gptq", "rtn"]), default="recorded", show_default=True,
               help="Quantized MODEL: re-quantize merged layers with the method its recipe recorded, or force one.")
+@click.option("--grid", type=click.Choice(["auto", "kept", "fresh", "best"]), default="auto", show_default=True,
+              help="Quantized base: re-quantize onto each module's own scales and zero points (kept), new ones "
+                   "(fresh), or per module whichever reconstructs the layer better (best, GPTQ); auto: best for "
+                   "GPTQ, fresh for RTN.")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
 @calib_options
-def command(model, adapters, weights, method, density, requantize, out, force, allow_pickle,
+def command(model, adapters, weights, method, density, requantize, grid, out, force, allow_pickle,
             calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Merge LoRA ADAPTERs into MODEL and save the result.
 
@@ -53,7 +57,7 @@ def command(model, adapters, weights, method, density, requantize, out, force, a
     from compress.recipe import Recipe
     from compress.runner import compress_model
 
-    fields = {"adapters": list(adapters), "method": method, "density": density, "requantize": requantize,
+    fields = {"adapters": list(adapters), "method": method, "density": density, "requantize": requantize, "grid": grid,
               "allow_pickle": allow_pickle}
     if weights is not None:
         fields["weights"] = weights

@@ -5,10 +5,21 @@ https://arxiv.org/abs/2106.09685 (merge math and DoRA / TIES in `combine`).
 Every adapted Linear gets W' = W + delta. A quantized base (a compress
 artifact: QuantLinear modules) is dequantized where an adapter touches it,
 merged in float32, and re-quantized with the method its recipe recorded
-(GPTQ with fresh calibration for gptq/mixed artifacts; round-to-nearest on the
-module's own grid otherwise, since AWQ's scales are already folded into the
+(GPTQ with fresh calibration for gptq/mixed artifacts; round-to-nearest with the
+module's own scheme otherwise, since AWQ's scales are already folded into the
 weights), so the result is again a packed artifact; the report gives the
 relative weight error that re-quantization adds to the float merge.
+
+GPTQ can re-quantize onto the module's existing grid (its scales and zero
+points): the base weights are already on it, so only the small merged delta
+has to be rounded, and error feedback turns it into code changes that carry
+the delta's effect on the layer's outputs. Fresh grids re-round every weight
+onto a slightly moved grid (a symmetric grid moves by 8/7 wherever the base
+used the code -8) and add a second quantization error to the base's, but
+keep deltas that the kept grid would round away. By default each module gets
+both and keeps the one with the smaller layer reconstruction error on the
+calibration inputs (`grid: best`; measured on the reference model in
+bench/lora_merge_reference.py).
 """
 
 from __future__ import annotations
@@ -29,6 +40,7 @@ from compress.targets import set_submodule
 log = logging.getLogger(__name__)
 
 REQUANTIZE = ("recorded", "gptq", "rtn")
+GRIDS = ("auto", "kept", "fresh", "best")
 _GPTQ_FIELDS = ("batch_size", "forward_dtype", "block_size", "dampening", "act_order", "true_sequential")
 
 
@@ -39,6 +51,9 @@ class LoraMergeConfig:
     method: str = "linear"  # several adapters: "linear" (weighted sum of deltas) or "ties"
     density: float = 0.2  # ties: fraction of each delta's entries kept (the paper's top 20 %)
     requantize: str = "recorded"  # quantized base: the method its recipe recorded, or force "gptq" / "rtn"
+    grid: str = "auto"  # re-quantize onto the module's own scales/zeros ("kept"), new ones ("fresh"), or (GPTQ)
+    # both, keeping per module the one with the smaller layer reconstruction error ("best"); auto: best for GPTQ,
+    # fresh for RTN (rounding onto the old grid would drop every delta entry under half a step)
     allow_pickle: bool = False  # read adapter_model.bin (a pickle) when there is no safetensors file
 
     def __post_init__(self) -> None:
@@ -52,6 +67,8 @@ class LoraMergeConfig:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.requantize not in REQUANTIZE:
             raise ValueError(f"requantize must be one of {', '.join(REQUANTIZE)}, got {self.requantize!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
 
 
 def _check_combination(adapters: list[Adapter]) -> None:
@@ -139,9 +156,14 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
     for a in adapters:
         check_against(a, model)  # everything is checked before the first weight changes
     _check_combination(adapters)
+    if cfg.grid == "best" and any(isinstance(m, QuantLinear) for m in model.modules()) \
+            and _method(cfg.requantize, _recorded(recipe_history(model))) != "gptq":
+        raise ValueError("lora_merge: grid 'best' compares GPTQ results; this base re-quantizes with RTN: "
+                         "use grid 'kept' or 'fresh'")
     weights = list(cfg.weights) or [1.0] * len(adapters)
     names = sorted({n for a in adapters for n in a.modules})
     merged: dict[str, torch.Tensor] = {}  # re-quantized module -> its float merged weight
+    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # re-quantized module -> its (scale, zero)
     schemes: dict[str, dict] = {}
     delta_sq = base_sq = 0.0
     for i, name in enumerate(names):
@@ -165,6 +187,7 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
                 lin.bias.copy_(mod.bias)
             set_submodule(model, name, lin)
             merged[name], schemes[name] = new, mod.scheme.to_dict()
+            grids[name] = (mod.weight_scale.float(), mod.zero_point())
         else:
             mod.weight.copy_(new.to(mod.weight.dtype))
         if progress:
@@ -178,23 +201,51 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
               "dora": any(a.dora for a in adapters)}
     metrics = {"delta_relative_norm": (delta_sq / base_sq) ** 0.5 if base_sq else 0.0}
     if merged:
-        metrics.update(_requantize(model, merged, schemes, cfg, calib, config))
+        metrics.update(_requantize(model, merged, schemes, grids, cfg, calib, config))
     log.info("lora_merge: merged %d modules from %d adapters", len(names), len(adapters))
     return PassReport(name="lora_merge", config=config, modules=len(names), metrics=metrics)
 
 
 def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict[str, dict],
-                cfg: LoraMergeConfig, calib, config: dict) -> dict[str, float]:
+                grids: dict[str, tuple[torch.Tensor, torch.Tensor]], cfg: LoraMergeConfig, calib,
+                config: dict) -> dict[str, float]:
     from compress.pipeline import apply
     from compress.recipe import Recipe
 
     how, steps = _requantize_steps(schemes, cfg.requantize, recipe_history(model))
-    apply(model, Recipe.from_steps(steps, where="lora_merge re-quantization"), calib)
+    grid = cfg.grid if cfg.grid != "auto" else ("best" if how == "gptq" else "fresh")
+    recipe = Recipe.from_steps(steps, where="lora_merge re-quantization")
+    if grid == "fresh":
+        apply(model, recipe, calib)
+    elif how == "gptq":
+        from compress.quantize.gptq import quantize_blocks
+
+        for step in recipe.steps:
+            scheme = step.config.scheme
+            quantize_blocks(model, step.config, calib, lambda _n, s=scheme: s, label="lora_merge gptq",
+                            grid_for=grids.get, or_fresh=grid == "best")
+    else:
+        _rtn_on_grids(model, merged, grids, schemes)
     err_sq = ref_sq = 0.0
     for name, W in merged.items():
         q = model.get_submodule(name)
         assert isinstance(q, QuantLinear), name
         err_sq += float((q.dequantize_weight() - W).pow(2).sum())
         ref_sq += float(W.pow(2).sum())
-    config["requantized"] = {"method": how, "modules": len(merged), "steps": steps}
+    config["requantized"] = {"method": how, "grid": grid, "modules": len(merged), "steps": steps}
     return {"requantization_relative_error": (err_sq / ref_sq) ** 0.5}
+
+
+def _rtn_on_grids(model: nn.Module, merged: dict[str, torch.Tensor], grids: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  schemes: dict[str, dict]) -> None:
+    """Round each merged weight to the nearest code of the grid its module had."""
+    from compress.quantize.grid import quantize
+    from compress.quantize.scheme import QuantScheme
+
+    for name, W in merged.items():
+        lin = model.get_submodule(name)
+        scheme = QuantScheme(**schemes[name])
+        scale, zero = grids[name]
+        q = quantize(W, scale, zero, scheme)
+        set_submodule(model, name, QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias,
+                                                          dtype=lin.weight.dtype))

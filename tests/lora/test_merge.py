@@ -14,6 +14,7 @@ from compress.pipeline import apply
 from compress.quantize.qlinear import QuantLinear
 from compress.recipe import Recipe
 from compress.runner import compress_model
+from compress.targets import set_submodule
 
 
 def _merge(model, *adapters, **fields):
@@ -154,6 +155,9 @@ def test_merge_into_a_quantized_artifact(model_dirs, tmp_path, method, make_adap
     if method == "gptq":  # re-quantizing with GPTQ runs calibration data: refused without it, before any change
         with pytest.raises(ValueError, match="needs calibration data"):
             apply(load_model(tmp_path / "q").model, Recipe.from_steps([merge]))
+    else:
+        with pytest.raises(ValueError, match="grid 'best' compares GPTQ results"):
+            apply(load_model(tmp_path / "q").model, Recipe.from_steps([{**merge, "grid": "best"}]))
     summary = compress_model(tmp_path / "q", Recipe.from_steps([merge]), tmp_path / "m", calib=calib)
     rep = summary["reports"][0]
     assert rep["config"]["requantized"]["method"] == method and rep["config"]["requantized"]["modules"] == 6
@@ -173,6 +177,48 @@ def test_merge_into_a_quantized_artifact(model_dirs, tmp_path, method, make_adap
     assert err_merged < 2.0 * err_direct
     prov = json.loads((tmp_path / "m" / "compress.json").read_text())
     assert [s["pass"] for s in prov["recipe"]] == [method, "lora_merge"]
+
+
+def test_gptq_requantization_grids(model_dirs, tmp_path, make_adapter):
+    """kept: the merged layers keep their scales and zero points and exactly the adapted ones change codes.
+    best (the default for GPTQ): each module is the kept-grid or the fresh-grid result, whichever reconstructs the
+    layer better, so the logits are at least as close to the exact float merge (the artifact's dequantized
+    weights + the delta) as those of the worse of the two."""
+    calib = CalibConfig(samples=8, seq_len=64)
+    src = model_dirs["llama"]
+    compress_model(src, Recipe.from_steps([{"pass": "gptq", "bits": 4, "group_size": 32}]), tmp_path / "q",
+                   calib=calib)
+    make_adapter(load_model(src).model, tmp_path / "a", r=4, lora_alpha=8, std=0.04)  # deltas under half a step
+    for grid in ("auto", "kept", "fresh"):
+        merge = {"pass": "lora_merge", "adapters": [str(tmp_path / "a")], "grid": grid}
+        rep = compress_model(tmp_path / "q", Recipe.from_steps([merge]), tmp_path / grid, calib=calib)["reports"][0]
+        assert rep["config"]["requantized"]["grid"] == ("best" if grid == "auto" else grid)
+    base, kept = load_model(tmp_path / "q").model, load_model(tmp_path / "kept").model
+    fresh, best = load_model(tmp_path / "fresh").model, load_model(tmp_path / "auto").model
+    exact = load_model(tmp_path / "q").model  # the target: the artifact's dequantized weights + the delta, in float
+    for name, m in base.named_modules():
+        if isinstance(m, QuantLinear):
+            k = kept.get_submodule(name)
+            assert torch.equal(k.weight_scale, m.weight_scale) and torch.equal(k.zero_point(), m.zero_point())
+            adapted = name.endswith(("q_proj", "v_proj", "down_proj"))
+            assert torch.equal(k.codes(), m.codes()) != adapted  # exactly the adapted modules took the delta
+            if adapted and ".layers.0." in name:  # (later blocks calibrate on different upstream modules)
+                b, f = best.get_submodule(name), fresh.get_submodule(name)
+                assert any(torch.equal(b.codes(), o.codes()) and torch.equal(b.weight_scale, o.weight_scale)
+                           for o in (k, f))
+            lin = torch.nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.dequantize_weight()
+            set_submodule(exact, name, lin)
+    _merge(exact, tmp_path / "a")
+    ids = torch.randint(3, 200, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        f = exact(ids).logits
+        err = {g: float((m(ids).logits - f).pow(2).mean()) for g, m in (("kept", kept), ("fresh", fresh),
+                                                                         ("best", best))}
+    print("logit mse to the exact merge:", err)
+    assert err["best"] <= max(err["kept"], err["fresh"])
+    with pytest.raises(ValueError, match="grid must be one of"):
+        Recipe.single("lora_merge", adapters=["a"], grid="old")
 
 
 @pytest.mark.parametrize("arch,lora", [("opt", {"bias": "lora_only"}), ("llama", {"modules_to_save": ["lm_head"]})])

@@ -61,6 +61,25 @@ def test_identity_hessian_static_groups_equal_rtn():
     assert torch.equal(q, q2) and torch.equal(scale, scale2) and torch.equal(zero, zero2)
 
 
+@pytest.mark.parametrize("act_order", [True, False])
+def test_a_fixed_grid_is_used_as_given(act_order):
+    """grid=(scale, zero): the codes live on that grid; a weight already on it comes back unchanged, and a small
+    change to it is carried into the codes with less output error than rounding it onto the same grid."""
+    W, X, H = _problem()
+    s = QuantScheme(bits=4, group_size=64, symmetric=False)
+    q, scale, zero, _ = quantize_weight(W, H, s, act_order=act_order)
+    Wq = dequantize(q, scale, zero, s)
+    q1, scale1, zero1, _ = quantize_weight(Wq, H, s, act_order=act_order, grid=(scale, zero))
+    assert torch.equal(q1, q) and torch.equal(scale1, scale) and torch.equal(zero1, zero)
+    delta = 0.2 * scale.repeat_interleave(64, dim=1) * torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
+    target = Wq + delta  # every entry moved by less than half a step: plain rounding returns Wq
+    q2, scale2, zero2, _ = quantize_weight(target, H, s, act_order=act_order, grid=(scale, zero))
+    assert torch.equal(scale2, scale) and torch.equal(zero2, zero) and not torch.equal(q2, q)
+    assert _out_err(X, target, dequantize(q2, scale, zero, s)) < 0.75 * _out_err(X, target, Wq)
+    with pytest.raises(ValueError, match="grid: scale/zero must be"):
+        quantize_weight(W, H, s, grid=(scale[:, :1], zero[:, :1]))
+
+
 def test_input_stages_of_a_block(make_tiny, tiny_tokenizer, arch):
     model = make_tiny(arch)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 16))
