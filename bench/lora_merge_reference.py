@@ -20,13 +20,18 @@ The issue asks int4<-lora to be within 1 % of fp32+lora->int4.
     .venv/bin/python bench/lora_merge_reference.py [--windows 64] [--steps 16] [--workdir DIR]
 
 --workdir keeps the adapter and the artifacts there, and reuses those already
-there (their rows then say "reused": true and carry no timing).
+there (their rows then say "reused": true and carry no timing). --rows runs only
+the named rows; with --keep-rows the others are taken from --output's earlier
+run (each marked with the command that measured it; the adapter training is
+deterministic, so an earlier run's adapter is this run's: its fp32+lora row
+shows it).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 import tempfile
 import time
@@ -106,10 +111,18 @@ def main() -> None:
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "lora_merge_reference.json"))
     ap.add_argument("--workdir", help="keep the adapter and artifacts here; reuse the ones already there")
     ap.add_argument("--grids", default="kept,fresh", help="extra int4<-lora rows, one per lora_merge grid")
+    ap.add_argument("--rows", help="run only these rows (comma-separated names); default: all")
+    ap.add_argument("--keep-rows", action="store_true", help="take the rows not run from --output's earlier run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     doc: dict = {"command": " ".join(["python", *sys.argv]), "threads": args.threads, "versions": package_versions(),
                  "quantization": quantize_recipe(args.method, bits=4).to_list(), "rows": {}}
+    wanted = set(args.rows.split(",")) if args.rows else None
+    if args.keep_rows and Path(args.output).is_file():
+        old = json.loads(Path(args.output).read_text())
+        for name, r in old["rows"].items():
+            if wanted is not None and name not in wanted:
+                doc["rows"][name] = {**r, "measured_by": r.get("measured_by", old["command"])}
 
     def row(name: str, path: str | None, lm=None, **extra) -> None:
         t0 = time.perf_counter()
@@ -137,8 +150,11 @@ def main() -> None:
                 *[(f"int4<-lora {g}", tmp / "int4", [{**merge, "grid": g}], f"int4_merged_{g}")
                   for g in filter(None, args.grids.split(","))],
                 ("fp32+lora->int4", None, [merge, *quant], "fp32_lora_int4")]
-        row("fp32", None)
+        if wanted is None or "fp32" in wanted:
+            row("fp32", None)
         for name, src, steps, dest in runs:
+            if wanted is not None and name not in wanted:
+                continue
             if steps is None:
                 row(name, None, lm=exact_merge(tmp / "int4", tmp / "adapter"))
                 continue
@@ -157,9 +173,11 @@ def main() -> None:
     rows = doc["rows"]
     ref = rows["fp32+lora->int4"]["perplexity"]
     doc["int4_merge_vs_merge_then_quantize"] = rows["int4<-lora"]["perplexity"] / ref - 1
-    for g in filter(None, args.grids.split(",")):
-        doc[f"{g}_grid_vs_merge_then_quantize"] = rows[f"int4<-lora {g}"]["perplexity"] / ref - 1
-    doc["exact_float_merge_vs_merge_then_quantize"] = rows["int4+lora float"]["perplexity"] / ref - 1
+    for name in rows:
+        if name.startswith("int4<-lora "):
+            doc[f"{name.split()[-1]}_grid_vs_merge_then_quantize"] = rows[name]["perplexity"] / ref - 1
+    if "int4+lora float" in rows:
+        doc["exact_float_merge_vs_merge_then_quantize"] = rows["int4+lora float"]["perplexity"] / ref - 1
     write_json_atomic(Path(args.output), doc)
     print(f"merged into int4 vs merge-then-quantize: {100 * doc['int4_merge_vs_merge_then_quantize']:+.2f} %")
 

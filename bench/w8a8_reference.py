@@ -6,8 +6,11 @@ every calibrated method on the same calibration windows (--calib-samples x 512 t
 split, the product's default sampling):
 
   fp32                         the reference model (torch)
-  ours <observer> [sq <a>]     `compress quantize --bits 8 --activations int8 --observer O [--smoothquant A]`:
-                               int8 weights per channel, static per-tensor int8 activations, scored in torch
+  ours <observer> [sq <a>] [fallback <e>]
+                               `compress quantize --bits 8 --activations int8 --observer O [--smoothquant A]
+                               [--fallback-error E]`: int8 weights per channel, static per-tensor int8
+                               activations (stages whose calibration output error exceeds E left float), scored
+                               in torch
                                (W8A8Linear computes what the exported ONNX graph computes; the export check
                                compares the two on every artifact it writes)
   torch dynamic int8           torch.ao.quantization.quantize_dynamic, per-channel int8 weights, activations
@@ -20,7 +23,8 @@ Speed: a 512-token prompt (batch 1, no cache) through ONNX Runtime on --threads 
 for the fp32 graph, our best static W8A8 export and the best ORT static model, in the same run.
 
     .venv/bin/python bench/w8a8_reference.py [--windows 64] [--calib-samples 128] [--work DIR]
-        [--observers minmax,percentile,mse,kl] [--smoothquant 0.5,search] [--ort MinMax,Entropy,Percentile]
+        [--observers minmax,percentile,mse,kl] [--smoothquant 0.5,search] [--fallback-errors ,0.01]
+        [--ort MinMax,Entropy,Percentile]
 """
 
 from __future__ import annotations
@@ -155,6 +159,8 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--observers", default="minmax,percentile,mse,kl")
     ap.add_argument("--smoothquant", default="0.5,search", help="SmoothQuant settings tried with each observer")
+    ap.add_argument("--fallback-errors", default="",
+                    help="--fallback-error values tried with each observer/SmoothQuant pair ('' in the list: none)")
     ap.add_argument("--ort", default="MinMax,Entropy,Percentile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
@@ -186,16 +192,21 @@ def main() -> None:
 
     best: tuple[float, str, Path] | None = None
     for obs in args.observers.split(","):
-        for sq in [None, *[s for s in args.smoothquant.split(",") if s]]:
-            name = f"ours {obs}" + (f" sq {sq}" if sq else "")
+        for sq, fb in [(s, f) for s in [None, *[s for s in args.smoothquant.split(",") if s]]
+                       for f in [float(f) if f else None for f in args.fallback_errors.split(",")]]:
+            name = f"ours {obs}" + (f" sq {sq}" if sq else "") + (f" fallback {fb:g}" if fb else "")
             art = work / name.replace(" ", "-")
             t = time.perf_counter()
             if not art.exists():
-                compress_model(None, w8a8_recipe(observer=obs, smoothquant=sq if sq in (None, "search") else float(sq)),
-                               art, calib=calib_cfg)
+                extra = {"fallback_error": fb} if fb else {}
+                compress_model(None, w8a8_recipe(observer=obs, smoothquant=sq if sq in (None, "search") else float(sq),
+                                                 **extra), art, calib=calib_cfg)
             qs = time.perf_counter() - t
+            (rep,) = [r for r in json.loads((art / "compress.json").read_text())["reports"] if r["name"] == "w8a8"]
+            stages = {"max_stage_error": rep["metrics"].get("max_stage_error"),
+                      "float_fallback": rep["config"].get("float_fallback", [])}
             ppl, secs = ppl_torch(load_model(art), args.windows)
-            record(name, ppl, secs, quantize_seconds=round(qs, 1))
+            record(name, ppl, secs, quantize_seconds=round(qs, 1), **stages)
             if best is None or ppl < best[0]:
                 best = (ppl, name, art)
 
