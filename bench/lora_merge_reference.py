@@ -10,10 +10,9 @@ model. Then, under the DESIGN.md perplexity protocol (WikiText-2 test, 64 x
   int4+lora float   the exact merge into that artifact, not re-quantized: its dequantized weights + the delta in
                     float (what a merge into the int4 artifact approximates; not a packed artifact)
   int4<-lora        the adapter merged into that int4 artifact (`lora_merge` defaults: GPTQ with fresh
-                    calibration, each module onto its own scales and zero points or onto fresh grids, whichever
-                    reconstructs the layer better)
-  int4<-lora G      the same with `grid: G` for each G of --grids (kept: always the artifact's grid; fresh: GPTQ
-                    grids recomputed from the merged weights, the first implementation)
+                    calibration, grids recomputed from the merged weights)
+  int4<-lora G      the same with `grid: G` for each G of --grids (kept: the artifact's own scales and zero
+                    points; best: per module kept or fresh, whichever reconstructs the layer better)
   fp32+lora->int4   merge in fp32, then the same quantization recipe from scratch
 The issue asks int4<-lora to be within 1 % of fp32+lora->int4.
 
@@ -110,7 +109,7 @@ def main() -> None:
     ap.add_argument("--method", default="gptq", help="quantization method of the int4 artifact (awq+gptq: the default)")
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "lora_merge_reference.json"))
     ap.add_argument("--workdir", help="keep the adapter and artifacts here; reuse the ones already there")
-    ap.add_argument("--grids", default="kept,fresh", help="extra int4<-lora rows, one per lora_merge grid")
+    ap.add_argument("--grids", default="kept,best", help="extra int4<-lora rows, one per lora_merge grid")
     ap.add_argument("--rows", help="run only these rows (comma-separated names); default: all")
     ap.add_argument("--keep-rows", action="store_true", help="take the rows not run from --output's earlier run")
     args = ap.parse_args()

@@ -30,8 +30,7 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
               help="Quantized MODEL: re-quantize merged layers with the method its recipe recorded, or force one.")
 @click.option("--grid", type=click.Choice(["auto", "kept", "fresh", "best"]), default="auto", show_default=True,
               help="Quantized base: re-quantize onto each module's own scales and zero points (kept), new ones "
-                   "(fresh), or per module whichever reconstructs the layer better (best, GPTQ); auto: best for "
-                   "GPTQ, fresh for RTN.")
+                   "(fresh), or per module whichever reconstructs the layer better (best, GPTQ); auto: fresh.")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True,

@@ -181,7 +181,7 @@ def test_merge_into_a_quantized_artifact(model_dirs, tmp_path, method, make_adap
 
 def test_gptq_requantization_grids(model_dirs, tmp_path, make_adapter):
     """kept: the merged layers keep their scales and zero points and exactly the adapted ones change codes.
-    best (the default for GPTQ): each module is the kept-grid or the fresh-grid result, whichever reconstructs the
+    best: each module is the kept-grid or the fresh-grid result, whichever reconstructs the
     layer better, so the logits are at least as close to the exact float merge (the artifact's dequantized
     weights + the delta) as those of the worse of the two."""
     calib = CalibConfig(samples=8, seq_len=64)
@@ -189,12 +189,12 @@ def test_gptq_requantization_grids(model_dirs, tmp_path, make_adapter):
     compress_model(src, Recipe.from_steps([{"pass": "gptq", "bits": 4, "group_size": 32}]), tmp_path / "q",
                    calib=calib)
     make_adapter(load_model(src).model, tmp_path / "a", r=4, lora_alpha=8, std=0.04)  # deltas under half a step
-    for grid in ("auto", "kept", "fresh"):
+    for grid in ("best", "kept", "auto"):
         merge = {"pass": "lora_merge", "adapters": [str(tmp_path / "a")], "grid": grid}
         rep = compress_model(tmp_path / "q", Recipe.from_steps([merge]), tmp_path / grid, calib=calib)["reports"][0]
-        assert rep["config"]["requantized"]["grid"] == ("best" if grid == "auto" else grid)
+        assert rep["config"]["requantized"]["grid"] == ("fresh" if grid == "auto" else grid)
     base, kept = load_model(tmp_path / "q").model, load_model(tmp_path / "kept").model
-    fresh, best = load_model(tmp_path / "fresh").model, load_model(tmp_path / "auto").model
+    fresh, best = load_model(tmp_path / "auto").model, load_model(tmp_path / "best").model
     exact = load_model(tmp_path / "q").model  # the target: the artifact's dequantized weights + the delta, in float
     for name, m in base.named_modules():
         if isinstance(m, QuantLinear):
