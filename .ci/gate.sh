@@ -5,6 +5,14 @@
 # int4 artifact) must make the gate fail.
 #   bash .ci/gate.sh            gate the current code
 #   bash .ci/gate.sh --update   re-measure and rewrite .ci/baselines/ (after an intended change)
+#
+# The artifacts are built with pinned CPU numerics: int4 GPTQ/AWQ rounding decisions flip on last-bit
+# differences of the calibration arithmetic, and an unpinned build on a CPU with other vector units
+# (AVX-512/AMX instead of AVX2) made a different int4 artifact from the same code (WikiText-2 35.77 vs
+# 36.15, ARC-Easy 38.5 vs 46.0 %), which the gate rightly called a regression. With ATen's AVX2 kernels,
+# MKL's conditional numerical reproducibility on its AVX2 branch, oneDNN capped at AVX2 and a fixed
+# thread count, every Intel CPU with AVX2 builds the same bytes. The evals run unpinned (a fixed
+# artifact scores the same to the printed digits on either CPU: int8 29.2614 / 49.5 % on both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -13,8 +21,9 @@ trap 'rm -rf "$W"' EXIT
 EVAL=(--task wikitext2 --windows 8 --task arc_easy --limit 200 --threads 2)
 GATE=(--max-ppl-rise 1% --max-acc-drop 2)
 
+PINNED=(env ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2)
 for m in w8 w4; do
-  "$BIN/compress" run ".ci/$m.yaml" --out "$W/$m" --calib-samples 16 >/dev/null
+  "${PINNED[@]}" "$BIN/compress" run ".ci/$m.yaml" --out "$W/$m" --calib-samples 16 >/dev/null
   "$BIN/compress" eval "$W/$m" "${EVAL[@]}" --output "$W/$m.json"
 done
 
@@ -45,9 +54,17 @@ for f in sorted(d.glob("*.safetensors")):
 else:
     sys.exit("planted regression: tensor not found")
 PY
-"$BIN/compress" eval "$W/w4" "${EVAL[@]}" --output "$W/planted.json"
+# (scored on WikiText-2 alone, against the baseline's WikiText-2 result: the zeroed layer shows there,
+# and skipping the 200 ARC questions keeps CI a few minutes shorter)
+"$BIN/compress" eval "$W/w4" --task wikitext2 --windows 8 --threads 2 --output "$W/planted.json"
+"$BIN/python" - .ci/baselines/w4.json "$W/w4-wikitext2.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+doc["results"] = {"wikitext2": doc["results"]["wikitext2"]}
+json.dump(doc, open(sys.argv[2], "w"))
+PY
 set +e
-"$BIN/compress" gate "$W/planted.json" --baseline .ci/baselines/w4.json "${GATE[@]}" > "$W/planted.md"
+"$BIN/compress" gate "$W/planted.json" --baseline "$W/w4-wikitext2.json" "${GATE[@]}" > "$W/planted.md"
 rc=$?
 set -e
 if [[ $rc -ne 1 ]]; then

@@ -56,6 +56,16 @@ class Row:
 class GateReport:
     rows: list[Row] = field(default_factory=list)
     cfg: GateConfig = field(default_factory=GateConfig)
+    # sha256 of the scored artifacts' weights (None where a results file does not record one)
+    candidate_sha256: str | None = None
+    baseline_sha256: str | None = None
+
+    @property
+    def same_artifact(self) -> bool | None:
+        """Whether both results score byte-identical weights (None when unknown)."""
+        if not (self.candidate_sha256 and self.baseline_sha256):
+            return None
+        return self.candidate_sha256 == self.baseline_sha256
 
     @property
     def passed(self) -> bool:
@@ -64,7 +74,8 @@ class GateReport:
 
 def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig = GateConfig()) -> GateReport:
     """Compare two results documents (`eval.results.load`); mismatches are ValueErrors."""
-    report = GateReport(cfg=cfg)
+    report = GateReport(cfg=cfg, candidate_sha256=(candidate.get("model") or {}).get("sha256"),
+                        baseline_sha256=(baseline.get("model") or {}).get("sha256"))
     cres, bres = candidate["results"], baseline["results"]
     missing = [t for t in bres if t not in cres]
     if missing:
@@ -142,6 +153,11 @@ def markdown(report: GateReport, candidate: str = "candidate", baseline: str = "
                      f"{_fmt_change(r)} | {r.paired.p_value:.3g} | {_fmt_threshold(r)} | "
                      f"{'**FAIL**' if r.failed else 'pass'}: {r.note} |")
     lines += ["", "Tests: " + "; ".join(f"{r.task}: {r.paired.test}" for r in report.rows)]
+    if report.same_artifact is not None:
+        c, b = report.candidate_sha256[:12], report.baseline_sha256[:12]  # type: ignore[index]
+        lines += ["", f"Artifacts: the same weights (sha256 {c}...)" if report.same_artifact else
+                  f"Artifacts: different weights (sha256 {c}... vs {b}...): the code, the recipe or the "
+                  "build's arithmetic changed"]
     return "\n".join(lines) + "\n"
 
 

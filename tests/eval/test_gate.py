@@ -146,3 +146,13 @@ def test_dtype_is_part_of_the_protocol(model_dir, tmp_path):
     assert compare(_ppl_doc(BASE), {**_ppl_doc(BASE), "results": {"wikitext2": {
         **_ppl_doc(BASE)["results"]["wikitext2"],
         "protocol": {**_ppl_doc(BASE)["results"]["wikitext2"]["protocol"], "dtype": "float32"}}}}).passed
+
+
+def test_report_says_whether_the_artifacts_are_the_same_bytes():
+    a, b = _ppl_doc(BASE), _ppl_doc(BASE)
+    assert compare(a, b).same_artifact is None and "Artifacts:" not in markdown(compare(a, b))
+    a["model"]["sha256"], b["model"]["sha256"] = "1" * 64, "1" * 64
+    assert compare(a, b).same_artifact is True and "the same weights" in markdown(compare(a, b))
+    b["model"]["sha256"] = "2" * 64
+    r = compare(a, b)
+    assert r.same_artifact is False and "different weights (sha256 111111111111... vs 222222222222...)" in markdown(r)
