@@ -192,8 +192,8 @@ def main() -> None:
 
     best: tuple[float, str, Path] | None = None
     for obs in args.observers.split(","):
-        for sq, fb in [(s, f) for s in [None, *[s for s in args.smoothquant.split(",") if s]]
-                       for f in [float(f) if f else None for f in args.fallback_errors.split(",")]]:
+        fallbacks = list(dict.fromkeys(float(f) if f else None for f in args.fallback_errors.split(",")))
+        for sq, fb in [(s, f) for s in [None, *[s for s in args.smoothquant.split(",") if s]] for f in fallbacks]:
             name = f"ours {obs}" + (f" sq {sq}" if sq else "") + (f" fallback {fb:g}" if fb else "")
             art = work / name.replace(" ", "-")
             t = time.perf_counter()

@@ -64,6 +64,7 @@ def test_onnx_export_runs_integer_kernels_and_matches_torch(artifacts, label, tm
     assert ops.count("MatMul") == 1  # only the float head
     fmt = json.loads((out / "compress.json").read_text())["format_exported"]
     assert fmt["w8a8_matmuls"] == 14 and fmt["verify_max_abs_logit_diff"] < 1e-3
+    assert 0 <= fmt["verify_w8a8_noise_floor"] and fmt["verify_tolerance"] >= 0.25
     ids = tokens[:, :40].numpy()
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
@@ -134,3 +135,36 @@ def test_cli_refuses_inconsistent_options(model_dirs, tmp_path, args, message):
     r = CliRunner().invoke(cli, ["quantize", str(model_dirs["llama"]), *args, *CALIB, "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and message in r.output, r.output
     assert not (tmp_path / "x").exists()
+
+
+def test_noise_floor_measures_the_models_own_rounding_sensitivity(artifacts, monkeypatch):
+    import export.onnx as onnx_export
+
+    lm = load_model(artifacts["static"])
+    monkeypatch.setattr(onnx_export, "W8A8_JITTER", 0.0)
+    assert onnx_export.w8a8_noise_floor(lm) == 0.0  # unperturbed: the same logits, hooks removed after
+    monkeypatch.setattr(onnx_export, "W8A8_JITTER", 0.05)  # codes move: so do the logits
+    assert onnx_export.w8a8_noise_floor(lm) > 1e-3
+    assert not any(m._forward_pre_hooks for m in lm.model.modules())
+
+
+def test_export_check_still_catches_a_wrong_graph(artifacts, tmp_path, monkeypatch):
+    """The noise-floor allowance does not hide a real export bug: one MatMul scaled wrong fails the check."""
+    import export.onnx_fused as fused
+    from onnx import numpy_helper
+
+    real = fused.build_fused_graph
+
+    def broken(model, **kw):
+        proto, used = real(model, **kw)
+        mm = next(n for n in proto.graph.node if n.op_type == "MatMulIntegerToFloat")
+        init = next(i for i in proto.graph.initializer if i.name == mm.input[2])  # the activation scale
+        proto.graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(init) * 2, "broken_scale"))
+        mm.input[2] = "broken_scale"  # one MatMul's output doubled, as a layout bug would do
+        return proto, used
+
+    monkeypatch.setattr(fused, "build_fused_graph", broken)
+    out = tmp_path / "onnx"
+    r = CliRunner().invoke(cli, ["export", str(artifacts["static"]), "--format", "onnx", "--out", str(out)])
+    assert r.exit_code == 1 and "ONNX export check failed" in r.output and "the torch model itself" in r.output
+    assert not out.exists()
