@@ -23,7 +23,7 @@ Speed: a 512-token prompt (batch 1, no cache) through ONNX Runtime on --threads 
 for the fp32 graph, our best static W8A8 export and the best ORT static model, in the same run.
 
     .venv/bin/python bench/w8a8_reference.py [--windows 64] [--calib-samples 128] [--work DIR]
-        [--observers minmax,percentile,mse,kl] [--smoothquant 0.5,search] [--fallback-errors ,0.01]
+        [--observers minmax,percentile,mse,kl] [--smoothquant none,0.5,search] [--fallback-errors ,0.01]
         [--ort MinMax,Entropy,Percentile]
 """
 
@@ -158,7 +158,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--calib-samples", type=int, default=128)
     ap.add_argument("--observers", default="minmax,percentile,mse,kl")
-    ap.add_argument("--smoothquant", default="0.5,search", help="SmoothQuant settings tried with each observer")
+    ap.add_argument("--smoothquant", default="none,0.5,search",
+                    help="SmoothQuant settings tried with each observer (none: without SmoothQuant)")
     ap.add_argument("--fallback-errors", default="",
                     help="--fallback-error values tried with each observer/SmoothQuant pair ('' in the list: none)")
     ap.add_argument("--ort", default="MinMax,Entropy,Percentile")
@@ -193,7 +194,8 @@ def main() -> None:
     best: tuple[float, str, Path] | None = None
     for obs in args.observers.split(","):
         fallbacks = list(dict.fromkeys(float(f) if f else None for f in args.fallback_errors.split(",")))
-        for sq, fb in [(s, f) for s in [None, *[s for s in args.smoothquant.split(",") if s]] for f in fallbacks]:
+        sqs = [None if s == "none" else s for s in args.smoothquant.split(",") if s]
+        for sq, fb in [(s, f) for s in sqs for f in fallbacks]:
             name = f"ours {obs}" + (f" sq {sq}" if sq else "") + (f" fallback {fb:g}" if fb else "")
             art = work / name.replace(" ", "-")
             t = time.perf_counter()

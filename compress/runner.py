@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -151,13 +152,16 @@ def run_tasks(backend, tasks: list[str], *, options: dict[str, Any] | None = Non
               progress: Progress | None = None) -> dict[str, Any]:
     """Run eval tasks on any scoring backend (`eval.backends.Backend`); returns {task: result}."""
     results = {}
-    for label, spec, arg, cfg in plan_tasks(tasks, options):
-        kwargs: dict[str, Any] = {"progress": progress}
-        if arg:
-            kwargs["path"] = arg
-        r = spec.run(backend, cfg, **kwargs) if cfg is not None else spec.run(backend, **kwargs)
-        r["protocol"]["dtype"] = getattr(backend, "dtype", "float32")  # the numbers the model computes in
-        results[label] = r
+    plan = plan_tasks(tasks, options)
+    evaluating = getattr(backend, "evaluating", contextlib.nullcontext)
+    with evaluating():
+        for label, spec, arg, cfg in plan:
+            kwargs: dict[str, Any] = {"progress": progress}
+            if arg:
+                kwargs["path"] = arg
+            r = spec.run(backend, cfg, **kwargs) if cfg is not None else spec.run(backend, **kwargs)
+            r["protocol"]["dtype"] = getattr(backend, "dtype", "float32")  # the numbers the model computes in
+            results[label] = r
     return results
 
 

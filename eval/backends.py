@@ -125,6 +125,12 @@ class TorchBackend(TokenizerMixin):
         floats = [t.dtype for t in self.model.parameters() if t.is_floating_point()]
         self.dtype = str(floats[0] if floats else torch.float32).removeprefix("torch.")  # recorded in protocols
 
+    def evaluating(self):
+        """Context for a run of tasks: packed weights are dequantized once for it (`dequantized_once`)."""
+        from compress.quantize.qlinear import dequantized_once
+
+        return dequantized_once(self.model)
+
     @torch.inference_mode()
     def token_nll(self, ids: torch.Tensor, *, bos: int | None = None) -> torch.Tensor:
         ids = ids.to(self.device)

@@ -16,6 +16,9 @@ and evaluation; the fast CPU path is the ONNX (MatMulNBits) and GGUF export.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -46,6 +49,7 @@ class QuantLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
         self.compute_dtype = dtype
+        self.dequantized: torch.Tensor | None = None  # set inside `dequantized_once`
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -90,7 +94,8 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes(), self.weight_scale.float(), self.zero_point(), self.scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantize_weight().to(x.dtype), self.bias)
+        w = self.dequantized if self.dequantized is not None else self.dequantize_weight()
+        return F.linear(x, w.to(x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         s = self.scheme
@@ -136,3 +141,39 @@ class PendingSwaps:
             bits += qlin.storage_bits()
         self._items.clear()
         return bits
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors on `device` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextlib.contextmanager
+def dequantized_once(model: nn.Module, *, max_fraction: float = 0.5) -> Iterator[bool]:
+    """Within the block, every QuantLinear of `model` multiplies by its weight dequantized once (float32)
+    instead of unpacking the codes on every call: the same numbers, and repeated forwards (evaluation)
+    no longer pay for the unpacking. Skipped, yielding False, when those float32 weights would take more
+    than `max_fraction` of the free memory (or the free memory is unknown and they exceed 2 GiB)."""
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    need = sum(m.in_features * m.out_features * 4 for m in mods)
+    free = _free_bytes(mods[0].weight_packed.device) if mods else None
+    if not mods or need > (free * max_fraction if free is not None else 2**31):
+        yield False
+        return
+    try:
+        with torch.no_grad():
+            for m in mods:
+                m.dequantized = m.dequantize_weight()
+        yield True
+    finally:
+        for m in mods:
+            m.dequantized = None

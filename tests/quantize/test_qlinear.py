@@ -61,3 +61,41 @@ def test_pending_swaps_free_the_float_weights():
     assert isinstance(parent[0], QuantLinear) and bits == parent[0].storage_bits()
     assert torch.equal(parent(x), y)
     assert lin.weight.is_meta  # the replaced module no longer holds memory
+
+
+def test_dequantized_once_gives_the_same_numbers_and_is_released(make_tiny, tiny_tokenizer, monkeypatch):
+    """Evaluation dequantizes packed weights once per run of tasks: identical results, cache dropped after,
+    and skipped when the float weights would not fit."""
+    from compress.quantize import qlinear
+    from compress.quantize.qlinear import dequantized_once
+    from compress.quantize.rtn import RTNConfig
+    from compress.quantize.rtn import run as rtn
+    from compress.runner import run_tasks
+    from eval.backends import TorchBackend
+
+    model = make_tiny("llama")
+    rtn(model, RTNConfig(bits=4, group_size=32))
+    mods = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    x = torch.randn(3, mods[0].in_features)
+    plain = mods[0](x)
+    with dequantized_once(model) as cached:
+        assert cached and all(m.dequantized is not None for m in mods)
+        assert torch.equal(mods[0](x), plain)
+    assert all(m.dequantized is None for m in mods)
+    monkeypatch.setattr(qlinear, "_free_bytes", lambda device: 1000)  # too little memory: unpack per call
+    with dequantized_once(model) as cached:
+        assert not cached and all(m.dequantized is None for m in mods)
+
+    backend = TorchBackend(model, tiny_tokenizer, batch_size=4)
+    opts = {"windows": 2, "seq_len": 64, "limit": 12}
+    skipped = run_tasks(backend, ["wikitext2", "arc_easy"], options=opts)
+    monkeypatch.undo()
+    calls = []
+    real = QuantLinear.dequantize_weight
+    monkeypatch.setattr(QuantLinear, "dequantize_weight", lambda self: calls.append(1) or real(self))
+    once = run_tasks(backend, ["wikitext2", "arc_easy"], options=opts)
+    assert len(calls) == len(mods)  # each weight unpacked once for the whole run
+    for task in ("wikitext2", "arc_easy"):
+        assert once[task]["value"] == skipped[task]["value"]
+        assert [it.get("nll", it.get("logprobs")) for it in once[task]["items"]] == \
+            [it.get("nll", it.get("logprobs")) for it in skipped[task]["items"]]
