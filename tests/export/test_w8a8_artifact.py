@@ -150,8 +150,9 @@ def test_noise_floor_measures_the_models_own_rounding_sensitivity(artifacts, mon
 
 def test_export_check_still_catches_a_wrong_graph(artifacts, tmp_path, monkeypatch):
     """The noise-floor allowance does not hide a real export bug: one MatMul scaled wrong fails the check."""
-    import export.onnx_fused as fused
     from onnx import numpy_helper
+
+    import export.onnx_fused as fused
 
     real = fused.build_fused_graph
 
