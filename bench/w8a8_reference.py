@@ -234,7 +234,7 @@ def main() -> None:
     # prompt speed in ONNX Runtime: fp32 graph, our best static W8A8 export, ORT's best static model
     graphs = {"onnx fp32": fp32_onnx / "model.onnx"}
     if best is not None:
-        ours_onnx = work / "best-onnx"
+        ours_onnx = work / ("onnx-" + best[1].replace(" ", "-"))  # the export of that very artifact
         if not ours_onnx.exists():
             EXPORTERS.get("onnx").export(load_model(best[2]), ours_onnx, recipe=[], threads=args.threads)
         graphs[f"onnx int8 ({best[1]})"] = ours_onnx / "model.onnx"
