@@ -101,12 +101,12 @@ class TokenSample:
 
 def w8a8_output_error(x: torch.Tensor, W: torch.Tensor, s: torch.Tensor, observer: str = "minmax") -> float:
     """||Q(x / s) Q(W diag(s))^T - x W^T||^2 / ||x W^T||^2: W8A8 with per-channel weights and a per-tensor
-    asymmetric activation grid from `observer`, after smoothing by s. x (tokens, in), W (out, in)."""
+    activation grid from `observer` (asymmetric; symmetric for KL), after smoothing by s. x (tokens, in), W (out, in)."""
     Ws = W.float() * s  # (out, in)
     w_scale = (Ws.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (out, 1)
     Wq = torch.round(Ws / w_scale).clamp(-127, 127) * w_scale
     xs = x / s
-    obs = make_observer(observer, symmetric=False)
+    obs = make_observer(observer, symmetric=observer == "kl")  # KL is symmetric by definition
     obs.add_batch(xs)
     xq = fake_quantize(xs, *obs.qparams())
     y = x @ W.float().T

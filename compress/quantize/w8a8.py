@@ -73,6 +73,9 @@ class W8A8Config:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
+        if self.observer == "kl" and not self.symmetric_activations:
+            raise ValueError("the KL observer is symmetric (TensorRT's entropy calibration): "
+                             "set symmetric_activations: true (`--observer kl` does)")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         tg.validate_patterns(self.targets, "targets")
