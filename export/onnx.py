@@ -73,14 +73,15 @@ W8A8_JITTER = 1e-6
 W8A8_FLOOR_FACTOR = 2.0
 
 
-def w8a8_noise_floor(lm: LoadedModel) -> float:
+def w8a8_noise_floor(lm: LoadedModel, refs: list | None = None) -> float:
     """Max |logit change| of `lm` in torch over the check prompts when the input of every W8A8 Linear is
     scaled by 1 + W8A8_JITTER and by 1 - W8A8_JITTER before it is rounded to int8: how far float noise of
-    the size that separates two runtimes' kernels moves these logits through activation rounding."""
+    the size that separates two runtimes' kernels moves these logits through activation rounding.
+    `refs`: `reference_logits(lm)` when the caller already has them."""
     from compress.quantize.w8a8linear import W8A8Linear
 
     mods = [m for m in lm.model.modules() if isinstance(m, W8A8Linear)]
-    refs = reference_logits(lm)
+    refs = refs if refs is not None else reference_logits(lm)
     worst = 0.0
     for sign in (1.0, -1.0):
         factor = 1.0 + sign * W8A8_JITTER
@@ -270,13 +271,13 @@ def _quantized_weight(node, inits, by_key) -> tuple[str, str | None] | None:
     return name, (node.input[2] if len(node.input) > 2 and node.input[2] else None)
 
 
-def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None) -> float:
+def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None, refs: list | None = None) -> float:
     """Max |logit difference| between ONNX Runtime on `onnx_dir` and `lm` in torch over VERIFY_PROMPTS."""
     from eval.onnx_backend import OrtBackend
 
     ort_lm = OrtBackend(onnx_dir, threads=threads)
     worst = 0.0
-    for _, ids, ref in reference_logits(lm):
+    for _, ids, ref in refs if refs is not None else reference_logits(lm):
         got = ort_lm.session.run(["logits"], ort_lm._feeds(np.array([ids], np.int64)))[0][0]
         worst = max(worst, float(np.abs(got.astype(np.float32) - ref.numpy()).max()))
     return worst
@@ -339,8 +340,9 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
         from compress.quantize.w8a8linear import W8A8Linear
 
         w8a8 = sum(isinstance(m, W8A8Linear) for m in full.model.modules())
-        diff = verify(work / "onnx", full, threads=threads)
-        floor = w8a8_noise_floor(full) if w8a8 else None
+        refs = reference_logits(full)  # the torch logits, shared by the check and the noise floor
+        diff = verify(work / "onnx", full, threads=threads, refs=refs)
+        floor = w8a8_noise_floor(full, refs) if w8a8 else None
         if tolerance is not None:
             tol = tolerance
         elif accuracy_level == 4 and used:
