@@ -388,24 +388,23 @@ def llama_cpp_available() -> bool:
 def check_llama_cpp(path: Path, lm: LoadedModel, *, threads: int | None = None) -> tuple[float, float]:
     """Load the file in llama.cpp: it must tokenize the check prompts as the model's tokenizer does. Returns the
     largest |logit difference| and the largest KL divergence (nats) of llama.cpp's next-token distribution from
-    the torch model's, over every position of the prompts."""
-    from eval.llamacpp_backend import LlamaCppBackend
+    the torch model's, over every position of the prompts. llama.cpp runs in a child process
+    (`export.llama_probe`): a crash there is a clear error, not the end of this process."""
+    from export.llama_probe import probe
 
-    backend = LlamaCppBackend(path, threads=threads, n_ctx=256)
+    refs = list(reference_logits(lm))
     worst, worst_kl = 0.0, 0.0
-    try:
-        for text, ids, ref in reference_logits(lm):
-            theirs = backend.encode(text)
-            if theirs != list(ids):
-                raise ValueError(f"GGUF check: llama.cpp tokenizes {text!r} as {theirs[:12]}, the model's "
-                                 f"tokenizer as {ids[:12]}; nothing was written")
-            got = torch.from_numpy(backend.logits(ids))
-            worst = max(worst, float((got - ref).abs().max()))
-            lp_ref, lp_got = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
-            kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1)  # KL(torch || llama.cpp) per position
-            worst_kl = max(worst_kl, float(kl.max()))
-    finally:
-        backend.close()
+    # in a child process: a file llama.cpp cannot handle may crash it, which must not take this command down
+    for (text, ids, ref), (theirs, got) in zip(refs, probe(path, [(t, list(i)) for t, i, _ in refs],
+                                                             threads=threads), strict=True):
+        if theirs != list(ids):
+            raise ValueError(f"GGUF check: llama.cpp tokenizes {text!r} as {theirs[:12]}, the model's "
+                             f"tokenizer as {list(ids)[:12]}; nothing was written")
+        got = torch.from_numpy(got)
+        worst = max(worst, float((got - ref).abs().max()))
+        lp_ref, lp_got = torch.log_softmax(ref.double(), -1), torch.log_softmax(got.double(), -1)
+        kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1)  # KL(torch || llama.cpp) per position
+        worst_kl = max(worst_kl, float(kl.max()))
     return worst, worst_kl
 
 

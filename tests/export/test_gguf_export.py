@@ -167,6 +167,29 @@ def test_llama_cpp_runs_our_gguf_and_eval_scores_it(model_dirs, tmp_path):
     assert scores["llama.cpp"] != scores["torch"]
 
 
+def test_a_llama_cpp_crash_is_a_clear_error_and_writes_nothing(model_dirs, tmp_path, monkeypatch):
+    """llama.cpp runs the check in a child process: when it dies on a signal (here a real SIGSEGV in the child),
+    the export fails with a message naming the crash, exits 1 and leaves no output."""
+    pytest.importorskip("llama_cpp")
+    import subprocess
+    import sys
+
+    import export.llama_probe as lp
+
+    real = subprocess.run
+
+    def crashing(cmd, **kw):
+        assert cmd[1:3] == ["-m", "export.llama_probe"]
+        return real([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"], **kw)
+
+    monkeypatch.setattr(lp.subprocess, "run", crashing)
+    out = tmp_path / "gguf"
+    r = CliRunner().invoke(cli, ["export", str(model_dirs["llama"]), "--format", "gguf", "--out", str(out)])
+    assert r.exit_code == 1 and "llama.cpp crashed (SIGSEGV)" in r.output, r.output
+    assert "Traceback" not in r.output and not out.exists()
+    assert not list(tmp_path.glob("gguf*"))  # no half-written directory either
+
+
 def test_quantized_head_exports_as_its_own_output_tensor(model_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
