@@ -248,27 +248,39 @@ class KLObserver(HistogramObserver):
         h = hist[0]  # (bins / 2,)
         levels = 2 ** (self.bits - 1)
         n = h.numel()
-        best_i, best_kl = n, math.inf
-        for i in range(levels, n + 1, max(1, n // 1024)):
-            p = h[:i].clone()
-            p[-1] += h[i:].sum()  # the clipped tail lands on the threshold
-            nz = (h[:i] > 0).double()
-            edges = torch.linspace(0, i, levels + 1, device=h.device).round().long()
-            level = torch.bucketize(torch.arange(i, device=h.device), edges[1:-1], right=True)  # (i,) level of bin
-            mass = torch.zeros(levels, dtype=torch.float64, device=h.device).index_add_(0, level, h[:i])
-            count = torch.zeros(levels, dtype=torch.float64, device=h.device).index_add_(0, level, nz)
-            q = nz * (mass / count.clamp_min(1))[level]  # each level's mass spread over its non-empty bins
-            ps, qs = p.sum(), q.sum()
-            if ps == 0 or qs == 0:
-                continue
-            p, q = p / ps, q / qs
-            keep = p > 0
-            if bool((q[keep] == 0).any()):
-                continue  # P has mass where Q has none: infinite divergence
-            kl = float((p[keep] * (p[keep] / q[keep]).log()).sum())
-            if kl < best_kl:
-                best_i, best_kl = i, kl
-        return (best_i * width).float()
+        candidates = torch.arange(levels, n + 1, max(1, n // 1024), device=h.device)
+        chunk = max(1, (1 << 22) // n)  # candidates scored at once: ~4M bins of float64 per temporary
+        kls = torch.cat([_entropy_kl(h, candidates[c:c + chunk], levels) for c in range(0, candidates.numel(), chunk)])
+        if not bool(torch.isfinite(kls).any()):
+            return (n * width).float()
+        return (int(candidates[int(torch.argmin(kls))]) * width).float()  # argmin: the first of equal minima
+
+
+def _entropy_kl(h: torch.Tensor, ends: torch.Tensor, levels: int) -> torch.Tensor:
+    """KL(P || Q) of TensorRT's entropy calibration for each candidate threshold bin `ends[c]` of the |x|
+    histogram h (inf where undefined), all candidates at once: P is h[:i] with the tail h[i:] folded into its last
+    bin; Q merges h[:i] into `levels` levels (bin k in level l when edge_l <= k < edge_l+1, edges = round(linspace(0,
+    i, levels + 1))) and spreads each level's mass evenly over its non-empty bins."""
+    n = h.numel()
+    k = torch.arange(n, device=h.device)
+    inside = k[None, :] < ends[:, None]  # (C, n): bin k below candidate c's threshold
+    hk = torch.where(inside, h[None, :], torch.zeros((), dtype=h.dtype, device=h.device))
+    edges = torch.stack([torch.linspace(0, int(i), levels + 1, device=h.device).round().long()[1:-1] for i in ends])
+    level = torch.searchsorted(edges, k.expand(ends.numel(), n).contiguous(), right=True)  # (C, n)
+    nz = (hk > 0).to(h.dtype)
+    mass = torch.zeros(ends.numel(), levels, dtype=h.dtype, device=h.device).scatter_add_(1, level, hk)
+    count = torch.zeros_like(mass).scatter_add_(1, level, nz)
+    q = nz * (mass / count.clamp_min(1)).gather(1, level)
+    p = hk.clone()
+    tail = h.sum() - torch.cumsum(h, 0)[ends - 1]  # h[i:].sum() per candidate
+    p.scatter_add_(1, (ends - 1)[:, None], tail[:, None])
+    ps, qs = p.sum(1, keepdim=True), q.sum(1, keepdim=True)
+    p, q = p / ps.clamp_min(1e-300), q / qs.clamp_min(1e-300)
+    keep = p > 0
+    terms = torch.where(keep, p * (p / torch.where(keep, q, torch.ones_like(q))).log(), torch.zeros_like(p))
+    kl = terms.sum(1)
+    bad = (keep & (q == 0)).any(1) | (ps[:, 0] == 0) | (qs[:, 0] == 0)
+    return kl.masked_fill(bad, math.inf)
 
 
 def make_observer(name: str, **kw) -> Observer:

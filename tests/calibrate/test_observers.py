@@ -116,3 +116,41 @@ def test_errors():
     with pytest.raises(ValueError, match="percentile must be"):
         PercentileObserver(percentile=30)
     assert isinstance(make_observer("kl"), KLObserver) and isinstance(make_observer("mse", per_channel=True), MSEObserver)
+
+
+def _kl_threshold_bin_one_by_one(h, levels=128):
+    """TensorRT's entropy calibration written candidate by candidate: the definition the observer vectorizes."""
+    import math
+
+    n, best_i, best_kl = h.numel(), h.numel(), math.inf
+    for i in range(levels, n + 1, max(1, n // 1024)):
+        p = h[:i].clone()
+        p[-1] += h[i:].sum()
+        nz = (h[:i] > 0).double()
+        level = torch.bucketize(torch.arange(i), torch.linspace(0, i, levels + 1).round().long()[1:-1], right=True)
+        mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, level, h[:i])
+        count = torch.zeros(levels, dtype=torch.float64).index_add_(0, level, nz)
+        q = nz * (mass / count.clamp_min(1))[level]
+        if p.sum() == 0 or q.sum() == 0:
+            continue
+        p, q = p / p.sum(), q / q.sum()
+        keep = p > 0
+        if bool((q[keep] == 0).any()):
+            continue
+        kl = float((p[keep] * (p[keep] / q[keep]).log()).sum())
+        if kl < best_kl:
+            best_i, best_kl = i, kl
+    return best_i
+
+
+@pytest.mark.parametrize("case", ["gaussian", "outliers", "sparse", "few bins"])
+def test_kl_threshold_equals_the_candidate_by_candidate_definition(case):
+    torch.manual_seed(0)
+    x = torch.randn({"sparse": 300}.get(case, 20000))
+    if case == "outliers":
+        x[:20] *= 50
+    obs = KLObserver(bins=1024 if case == "few bins" else 4096)
+    obs.add_batch(x[:, None])
+    hist, width = obs._abs()
+    want = _kl_threshold_bin_one_by_one(hist[0]) * width
+    assert float(obs.range()[1]) == pytest.approx(float(want), rel=1e-6)
