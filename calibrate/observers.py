@@ -265,7 +265,8 @@ def _entropy_kl(h: torch.Tensor, ends: torch.Tensor, levels: int) -> torch.Tenso
     k = torch.arange(n, device=h.device)
     inside = k[None, :] < ends[:, None]  # (C, n): bin k below candidate c's threshold
     hk = torch.where(inside, h[None, :], torch.zeros((), dtype=h.dtype, device=h.device))
-    edges = torch.stack([torch.linspace(0, int(i), levels + 1, device=h.device).round().long()[1:-1] for i in ends])
+    # inner level edges round(i * j / levels), j = 1..levels-1 (exact in float64, as linspace's are for these sizes)
+    edges = torch.round(ends[:, None].double() * torch.arange(1, levels, device=h.device) / levels).long()
     level = torch.searchsorted(edges, k.expand(ends.numel(), n).contiguous(), right=True)  # (C, n)
     nz = (hk > 0).to(h.dtype)
     mass = torch.zeros(ends.numel(), levels, dtype=h.dtype, device=h.device).scatter_add_(1, level, hk)
