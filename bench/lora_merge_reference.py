@@ -98,6 +98,19 @@ def exact_merge(artifact: Path, adapter: Path):
     return lm
 
 
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'LABEL:key=value,key=value' -> (LABEL, {key: value}); values read as JSON where they parse."""
+    label, _, rest = text.partition(":")
+    opts = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            opts[key] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key] = value
+    return label, opts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=64)
@@ -110,6 +123,9 @@ def main() -> None:
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "lora_merge_reference.json"))
     ap.add_argument("--workdir", help="keep the adapter and artifacts here; reuse the ones already there")
     ap.add_argument("--grids", default="kept,best", help="extra int4<-lora rows, one per lora_merge grid")
+    ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
+                    help="an extra int4<-lora row 'int4<-lora LABEL' with these lora_merge options "
+                         "(e.g. 'kept-e8:grid=kept,emphasis=8'); repeatable")
     ap.add_argument("--rows", help="run only these rows (comma-separated names); default: all")
     ap.add_argument("--keep-rows", action="store_true", help="take the rows not run from --output's earlier run")
     args = ap.parse_args()
@@ -148,6 +164,8 @@ def main() -> None:
                 ("int4<-lora", tmp / "int4", [merge], "int4_merged"),
                 *[(f"int4<-lora {g}", tmp / "int4", [{**merge, "grid": g}], f"int4_merged_{g}")
                   for g in filter(None, args.grids.split(","))],
+                *[(f"int4<-lora {label}", tmp / "int4", [{**merge, **opts}], f"int4_merged_{label}")
+                  for label, opts in map(parse_variant, args.variant)],
                 ("fp32+lora->int4", None, [merge, *quant], "fp32_lora_int4")]
         if wanted is None or "fp32" in wanted:
             row("fp32", None)
@@ -174,7 +192,7 @@ def main() -> None:
     doc["int4_merge_vs_merge_then_quantize"] = rows["int4<-lora"]["perplexity"] / ref - 1
     for name in rows:
         if name.startswith("int4<-lora "):
-            doc[f"{name.split()[-1]}_grid_vs_merge_then_quantize"] = rows[name]["perplexity"] / ref - 1
+            doc[f"{name.split()[-1]}_vs_merge_then_quantize"] = rows[name]["perplexity"] / ref - 1
     if "int4+lora float" in rows:
         doc["exact_float_merge_vs_merge_then_quantize"] = rows["int4+lora float"]["perplexity"] / ref - 1
     write_json_atomic(Path(args.output), doc)

@@ -31,12 +31,15 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--grid", type=click.Choice(["auto", "kept", "fresh", "best"]), default="auto", show_default=True,
               help="Quantized base: re-quantize onto each module's own scales and zero points (kept), new ones "
                    "(fresh), or per module whichever reconstructs the layer better (best, GPTQ); auto: fresh.")
+@click.option("--emphasis", type=float, default=None,
+              help="GPTQ re-quantization: errors along the delta's input directions cost 1 + EMPHASIS times as much "
+                   "(keeps more of a small delta) [default: the pass's].")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
 @calib_options
-def command(model, adapters, weights, method, density, requantize, grid, out, force, allow_pickle,
+def command(model, adapters, weights, method, density, requantize, grid, emphasis, out, force, allow_pickle,
             calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Merge LoRA ADAPTERs into MODEL and save the result.
 
@@ -60,6 +63,8 @@ def command(model, adapters, weights, method, density, requantize, grid, out, fo
               "allow_pickle": allow_pickle}
     if weights is not None:
         fields["weights"] = weights
+    if emphasis is not None:
+        fields["emphasis"] = emphasis
     recipe = Recipe.single("lora_merge", **fields)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,

@@ -139,10 +139,13 @@ def _group_slice(W: torch.Tensor, W1: torch.Tensor, i1: int, i2: int, j: int, g:
 def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
                     scheme_for: Callable[[str], QuantScheme], *, label: str = "gptq",
                     grid_for: Callable[[str], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
-                    or_fresh: bool = False, progress: Progress | None = None) -> tuple[int, float, int, int]:
+                    or_fresh: bool = False, hessian_for: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+                    progress: Progress | None = None) -> tuple[int, float, int, int]:
     """GPTQ over the decoder blocks, each module on `scheme_for(full name)` (and on the fixed grid
     `grid_for(full name)` where that gives one; with `or_fresh`, also on fresh grids, keeping whichever result
     has the smaller layer reconstruction error ||X (W - Q)^T||^2 on the calibration inputs).
+    `hessian_for(full name, H)`, when given, returns the Hessian GPTQ uses instead of the collected H
+    (a loss that weights some input directions more, e.g. a merged LoRA delta's).
 
     Weights that a pruning pass set to zero (`compress.prune.sparsity.pruned_modules`)
     stay zero. Returns (modules, summed loss, storage bits, weights).
@@ -156,6 +159,8 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
     def solve(name: str, short: str, lin: nn.Module, take_hessian) -> None:
         keep = (lin.weight == 0) if name in sparse else None
         H, scheme = take_hessian(), scheme_for(name)
+        if hessian_for is not None:
+            H = hessian_for(name, H)
         grid = grid_for(name) if grid_for else None
         kw = {"block_size": cfg.block_size, "dampening": cfg.dampening, "act_order": cfg.act_order, "zeros": keep}
         q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, grid=grid, **kw)
