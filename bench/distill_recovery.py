@@ -9,6 +9,12 @@ fresh subprocess through the product path (`compress_model` with one
   kd   logit distillation from the unpruned reference model (forward KL, T = 1)
   ce   plain fine-tuning: the same steps, data order, schedule and optimizer,
        with the next-token cross-entropy instead of the teacher
+  tc+kd  Minitron's teacher correction (Sreenivas et al. 2024, "LLM Pruning and
+       Distillation in Practice", https://arxiv.org/abs/2408.11796): the teacher
+       is first fine-tuned with cross-entropy on the same data for
+       --correction-steps of the budget (another data order), then the student
+       is distilled from the corrected teacher (logit KD) for the remaining steps;
+       the correction's time counts in the row's train_seconds
 and every model (teacher, pruned, kd, ce) is scored under the DESIGN.md
 perplexity protocol (WikiText-2 test, 64 x 1024). The recovered fraction is
 (ppl_pruned - ppl_student) / (ppl_pruned - ppl_teacher); the issue asks for
@@ -36,9 +42,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "peers"))
 from run_peer import rss_bytes  # noqa: E402  (stdlib only)
 
-# kd: logits only; kd+ce: Hinton's mix of soft and hard targets; ce: the plain fine-tuning baseline
+# kd: logits only; kd+ce: Hinton's mix of soft and hard targets; ce: the plain fine-tuning baseline;
+# tc+kd: Minitron's teacher correction (the teacher fine-tuned on the distillation data first, --correction-steps
+# of the --steps budget) then logit KD from the corrected teacher for the remaining steps
 TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
-         "ce": {"kd_weight": 0.0, "ce_weight": 1.0}}
+         "ce": {"kd_weight": 0.0, "ce_weight": 1.0}, "tc+kd": {"kd_weight": 1.0, "ce_weight": 0.0}}
 
 
 def score(model_dir: str | None, windows: int) -> dict:
@@ -54,22 +62,33 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     import torch
 
     from compress.recipe import Recipe
+    from compress.reference import reference_model_dir
     from compress.runner import compress_model
 
     torch.set_num_threads(args.threads)
     step = _step(kind, args)
+    teacher, correction = str(reference_model_dir()), {}  # the unpruned reference model
+    t0, scoring_seconds = time.perf_counter(), 0.0
+    if kind == "tc+kd":  # teacher correction: plain fine-tuning of the teacher, counted in the budget
+        fix = _correction_step(args)
+        teacher = out + "-teacher"
+        rep = compress_model(None, Recipe.from_steps([fix]), teacher)["reports"][0]
+        t1 = time.perf_counter()
+        correction = {"teacher_correction": {"step": fix, "train_seconds": round(rep["seconds"], 1),
+                                             "evals": rep["config"]["evals"], **score(teacher, args.windows)}}
+        scoring_seconds = time.perf_counter() - t1  # not part of the budget
+        print(f"  corrected teacher ppl {correction['teacher_correction']['perplexity']:.3f} "
+              f"({rep['seconds']:.0f} s)", file=sys.stderr, flush=True)
     if step["kd_weight"] > 0:
-        from compress.reference import reference_model_dir
-
-        step["teacher"] = str(reference_model_dir())  # the unpruned reference model
-    t0 = time.perf_counter()
+        step["teacher"] = teacher
     summary = compress_model(student, Recipe.from_steps([step]), out)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - scoring_seconds
     rep = summary["reports"][0]
     cfg = rep["config"]
-    row = {"row": kind, "step": step, "train_seconds": round(rep["seconds"], 1), "wall_seconds": round(seconds, 1),
-           "peak_rss_bytes": rss_bytes(), "metrics": rep["metrics"], "curve": cfg["curve"], "evals": cfg["evals"],
-           "precision": cfg["precision"], "processes": cfg["processes"]}
+    train_seconds = rep["seconds"] + (correction["teacher_correction"]["train_seconds"] if correction else 0.0)
+    row = {"row": kind, "step": step, **correction, "train_seconds": round(train_seconds, 1),
+           "wall_seconds": round(seconds, 1), "peak_rss_bytes": rss_bytes(), "metrics": rep["metrics"],
+           "curve": cfg["curve"], "evals": cfg["evals"], "precision": cfg["precision"], "processes": cfg["processes"]}
     row.update(score(out, args.windows))
     return row
 
@@ -90,8 +109,14 @@ def _kept_rows(path: Path, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _correction_step(args: argparse.Namespace) -> dict:
+    """tc+kd's first part: the teacher fine-tuned (cross-entropy) for --correction-steps on the same data."""
+    return {**_step("ce", args), "steps": args.correction_steps, "seed": 1}
+
+
 def _step(kind: str, args: argparse.Namespace) -> dict:
-    return {"pass": "distill", "steps": args.steps, "batch_size": args.batch_size,
+    steps = args.steps - args.correction_steps if kind == "tc+kd" else args.steps
+    return {"pass": "distill", "steps": steps, "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind]}
 
@@ -108,6 +133,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rows", default="kd+ce,ce")
+    ap.add_argument("--correction-steps", type=int, default=10,
+                    help="tc+kd: steps of the budget spent fine-tuning the teacher (the rest distil the student)")
     ap.add_argument("--pruned-dir", help="keep the pruned student here, or reuse it if it exists")
     ap.add_argument("--output", default=str(HERE / "results" / "distill_recovery.json"))
     ap.add_argument("--keep-rows", action="store_true", help="keep --output's trained rows made with the same settings")

@@ -165,6 +165,7 @@ def main() -> None:
     ap.add_argument("--ort", default="MinMax,Entropy,Percentile")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--no-speed", action="store_true", help="perplexity rows only: skip the ONNX prompt-speed part")
     ap.add_argument("--work", help="keep artifacts here (default: a temporary directory)")
     ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "w8a8_reference.json"))
     args = ap.parse_args()
@@ -231,6 +232,10 @@ def main() -> None:
         if best_ort is None or ppl < best_ort[0]:
             best_ort = (ppl, f"ort static {method}", d)
 
+    if args.no_speed:
+        write_json_atomic(Path(args.output), out)
+        tmp.cleanup()
+        return
     # prompt speed in ONNX Runtime: fp32 graph, our best static W8A8 export, ORT's best static model
     graphs = {"onnx fp32": fp32_onnx / "model.onnx"}
     if best is not None:
