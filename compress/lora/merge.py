@@ -167,10 +167,14 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
     for a in adapters:
         check_against(a, model)  # everything is checked before the first weight changes
     _check_combination(adapters)
-    if cfg.grid == "best" and any(isinstance(m, QuantLinear) for m in model.modules()) \
+    if any(isinstance(m, QuantLinear) for m in model.modules()) \
             and _method(cfg.requantize, _recorded(recipe_history(model))) != "gptq":
-        raise ValueError("lora_merge: grid 'best' compares GPTQ results; this base re-quantizes with RTN: "
-                         "use grid 'kept' or 'fresh'")
+        if cfg.grid == "best":
+            raise ValueError("lora_merge: grid 'best' compares GPTQ results; this base re-quantizes with RTN: "
+                             "use grid 'kept' or 'fresh'")
+        if cfg.emphasis > 0:
+            raise ValueError("lora_merge: emphasis weights GPTQ's loss; this base re-quantizes with RTN: "
+                             "drop emphasis or set requantize: gptq")
     weights = list(cfg.weights) or [1.0] * len(adapters)
     names = sorted({n for a in adapters for n in a.modules})
     merged: dict[str, torch.Tensor] = {}  # re-quantized module -> its float merged weight
@@ -229,7 +233,7 @@ def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict
     how, steps = _requantize_steps(schemes, cfg.requantize, recipe_history(model))
     grid = "fresh" if cfg.grid == "auto" else cfg.grid
     recipe = Recipe.from_steps(steps, where="lora_merge re-quantization")
-    if grid == "fresh" and not (how == "gptq" and inputs):
+    if grid == "fresh" and not inputs:  # (inputs only with emphasis, which run() allows with GPTQ only)
         apply(model, recipe, calib)
     elif how == "gptq":
         from compress.quantize.gptq import quantize_blocks
@@ -252,7 +256,7 @@ def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict
         err_sq += float((q.dequantize_weight() - W).pow(2).sum())
         ref_sq += float(W.pow(2).sum())
     config["requantized"] = {"method": how, "grid": grid, "modules": len(merged), "steps": steps}
-    if how == "gptq" and cfg.emphasis > 0:
+    if inputs:
         config["requantized"]["emphasis"] = cfg.emphasis
     return {"requantization_relative_error": (err_sq / ref_sq) ** 0.5}
 

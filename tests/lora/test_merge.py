@@ -158,6 +158,8 @@ def test_merge_into_a_quantized_artifact(model_dirs, tmp_path, method, make_adap
     else:
         with pytest.raises(ValueError, match="grid 'best' compares GPTQ results"):
             apply(load_model(tmp_path / "q").model, Recipe.from_steps([{**merge, "grid": "best"}]))
+        with pytest.raises(ValueError, match="emphasis weights GPTQ's loss"):
+            apply(load_model(tmp_path / "q").model, Recipe.from_steps([{**merge, "emphasis": 4.0}]))
     summary = compress_model(tmp_path / "q", Recipe.from_steps([merge]), tmp_path / "m", calib=calib)
     rep = summary["reports"][0]
     assert rep["config"]["requantized"]["method"] == method and rep["config"]["requantized"]["modules"] == 6
