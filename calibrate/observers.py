@@ -20,6 +20,7 @@ import math
 import torch
 
 OBSERVERS = ("minmax", "percentile", "mse", "kl")
+SYMMETRIC_ONLY = frozenset({"kl"})  # observers defined only for a symmetric grid (TensorRT's entropy calibration)
 
 
 def qparams(lo: torch.Tensor, hi: torch.Tensor, *, symmetric: bool = True,

@@ -37,7 +37,9 @@ def w8a8_recipe(*, activations: str = "static", observer: str = "minmax", smooth
     `smoothquant` is an alpha in [0, 1], "search" (alpha chosen per block), or None (no smoothing).
     """
     sel = {"ignore": ignore} if ignore else {}
-    if observer == "kl":  # TensorRT's entropy calibration is defined for a symmetric grid
+    from calibrate.observers import SYMMETRIC_ONLY
+
+    if observer in SYMMETRIC_ONLY:  # TensorRT's entropy calibration is defined for a symmetric grid
         fields.setdefault("symmetric_activations", True)
     steps: list[dict[str, Any]] = []
     if smoothquant is not None:

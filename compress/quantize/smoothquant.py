@@ -39,7 +39,7 @@ from calibrate.blocks import (
     run_block,
 )
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
-from calibrate.observers import OBSERVERS, fake_quantize, make_observer
+from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, fake_quantize, make_observer
 from calibrate.stats import ChannelStats
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
@@ -106,7 +106,7 @@ def w8a8_output_error(x: torch.Tensor, W: torch.Tensor, s: torch.Tensor, observe
     w_scale = (Ws.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)  # (out, 1)
     Wq = torch.round(Ws / w_scale).clamp(-127, 127) * w_scale
     xs = x / s
-    obs = make_observer(observer, symmetric=observer == "kl")  # KL is symmetric by definition
+    obs = make_observer(observer, symmetric=observer in SYMMETRIC_ONLY)
     obs.add_batch(xs)
     xq = fake_quantize(xs, *obs.qparams())
     y = x @ W.float().T

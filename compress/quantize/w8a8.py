@@ -39,7 +39,7 @@ from calibrate.blocks import (
     resolve_forward_dtype,
     run_block,
 )
-from calibrate.observers import OBSERVERS, make_observer
+from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, make_observer
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.smoothquant import TokenSample
@@ -73,9 +73,9 @@ class W8A8Config:
             raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
-        if self.observer == "kl" and not self.symmetric_activations:
-            raise ValueError("the KL observer is symmetric (TensorRT's entropy calibration): "
-                             "set symmetric_activations: true (`--observer kl` does)")
+        if self.observer in SYMMETRIC_ONLY and not self.symmetric_activations:
+            raise ValueError(f"the {self.observer} observer is symmetric only (TensorRT's entropy calibration): "
+                             f"set symmetric_activations: true (`--observer {self.observer}` does)")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         tg.validate_patterns(self.targets, "targets")
