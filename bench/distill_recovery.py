@@ -15,6 +15,7 @@ fresh subprocess through the product path (`compress_model` with one
        --correction-steps of the budget (another data order), then the student
        is distilled from the corrected teacher (logit KD) for the remaining steps;
        the correction's time counts in the row's train_seconds
+  tc+kd+ce  the same teacher correction, then logit KD plus cross-entropy (1 : 1)
 and every model (teacher, pruned, kd, ce) is scored under the DESIGN.md
 perplexity protocol (WikiText-2 test, 64 x 1024). The recovered fraction is
 (ppl_pruned - ppl_student) / (ppl_pruned - ppl_teacher); the issue asks for
@@ -45,8 +46,10 @@ from run_peer import rss_bytes  # noqa: E402  (stdlib only)
 # kd: logits only; kd+ce: Hinton's mix of soft and hard targets; ce: the plain fine-tuning baseline;
 # tc+kd: Minitron's teacher correction (the teacher fine-tuned on the distillation data first, --correction-steps
 # of the --steps budget) then logit KD from the corrected teacher for the remaining steps
+# tc+kd+ce: the same corrected teacher, then Hinton's mix (soft and hard targets) for the remaining steps
 TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
-         "ce": {"kd_weight": 0.0, "ce_weight": 1.0}, "tc+kd": {"kd_weight": 1.0, "ce_weight": 0.0}}
+         "ce": {"kd_weight": 0.0, "ce_weight": 1.0}, "tc+kd": {"kd_weight": 1.0, "ce_weight": 0.0},
+         "tc+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0}}
 
 
 def score(model_dir: str | None, windows: int) -> dict:
@@ -69,7 +72,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     step = _step(kind, args)
     teacher, correction = str(reference_model_dir()), {}  # the unpruned reference model
     t0, scoring_seconds = time.perf_counter(), 0.0
-    if kind == "tc+kd":  # teacher correction: plain fine-tuning of the teacher, counted in the budget
+    if kind.startswith("tc+"):  # teacher correction: plain fine-tuning of the teacher, counted in the budget
         fix = _correction_step(args)
         teacher = out + "-teacher"
         rep = compress_model(None, Recipe.from_steps([fix]), teacher)["reports"][0]
@@ -115,7 +118,7 @@ def _correction_step(args: argparse.Namespace) -> dict:
 
 
 def _step(kind: str, args: argparse.Namespace) -> dict:
-    steps = args.steps - args.correction_steps if kind == "tc+kd" else args.steps
+    steps = args.steps - args.correction_steps if kind.startswith("tc+") else args.steps
     return {"pass": "distill", "steps": steps, "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind]}
@@ -169,12 +172,17 @@ def main() -> None:
         write_json_atomic(Path(args.output), doc)
 
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as tmp:
-        doc["rows"].append({"row": "teacher", **score(None, args.windows)})
         student = Path(args.pruned_dir) if args.pruned_dir else Path(tmp) / "pruned"
+        reused = student.joinpath("config.json").is_file()
+        # with --keep-rows the teacher's score, and the pruned student's when it is reused, come from --output too
+        earlier = {r["row"]: r for r in json.loads(Path(args.output).read_text())["rows"]
+                   if r["row"] in ("teacher", "pruned") and r["protocol"]["windows"] == args.windows} if kept else {}
+        doc["rows"].append(earlier.get("teacher") or {"row": "teacher", **score(None, args.windows)})
         t0 = time.perf_counter()
-        if not (student / "config.json").is_file():
+        if not reused:
             compress_model(None, Recipe.single("prune_channels", ratio=0.25), student)
-        doc["rows"].append({"row": "pruned", "prune_seconds": round(time.perf_counter() - t0, 1),
+        doc["rows"].append(earlier["pruned"] if reused and "pruned" in earlier else
+                           {"row": "pruned", "prune_seconds": round(time.perf_counter() - t0, 1),
                             **score(str(student), args.windows)})
         doc["rows"].extend(kept)
         save()
