@@ -121,7 +121,8 @@ def _step(kind: str, args: argparse.Namespace) -> dict:
     steps = args.steps - args.correction_steps if kind.startswith("tc+") else args.steps
     return {"pass": "distill", "steps": steps, "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
-            "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind]}
+            "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind],
+            **({"mixed_precision": args.precision} if args.precision != "auto" else {})}
 
 
 def main() -> None:
@@ -138,6 +139,9 @@ def main() -> None:
     ap.add_argument("--rows", default="kd+ce,ce")
     ap.add_argument("--correction-steps", type=int, default=10,
                     help="tc+kd: steps of the budget spent fine-tuning the teacher (the rest distil the student)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                    help="the distill pass's mixed_precision for every row (auto: bf16 where the CPU has it, so rows "
+                         "from different machines may differ; each row records what it ran)")
     ap.add_argument("--pruned-dir", help="keep the pruned student here, or reuse it if it exists")
     ap.add_argument("--output", default=str(HERE / "results" / "distill_recovery.json"))
     ap.add_argument("--keep-rows", action="store_true", help="keep --output's trained rows made with the same settings")
@@ -196,7 +200,8 @@ def main() -> None:
         for r in doc["rows"]:
             print(f"{r['row']:8s} ppl {r.get('perplexity', float('nan')):8.3f}  "
                   f"recovered {r.get('recovered_fraction', float('nan')):6.3f}  "
-                  f"train {r.get('train_seconds', 0):7.0f} s  {r.get('error', '')}", flush=True)
+                  f"train {r.get('train_seconds', 0):7.0f} s  {r.get('precision', ''):4s} {r.get('error', '')}",
+                  flush=True)
 
 
 if __name__ == "__main__":
