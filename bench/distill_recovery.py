@@ -46,10 +46,12 @@ from run_peer import rss_bytes  # noqa: E402  (stdlib only)
 # kd: logits only; kd+ce: Hinton's mix of soft and hard targets; ce: the plain fine-tuning baseline;
 # tc+kd: Minitron's teacher correction (the teacher fine-tuned on the distillation data first, --correction-steps
 # of the --steps budget) then logit KD from the corrected teacher for the remaining steps
-# tc+kd+ce: the same corrected teacher, then Hinton's mix (soft and hard targets) for the remaining steps
+# tc+kd+ce: the same corrected teacher, then Hinton's mix (soft and hard targets) for the remaining steps;
+# tc+rkd+ce: the same with the reverse KL (mode-seeking, as in MiniLLM) in place of the forward KL
 TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
          "ce": {"kd_weight": 0.0, "ce_weight": 1.0}, "tc+kd": {"kd_weight": 1.0, "ce_weight": 0.0},
-         "tc+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0}}
+         "tc+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
+         "tc+rkd+ce": {"kd_weight": 1.0, "ce_weight": 1.0, "divergence": "reverse"}}
 
 
 def score(model_dir: str | None, windows: int) -> dict:
