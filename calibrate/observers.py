@@ -20,7 +20,6 @@ import math
 import torch
 
 OBSERVERS = ("minmax", "percentile", "mse", "kl")
-SYMMETRIC_ONLY = frozenset({"kl"})  # observers defined only for a symmetric grid (TensorRT's entropy calibration)
 
 
 def qparams(lo: torch.Tensor, hi: torch.Tensor, *, symmetric: bool = True,
@@ -50,6 +49,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 
 class Observer:
     """Base: per-tensor or per-channel (last dimension) statistics of the batches seen."""
+
+    symmetric_only = False  # True: defined for a symmetric grid only (refused otherwise)
 
     def __init__(self, *, per_channel: bool = False, symmetric: bool = True, bits: int = 8) -> None:
         self.per_channel, self.symmetric, self.bits = per_channel, symmetric, bits
@@ -238,6 +239,8 @@ class KLObserver(HistogramObserver):
     last bin (P), merge the kept bins into 2^(bits-1) levels spread back over their non-empty bins (Q), and keep
     the threshold of least KL(P || Q). Per tensor and symmetric, as TensorRT defines it."""
 
+    symmetric_only = True
+
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
         if self.per_channel or not self.symmetric:
@@ -285,9 +288,13 @@ def _entropy_kl(h: torch.Tensor, ends: torch.Tensor, levels: int) -> torch.Tenso
     return kl.masked_fill(bad, math.inf)
 
 
+_CLASSES = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MSEObserver, "kl": KLObserver}
+# the observers a symmetric grid must be chosen for (the w8a8 preset, its config check, the SmoothQuant search)
+SYMMETRIC_ONLY = frozenset(name for name, cls in _CLASSES.items() if cls.symmetric_only)
+
+
 def make_observer(name: str, **kw) -> Observer:
     """An observer by name (minmax, percentile, mse, kl) with its options."""
-    classes = {"minmax": MinMaxObserver, "percentile": PercentileObserver, "mse": MSEObserver, "kl": KLObserver}
-    if name not in classes:
+    if name not in _CLASSES:
         raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {name!r}")
-    return classes[name](**kw)
+    return _CLASSES[name](**kw)
