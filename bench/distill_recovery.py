@@ -164,8 +164,8 @@ def main() -> None:
                  "student": "reference model, prune_channels ratio 0.25 (activation importance, refit)",
                  "data": "wikitext2 validation split, packed 512-token sequences, last 8 held out", "rows": []}
     kept = _kept_rows(Path(args.output), args) if args.keep_rows else []
+    old = json.loads(Path(args.output).read_text()) if kept else {"rows": []}
     if kept:
-        old = json.loads(Path(args.output).read_text())
         doc["commands"] = [*old.get("commands", [old["command"]]), doc["command"]]
 
     def save() -> None:
@@ -181,8 +181,8 @@ def main() -> None:
         student = Path(args.pruned_dir) if args.pruned_dir else Path(tmp) / "pruned"
         reused = student.joinpath("config.json").is_file()
         # with --keep-rows the teacher's score, and the pruned student's when it is reused, come from --output too
-        earlier = {r["row"]: r for r in json.loads(Path(args.output).read_text())["rows"]
-                   if r["row"] in ("teacher", "pruned") and r["protocol"]["windows"] == args.windows} if kept else {}
+        earlier = {r["row"]: r for r in old["rows"]
+                   if r["row"] in ("teacher", "pruned") and r["protocol"]["windows"] == args.windows}
         doc["rows"].append(earlier.get("teacher") or {"row": "teacher", **score(None, args.windows)})
         t0 = time.perf_counter()
         if not reused:
