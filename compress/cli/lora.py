@@ -34,12 +34,16 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--emphasis", type=float, default=None,
               help="GPTQ re-quantization: errors along the delta's input directions cost 1 + EMPHASIS times as much "
                    "(keeps more of a small delta) [default: the pass's].")
+@click.option("--tune-steps", type=int, default=None,
+              help="Quantized base: steps of scale tuning after re-quantization, fitting the re-quantized modules' "
+                   "scales so the model matches the exact float merge on the calibration data; 0 turns it off "
+                   "[default: the pass's, 32].")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
 @calib_options
-def command(model, adapters, weights, method, density, requantize, grid, emphasis, out, force, allow_pickle,
+def command(model, adapters, weights, method, density, requantize, grid, emphasis, tune_steps, out, force, allow_pickle,
             calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Merge LoRA ADAPTERs into MODEL and save the result.
 
@@ -65,6 +69,8 @@ def command(model, adapters, weights, method, density, requantize, grid, emphasi
         fields["weights"] = weights
     if emphasis is not None:
         fields["emphasis"] = emphasis
+    if tune_steps is not None:
+        fields["tune_steps"] = tune_steps
     recipe = Recipe.single("lora_merge", **fields)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
@@ -72,7 +78,11 @@ def command(model, adapters, weights, method, density, requantize, grid, emphasi
     rep = summary["reports"][0]
     extra = ""
     if "requantization_relative_error" in rep["metrics"]:
+        m = rep["metrics"]
         extra = (f", {rep['config']['requantized']['modules']} re-quantized with {rep['config']['requantized']['method']}"
-                 f" (relative weight error {rep['metrics']['requantization_relative_error']:.4f})")
+                 f" (relative weight error {m['requantization_relative_error']:.4f})")
+        if "scale_tune_kl_before" in m:
+            extra += (f"; scale tuning: KL to the float merge {m['scale_tune_kl_before']:.4f} -> "
+                      f"{m['scale_tune_kl_after']:.4f}")
     console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB, {rep['modules']} modules merged{extra})")
     echo_json(summary)

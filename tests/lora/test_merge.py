@@ -145,7 +145,7 @@ def test_bad_adapter_directories(tmp_path):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_merge_into_a_quantized_artifact(model_dirs, tmp_path, method, make_adapter):
     """The merged artifact is packed again, re-quantized by the recorded method, close to merge-then-quantize."""
-    calib = CalibConfig(samples=8, seq_len=64)
+    calib = CalibConfig(samples=32, seq_len=64)  # (4 windows held out to judge the scale tuning)
     src = model_dirs["llama"]
     quant = {"pass": method, "bits": 4, "group_size": 32}
     compress_model(src, Recipe.from_steps([quant]), tmp_path / "q", calib=calib)
@@ -156,14 +156,20 @@ def test_merge_into_a_quantized_artifact(model_dirs, tmp_path, method, make_adap
         with pytest.raises(ValueError, match="needs calibration data"):
             apply(load_model(tmp_path / "q").model, Recipe.from_steps([merge]))
     else:
+        with pytest.raises(ValueError, match="needs calibration data"):  # for the scale tuning
+            apply(load_model(tmp_path / "q").model, Recipe.from_steps([merge]))
+        untuned = {**merge, "tune_steps": 0}  # RTN without tuning runs no calibration
         with pytest.raises(ValueError, match="grid 'best' compares GPTQ results"):
-            apply(load_model(tmp_path / "q").model, Recipe.from_steps([{**merge, "grid": "best"}]))
+            apply(load_model(tmp_path / "q").model, Recipe.from_steps([{**untuned, "grid": "best"}]))
         with pytest.raises(ValueError, match="emphasis weights GPTQ's loss"):
-            apply(load_model(tmp_path / "q").model, Recipe.from_steps([{**merge, "emphasis": 4.0}]))
+            apply(load_model(tmp_path / "q").model, Recipe.from_steps([{**untuned, "emphasis": 4.0}]))
     summary = compress_model(tmp_path / "q", Recipe.from_steps([merge]), tmp_path / "m", calib=calib)
     rep = summary["reports"][0]
     assert rep["config"]["requantized"]["method"] == method and rep["config"]["requantized"]["modules"] == 6
     assert 0 < rep["metrics"]["requantization_relative_error"] < 0.2
+    m = rep["metrics"]  # scale tuning (default on) brought the model closer to the exact float merge, held out
+    assert m["scale_tune_kept"] == 1.0 and m["scale_tune_kl_after"] < m["scale_tune_kl_before"]
+    assert rep["config"]["requantized"]["scale_tune"] == {"steps": 32, "lr": 2e-3}
     compress_model(src, Recipe.from_steps([merge, quant]), tmp_path / "fq", calib=calib)  # float merge, then quantize
     merged, direct = load_model(tmp_path / "m").model, load_model(tmp_path / "fq").model
     names = [n for n, m in merged.named_modules() if isinstance(m, QuantLinear)]
@@ -192,7 +198,8 @@ def test_gptq_requantization_grids(model_dirs, tmp_path, make_adapter):
                    calib=calib)
     make_adapter(load_model(src).model, tmp_path / "a", r=4, lora_alpha=8, std=0.04)  # deltas under half a step
     for grid, extra in (("best", {}), ("kept", {}), ("auto", {}), ("kept-e16", {"emphasis": 16.0})):
-        merge = {"pass": "lora_merge", "adapters": [str(tmp_path / "a")], "grid": grid.split("-")[0], **extra}
+        merge = {"pass": "lora_merge", "adapters": [str(tmp_path / "a")], "grid": grid.split("-")[0], **extra,
+                 "tune_steps": 0}  # the grids themselves: the kept grid keeps its scales
         rep = compress_model(tmp_path / "q", Recipe.from_steps([merge]), tmp_path / grid, calib=calib)["reports"][0]
         assert rep["config"]["requantized"]["grid"] == ("fresh" if grid == "auto" else grid.split("-")[0])
         assert rep["config"]["requantized"].get("emphasis") == extra.get("emphasis")

@@ -1,0 +1,179 @@
+"""Scale tuning: refit the per-group scales of packed modules so the model's outputs match a float reference.
+
+After a module is (re-)quantized its integer codes are fixed, but each group's
+scale is a free float that rounding-based methods (RTN, GPTQ) only ever set
+from the weights. Following the end-to-end step of EfficientQAT (Chen et al.,
+"EfficientQAT: Efficient Quantization-Aware Training for Large Language
+Models", 2024, https://arxiv.org/abs/2407.11062, "E2E-QP": train only the
+quantization parameters, codes frozen), the scales are trained with AdamW, but
+against a float reference model instead of labels: the loss is the forward KL
+from the model with the float reference weights in those modules to the model
+with the packed ones, on the calibration windows. The codes, zero points and
+every other weight stay as they are, so the result is the same artifact format
+with new scale values (stored in the scheme's scale dtype).
+
+Scales are trained in log space (s = s0 * exp(u), u from 0), so one learning
+rate suits layers whose scales differ by orders of magnitude. A held-out share
+of the calibration windows is scored before and after; when tuning did not
+lower the held-out KL the original scales are put back.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compress.distill.losses import logit_divergence
+from compress.pipeline import Progress
+from compress.quantize.qlinear import QuantLinear, dequantized_once
+from compress.targets import set_submodule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleTuneConfig:
+    steps: int = 64  # optimizer steps
+    batch_size: int = 4  # calibration windows per step
+    lr: float = 2e-3  # AdamW learning rate of the log-scales (cosine decay to 0 after a 10 % warm-up)
+    heldout: float = 0.125  # share of the calibration windows kept out of training to score the result
+    forward_dtype: str = "auto"  # "auto": bf16 autocast where the hardware has native bf16, else float32
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("scale tuning needs steps >= 1 and batch_size >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"scale tuning lr must be positive, got {self.lr}")
+        if not 0 < self.heldout < 1:
+            raise ValueError(f"heldout must be in (0, 1), got {self.heldout}")
+        if self.forward_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"forward_dtype must be auto, float32 or bfloat16, got {self.forward_dtype!r}")
+
+
+class TunedScales(nn.Module):
+    """A QuantLinear's forward with its scales as trainable log-offsets: W = s0 exp(u) (codes - zero)."""
+
+    def __init__(self, q: QuantLinear) -> None:
+        super().__init__()
+        g = q.scheme.group_len(q.in_features)
+        self.group, self.in_features, self.out_features = g, q.in_features, q.out_features
+        zero = q.zero_point().repeat_interleave(g, dim=1)[:, : q.in_features]
+        self.register_buffer("centered", q.codes().float() - zero)  # (out, in): codes minus zero point
+        self.register_buffer("scale0", q.weight_scale.float().clone())  # (out, n_groups)
+        self.log_gain = nn.Parameter(torch.zeros_like(self.scale0))
+        self.bias = q.bias
+
+    def scale(self) -> torch.Tensor:
+        return self.scale0 * self.log_gain.exp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.scale().repeat_interleave(self.group, dim=1)[:, : self.in_features]
+        return F.linear(x, (s * self.centered).to(x.dtype), self.bias)
+
+
+def _float_linear(weight: torch.Tensor, q: QuantLinear) -> nn.Linear:
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device,
+                    dtype=q.compute_dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if q.bias is not None:
+            lin.bias.copy_(q.bias)
+    return lin.requires_grad_(False)
+
+
+def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: torch.Tensor, cfg: ScaleTuneConfig,
+                *, progress: Progress | None = None) -> dict[str, float]:
+    """Tune the scales of the QuantLinear modules named in `references` (name -> its float reference weight,
+    (out, in)) so that `model` matches the model with those weights in float; in place. `calib` is
+    (windows, seq_len) token ids. Returns the held-out KL before and after, and whether the result was kept."""
+    from calibrate.blocks import native_bf16
+
+    if calib is None or calib.ndim != 2 or calib.shape[0] < 2:
+        raise ValueError("scale tuning needs at least 2 calibration windows (a (windows, seq_len) tensor)")
+    packed = {n: model.get_submodule(n) for n in references}
+    for n, q in packed.items():
+        if not isinstance(q, QuantLinear):
+            raise ValueError(f"scale tuning: {n} is not a packed (QuantLinear) module")
+    device = next(iter(packed.values())).weight_packed.device
+    n_held = max(1, round(calib.shape[0] * cfg.heldout))
+    train_ids, held_ids = calib[:-n_held], calib[-n_held:]
+    bf16 = cfg.forward_dtype == "bfloat16" or (cfg.forward_dtype == "auto" and native_bf16(device.type))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    tuned = {n: TunedScales(q) for n, q in packed.items()}
+    floats = {n: _float_linear(references[n].to(device), q) for n, q in packed.items()}
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def use(mods: dict[str, nn.Module]) -> None:
+        for n, m in mods.items():
+            set_submodule(model, n, m)
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids.to(device), use_cache=False).logits
+
+    @torch.no_grad()
+    def heldout_kl() -> float:
+        total = 0.0
+        for a in range(0, held_ids.shape[0], cfg.batch_size):
+            ids = held_ids[a:a + cfg.batch_size]
+            use(floats)
+            with autocast:
+                t = logits(ids)
+            use(tuned)
+            with autocast:
+                s = logits(ids)
+            total += float(logit_divergence(s, t)) * ids.shape[0]
+        return total / held_ids.shape[0]
+
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    try:
+        with dequantized_once(model):  # the modules not tuned (unpacked once, not per forward)
+            before = heldout_kl()
+            params = [m.log_gain for m in tuned.values()]
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            warm = max(1, cfg.steps // 10)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min((i + 1) / warm, 0.5 * (1 + math.cos(
+                math.pi * max(0, i + 1 - warm) / max(1, cfg.steps - warm)))))
+            order = torch.randperm(train_ids.shape[0], generator=torch.Generator().manual_seed(0))
+            for step in range(cfg.steps):
+                at = (step * cfg.batch_size) % train_ids.shape[0]
+                idx = order[torch.arange(at, at + cfg.batch_size) % train_ids.shape[0]]
+                ids = train_ids[idx]
+                use(floats)
+                with torch.no_grad(), autocast:
+                    t = logits(ids)
+                use(tuned)
+                with torch.enable_grad(), autocast:
+                    loss = logit_divergence(logits(ids), t)
+                    loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                if progress:
+                    progress("scale tuning", step + 1, cfg.steps)
+                log.debug("scale tuning step %d/%d: KL %.5f", step + 1, cfg.steps, float(loss.detach()))
+            after = heldout_kl()
+    finally:
+        use(packed)
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+    kept = after < before
+    if kept:
+        with torch.no_grad():
+            for n, q in packed.items():
+                q.weight_scale.copy_(tuned[n].scale().to(q.weight_scale.dtype))
+    log.info("scale tuning: held-out KL to the float reference %.5f -> %.5f (%s), %d modules, %.0f s",
+             before, after, "kept" if kept else "not lower: original scales kept", len(packed),
+             time.perf_counter() - t0)
+    return {"kl_before": before, "kl_after": after if kept else before, "kl_tuned": after, "kept": float(kept),
+            "seconds": time.perf_counter() - t0}
