@@ -43,3 +43,27 @@ def test_merge_lora_as_a_recipe_step_then_quantize(model_dirs, tmp_path, make_ad
     m = load_model(tmp_path / "q").model
     assert type(m.model.layers[0].self_attn.q_proj).__name__ == "QuantLinear"
     assert torch.isfinite(m(torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_merge_lora_into_an_artifact_tunes_the_scales(model_dirs, tmp_path, make_adapter):
+    """Into a packed artifact: re-quantized, then the scales tuned (reported on the console), or not with 0."""
+    src = model_dirs["llama"]
+    make_adapter(load_model(src).model, tmp_path / "a", r=4, lora_alpha=8)
+    calib = ["--calib-samples", "32", "--calib-seq-len", "64"]
+    r = CliRunner().invoke(cli, ["quantize", str(src), "--bits", "4", "--group-size", "32", "--method", "rtn",
+                                 *calib, "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    outs = {}
+    for steps in ("16", "0"):
+        r = CliRunner().invoke(cli, ["merge-lora", str(tmp_path / "q"), "--adapter", str(tmp_path / "a"), *calib,
+                                     "--tune-steps", steps, "--out", str(tmp_path / f"m{steps}")])
+        assert r.exit_code == 0, r.output
+        outs[steps] = json.loads(r.output[r.output.index("{"):])["reports"][0]
+        assert ("scale tuning: KL to the float merge" in " ".join(r.output.split())) == (steps != "0")
+    tuned, plain = outs["16"], outs["0"]
+    assert tuned["config"]["requantized"]["scale_tune"] == {"steps": 16, "lr": 2e-3}
+    assert "scale_tune" not in plain["config"]["requantized"] and "scale_tune_kl_before" not in plain["metrics"]
+    a, b = load_model(tmp_path / "m16").model, load_model(tmp_path / "m0").model
+    q_a, q_b = a.model.layers[0].self_attn.q_proj, b.model.layers[0].self_attn.q_proj
+    assert torch.equal(q_a.codes(), q_b.codes())  # the same re-quantization; only the scales differ
+    assert (tuned["metrics"]["scale_tune_kept"] == 1.0) == (not torch.equal(q_a.weight_scale, q_b.weight_scale))
