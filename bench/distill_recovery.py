@@ -164,8 +164,8 @@ def main() -> None:
                  "student": "reference model, prune_channels ratio 0.25 (activation importance, refit)",
                  "data": "wikitext2 validation split, packed 512-token sequences, last 8 held out", "rows": []}
     kept = _kept_rows(Path(args.output), args) if args.keep_rows else []
-    old = json.loads(Path(args.output).read_text()) if kept else {"rows": []}
-    if kept:
+    old = json.loads(Path(args.output).read_text()) if args.keep_rows and Path(args.output).is_file() else {"rows": []}
+    if old["rows"]:
         doc["commands"] = [*old.get("commands", [old["command"]]), doc["command"]]
 
     def save() -> None:

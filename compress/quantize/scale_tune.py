@@ -64,7 +64,8 @@ class TunedScales(nn.Module):
         g = q.scheme.group_len(q.in_features)
         self.group, self.in_features, self.out_features = g, q.in_features, q.out_features
         zero = q.zero_point().repeat_interleave(g, dim=1)[:, : q.in_features]
-        self.register_buffer("centered", q.codes().float() - zero)  # (out, in): codes minus zero point
+        # (out, in) codes minus zero point: integers within +-255, exact in bfloat16 (half of float32's memory)
+        self.register_buffer("centered", (q.codes().float() - zero).to(torch.bfloat16))
         self.register_buffer("scale0", q.weight_scale.float().clone())  # (out, n_groups)
         self.log_gain = nn.Parameter(torch.zeros_like(self.scale0))
         self.bias = q.bias
@@ -74,17 +75,21 @@ class TunedScales(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.scale().repeat_interleave(self.group, dim=1)[:, : self.in_features]
-        return F.linear(x, (s * self.centered).to(x.dtype), self.bias)
+        return F.linear(x, (s * self.centered.float()).to(x.dtype), self.bias)
+
+    @torch.no_grad()
+    def round_to(self, dtype: torch.dtype) -> None:
+        """Fold the trained gain into the base scales, rounded to the dtype they are stored in."""
+        self.scale0.copy_(self.scale().to(dtype).float())
+        self.log_gain.zero_()
 
 
 def _float_linear(weight: torch.Tensor, q: QuantLinear) -> nn.Linear:
-    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device=weight.device,
-                    dtype=q.compute_dtype)
-    with torch.no_grad():
-        lin.weight.copy_(weight)
-        if q.bias is not None:
-            lin.bias.copy_(q.bias)
-    return lin.requires_grad_(False)
+    """A Linear multiplying by `weight` (shared, not copied) and the packed module's bias."""
+    lin = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
+    lin.weight = nn.Parameter(weight.to(q.compute_dtype), requires_grad=False)
+    lin.bias = q.bias
+    return lin
 
 
 def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: torch.Tensor, cfg: ScaleTuneConfig,
@@ -161,6 +166,8 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
                 if progress:
                     progress("scale tuning", step + 1, cfg.steps)
                 log.debug("scale tuning step %d/%d: KL %.5f", step + 1, cfg.steps, float(loss.detach()))
+            for n, m in tuned.items():  # scored as it will be stored
+                m.round_to(packed[n].weight_scale.dtype)
             after = heldout_kl()
     finally:
         use(packed)
@@ -171,7 +178,7 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
     if kept:
         with torch.no_grad():
             for n, q in packed.items():
-                q.weight_scale.copy_(tuned[n].scale().to(q.weight_scale.dtype))
+                q.weight_scale.copy_(tuned[n].scale0.to(q.weight_scale.dtype))
     log.info("scale tuning: held-out KL to the float reference %.5f -> %.5f (%s), %d modules, %.0f s",
              before, after, "kept" if kept else "not lower: original scales kept", len(packed),
              time.perf_counter() - t0)
