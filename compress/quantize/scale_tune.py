@@ -124,14 +124,20 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
         return model(input_ids=ids.to(device), use_cache=False).logits
 
     @torch.no_grad()
+    def reference_logits(ids: torch.Tensor) -> torch.Tensor:
+        """The float reference's logits; the tuned modules are back in place on return."""
+        use(floats)
+        with autocast:
+            t = logits(ids)
+        use(tuned)
+        return t
+
+    @torch.no_grad()
     def heldout_kl() -> float:
         total = 0.0
         for a in range(0, held_ids.shape[0], cfg.batch_size):
             ids = held_ids[a:a + cfg.batch_size]
-            use(floats)
-            with autocast:
-                t = logits(ids)
-            use(tuned)
+            t = reference_logits(ids)
             with autocast:
                 s = logits(ids)
             total += float(logit_divergence(s, t)) * ids.shape[0]
@@ -153,10 +159,7 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
                 at = (step * cfg.batch_size) % train_ids.shape[0]
                 idx = order[torch.arange(at, at + cfg.batch_size) % train_ids.shape[0]]
                 ids = train_ids[idx]
-                use(floats)
-                with torch.no_grad(), autocast:
-                    t = logits(ids)
-                use(tuned)
+                t = reference_logits(ids)
                 with torch.enable_grad(), autocast:
                     loss = logit_divergence(logits(ids), t)
                     loss.backward()

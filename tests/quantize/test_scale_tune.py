@@ -39,6 +39,8 @@ def test_tuning_lowers_the_kl_and_keeps_codes_and_zero_points(make_tiny, symmetr
         return float((f.exp() * (f - s)).sum(-1).mean())
 
     kl0 = kl()
+    trainable = [n for n, p in q.named_parameters() if p.requires_grad]
+    assert trainable  # (the embedding and norms)
     out = tune_scales(q, refs, _calib(), ScaleTuneConfig(steps=30, batch_size=4, lr=1e-2, forward_dtype="float32"))
     print(out, kl0, kl())
     # a random tiny model gains little from its scales alone (measured -10 % held out); the reference model's
@@ -53,7 +55,7 @@ def test_tuning_lowers_the_kl_and_keeps_codes_and_zero_points(make_tiny, symmetr
         assert m.weight_scale.dtype == scale.dtype and m.weight_scale.shape == scale.shape
         changed += not torch.equal(m.weight_scale, scale)
     assert changed == len(before)
-    assert not any(p.requires_grad for p in q.parameters()) or all(p.requires_grad for p in ref.parameters())
+    assert [n for n, p in q.named_parameters() if p.requires_grad] == trainable  # frozen only while tuning
 
 
 def test_a_result_that_is_no_better_is_not_kept(make_tiny):
