@@ -16,6 +16,10 @@ fresh subprocess through the product path (`compress_model` with one
        is distilled from the corrected teacher (logit KD) for the remaining steps;
        the correction's time counts in the row's train_seconds
   tc+kd+ce  the same teacher correction, then logit KD plus cross-entropy (1 : 1)
+  tcp+kd+ce  Minitron's full order: correct the teacher, prune the corrected
+       teacher (as the pruned row was; the pruning's time counts), then KD + CE
+       from the corrected teacher; tcp+ce trains that same student with
+       cross-entropy only, so the ordering's gain and the distillation's are told apart
 and every model (teacher, pruned, kd, ce) is scored under the DESIGN.md
 perplexity protocol (WikiText-2 test, 64 x 1024). The recovered fraction is
 (ppl_pruned - ppl_student) / (ppl_pruned - ppl_teacher); the issue asks for
@@ -48,10 +52,15 @@ from run_peer import rss_bytes  # noqa: E402  (stdlib only)
 # of the --steps budget) then logit KD from the corrected teacher for the remaining steps
 # tc+kd+ce: the same corrected teacher, then Hinton's mix (soft and hard targets) for the remaining steps;
 # tc+rkd+ce: the same with the reverse KL (mode-seeking, as in MiniLLM) in place of the forward KL
+# tcp+...: Minitron's order (correct the teacher, prune the corrected teacher, distill from it): the student is the
+# corrected teacher pruned as the pruned row was (pruning time counted); tcp+ce trains that student with
+# cross-entropy only, which tells the ordering's gain apart from the distillation's
 TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
          "ce": {"kd_weight": 0.0, "ce_weight": 1.0}, "tc+kd": {"kd_weight": 1.0, "ce_weight": 0.0},
          "tc+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
-         "tc+rkd+ce": {"kd_weight": 1.0, "ce_weight": 1.0, "divergence": "reverse"}}
+         "tc+rkd+ce": {"kd_weight": 1.0, "ce_weight": 1.0, "divergence": "reverse"},
+         "tcp+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0}, "tcp+kd": {"kd_weight": 1.0, "ce_weight": 0.0},
+         "tcp+ce": {"kd_weight": 0.0, "ce_weight": 1.0}}
 
 
 def score(model_dir: str | None, windows: int) -> dict:
@@ -74,7 +83,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     step = _step(kind, args)
     teacher, correction = str(reference_model_dir()), {}  # the unpruned reference model
     t0, scoring_seconds = time.perf_counter(), 0.0
-    if kind.startswith("tc+"):  # teacher correction: plain fine-tuning of the teacher, counted in the budget
+    if kind.startswith(("tc+", "tcp+")):  # teacher correction: plain fine-tuning of the teacher, counted in the budget
         fix = _correction_step(args)
         teacher = out + "-teacher"
         rep = compress_model(None, Recipe.from_steps([fix]), teacher)["reports"][0]
@@ -84,13 +93,22 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
         scoring_seconds = time.perf_counter() - t1  # not part of the budget
         print(f"  corrected teacher ppl {correction['teacher_correction']['perplexity']:.3f} "
               f"({rep['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        if kind.startswith("tcp+"):  # the student is the corrected teacher pruned as the pruned row was
+            t2 = time.perf_counter()
+            student = out + "-pruned"
+            compress_model(teacher, Recipe.single("prune_channels", ratio=0.25), student)
+            correction["teacher_correction"]["prune_seconds"] = round(time.perf_counter() - t2, 1)
+            t3 = time.perf_counter()
+            correction["teacher_correction"]["pruned"] = score(student, args.windows)
+            scoring_seconds += time.perf_counter() - t3
     if step["kd_weight"] > 0:
         step["teacher"] = teacher
     summary = compress_model(student, Recipe.from_steps([step]), out)
     seconds = time.perf_counter() - t0 - scoring_seconds
     rep = summary["reports"][0]
     cfg = rep["config"]
-    train_seconds = rep["seconds"] + (correction["teacher_correction"]["train_seconds"] if correction else 0.0)
+    tc = correction.get("teacher_correction", {})
+    train_seconds = rep["seconds"] + tc.get("train_seconds", 0.0) + tc.get("prune_seconds", 0.0)
     row = {"row": kind, "step": step, **correction, "train_seconds": round(train_seconds, 1),
            "wall_seconds": round(seconds, 1), "peak_rss_bytes": rss_bytes(), "metrics": rep["metrics"],
            "curve": cfg["curve"], "evals": cfg["evals"], "precision": cfg["precision"], "processes": cfg["processes"]}
@@ -120,7 +138,7 @@ def _correction_step(args: argparse.Namespace) -> dict:
 
 
 def _step(kind: str, args: argparse.Namespace) -> dict:
-    steps = args.steps - args.correction_steps if kind.startswith("tc+") else args.steps
+    steps = args.steps - args.correction_steps if kind.startswith(("tc+", "tcp+")) else args.steps
     return {"pass": "distill", "steps": steps, "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind],
