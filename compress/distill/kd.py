@@ -101,6 +101,9 @@ class DistillConfig:
 def resolve_precision(name: str, device: torch.device) -> str:
     """accelerate's mixed_precision for `name` on `device` ("auto": bf16 where the hardware has it)."""
     if name != "auto":
+        if name == "bf16" and device.type == "cpu" and not native_bf16("cpu"):
+            log.warning("mixed_precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so it is "
+                        "emulated and far slower than float32 (about 20x on an AVX2 machine); auto picks float32 here")
         return name
     if native_bf16(device.type):
         return "bf16"

@@ -69,6 +69,17 @@ def test_plain_fine_tuning_needs_no_teacher(tiny_tokenizer, make_tiny):
     assert out["metrics"]["heldout_perplexity_after"] < 0.95 * out["metrics"]["heldout_perplexity_before"]
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(native, monkeypatch, caplog):
+    from compress.distill import kd
+
+    monkeypatch.setattr(kd, "native_bf16", lambda device_type: native)
+    with caplog.at_level("WARNING", logger="compress.distill.kd"):
+        assert kd.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: kept, but said
+        assert kd.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "no")
+    assert ("emulated" in caplog.text) is not native
+
+
 def test_embeddings_stay_frozen_by_default(tiny_tokenizer, make_tiny):
     teacher, student = make_tiny("llama", 0), make_tiny("llama", 1)
     emb = student.get_input_embeddings().weight.detach().clone()
