@@ -142,13 +142,17 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
 
     def int8_linear(x: str, mod: nn.Module, name: str, out: str) -> None:
         xq, s, z = quantize_input(x, mod, name)
-        w = init(f"{name}.weight_q", mod.weight.cpu().numpy().T)  # (in, out) int8
+        # (in, out) uint8 = int8 + 128 with zero point 128: the same products, but ONNX Runtime's u8 x s8 kernels
+        # on x86 without VNNI (vpmaddubsw) saturate pairs of products at int16 (logits off by > 1 on the tests'
+        # tiny model on an AVX2 machine); its u8 x u8 kernels are exact everywhere
+        w = init(f"{name}.weight_q", (mod.weight.cpu().numpy().T.astype(np.int16) + 128).astype(np.uint8))
+        wz = init(f"{name}.weight_zero_point", np.array(128, np.uint8))
         w_scale = init(f"{name}.weight_scale", f32(mod.weight_scale).reshape(-1))  # (out,)
         bias = [init(f"{name}.bias", f32(mod.bias))] if mod.bias is not None else []
         if mod.activations == "static":
-            node("MatMulIntegerToFloat", [xq, w, s, w_scale, z, "", *bias], [out], "com.microsoft")
+            node("MatMulIntegerToFloat", [xq, w, s, w_scale, z, wz, *bias], [out], "com.microsoft")
             return
-        node("MatMulInteger", [xq, w, z], [f"{name}.acc"])
+        node("MatMulInteger", [xq, w, z, wz], [f"{name}.acc"])
         node("Cast", [f"{name}.acc"], [f"{name}.accf"], to=TensorProto.FLOAT)
         node("Mul", [f"{name}.accf", s], [f"{name}.rows"])
         node("Mul", [f"{name}.rows", w_scale], [out if not bias else f"{name}.mm"])
