@@ -42,10 +42,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     doc = {"command": " ".join(["python", *sys.argv]), "versions": package_versions(), "rows": []}
+    teacher = load_model(args.teacher).model  # never trained: one copy serves every spec
     for spec in args.specs:
         lr, kd, ce = (float(x) for x in spec.split(":"))
         student = load_model(args.student)
-        teacher = load_model(args.teacher).model
         cfg = DistillConfig(teacher=args.teacher, steps=args.steps, batch_size=4, micro_batch_size=2, seq_len=512,
                             lr=lr, warmup_steps=1, eval_every=args.eval_every, mixed_precision="no", kd_weight=kd,
                             ce_weight=ce)

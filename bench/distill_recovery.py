@@ -61,6 +61,7 @@ TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "kd+ce": {"kd_weight": 1.0,
          "tc+rkd+ce": {"kd_weight": 1.0, "ce_weight": 1.0, "divergence": "reverse"},
          "tcp+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0}, "tcp+kd": {"kd_weight": 1.0, "ce_weight": 0.0},
          "tcp+ce": {"kd_weight": 0.0, "ce_weight": 1.0}}
+CORRECTED = ("tc+", "tcp+")  # rows whose budget starts with --correction-steps of teacher correction
 
 
 def score(model_dir: str | None, windows: int) -> dict:
@@ -83,7 +84,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     step = _step(kind, args)
     teacher, correction = str(reference_model_dir()), {}  # the unpruned reference model
     t0, scoring_seconds = time.perf_counter(), 0.0
-    if kind.startswith(("tc+", "tcp+")):  # teacher correction: plain fine-tuning of the teacher, counted in the budget
+    if kind.startswith(CORRECTED):  # teacher correction: plain fine-tuning of the teacher, counted in the budget
         fix = _correction_step(args)
         teacher = out + "-teacher"
         rep = compress_model(None, Recipe.from_steps([fix]), teacher)["reports"][0]
@@ -138,7 +139,7 @@ def _correction_step(args: argparse.Namespace) -> dict:
 
 
 def _step(kind: str, args: argparse.Namespace) -> dict:
-    steps = args.steps - args.correction_steps if kind.startswith(("tc+", "tcp+")) else args.steps
+    steps = args.steps - args.correction_steps if kind.startswith(CORRECTED) else args.steps
     return {"pass": "distill", "steps": steps, "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind],
