@@ -83,6 +83,15 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
+    consts: set[str] = set()
+
+    def const(name: str, arr: np.ndarray) -> str:
+        """A scalar constant every node that needs it shares (one initializer, not one per Linear)."""
+        if name not in consts:
+            consts.add(name)
+            init(name, arr)
+        return name
+
     def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
         return outputs
@@ -129,15 +138,15 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         if key not in quantized:  # symmetric per token: s = max|x| / 127 per row, as W8A8Linear.quantize_input
             node("Abs", [x], [f"{name}.abs"])
             node("ReduceMax", [f"{name}.abs"], [f"{name}.amax"], axes=[-1], keepdims=1)
-            node("Div", [f"{name}.amax", init(f"{name}.qmax", np.array(127, np.float32))], [f"{name}.s0"])
-            node("Max", [f"{name}.s0", init(f"{name}.tiny", np.array(1e-12, np.float32))], [f"{name}.scale"])
+            node("Div", [f"{name}.amax", const("w8a8.qmax", np.array(127, np.float32))], [f"{name}.s0"])
+            node("Max", [f"{name}.s0", const("w8a8.tiny", np.array(1e-12, np.float32))], [f"{name}.scale"])
             node("Div", [x, f"{name}.scale"], [f"{name}.xs"])
             node("Round", [f"{name}.xs"], [f"{name}.r"])
-            node("Add", [f"{name}.r", init(f"{name}.shift", np.array(128, np.float32))], [f"{name}.ru"])
-            node("Clip", [f"{name}.ru", init(f"{name}.lo", np.array(0, np.float32)),
-                          init(f"{name}.hi", np.array(255, np.float32))], [f"{name}.rc"])
+            node("Add", [f"{name}.r", const("w8a8.shift", np.array(128, np.float32))], [f"{name}.ru"])
+            node("Clip", [f"{name}.ru", const("w8a8.lo", np.array(0, np.float32)),
+                          const("w8a8.hi", np.array(255, np.float32))], [f"{name}.rc"])
             node("Cast", [f"{name}.rc"], [f"{name}.input_q"], to=TensorProto.UINT8)
-            quantized[key] = (f"{name}.input_q", f"{name}.scale", init(f"{name}.zp", np.array(128, np.uint8)))
+            quantized[key] = (f"{name}.input_q", f"{name}.scale", const("w8a8.zero_point_128", np.array(128, np.uint8)))
         return quantized[key]
 
     def int8_linear(x: str, mod: nn.Module, name: str, out: str) -> None:
@@ -146,7 +155,7 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         # on x86 without VNNI (vpmaddubsw) saturate pairs of products at int16 (logits off by > 1 on the tests'
         # tiny model on an AVX2 machine); its u8 x u8 kernels are exact everywhere
         w = init(f"{name}.weight_q", (mod.weight.cpu().numpy().T.astype(np.int16) + 128).astype(np.uint8))
-        wz = init(f"{name}.weight_zero_point", np.array(128, np.uint8))
+        wz = const("w8a8.zero_point_128", np.array(128, np.uint8))
         w_scale = init(f"{name}.weight_scale", f32(mod.weight_scale).reshape(-1))  # (out,)
         bias = [init(f"{name}.bias", f32(mod.bias))] if mod.bias is not None else []
         if mod.activations == "static":
