@@ -20,6 +20,9 @@ fresh subprocess through the product path (`compress_model` with one
        teacher (as the pruned row was; the pruning's time counts), then KD + CE
        from the corrected teacher; tcp+ce trains that same student with
        cross-entropy only, so the ordering's gain and the distillation's are told apart
+  --correction-extra: the corrected rows' students train for all --steps and the teacher's correction comes on
+       top (Minitron's accounting: it prepares the teacher; its time still counts in train_seconds); row
+       ce-long then gives plain fine-tuning --steps + --correction-steps, the same total optimizer steps
 and every model (teacher, pruned, kd, ce) is scored under the DESIGN.md
 perplexity protocol (WikiText-2 test, 64 x 1024). The recovered fraction is
 (ppl_pruned - ppl_student) / (ppl_pruned - ppl_teacher); the issue asks for
@@ -60,8 +63,10 @@ TRAIN = {"kd": {"kd_weight": 1.0, "ce_weight": 0.0}, "kd+ce": {"kd_weight": 1.0,
          "tc+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0},
          "tc+rkd+ce": {"kd_weight": 1.0, "ce_weight": 1.0, "divergence": "reverse"},
          "tcp+kd+ce": {"kd_weight": 1.0, "ce_weight": 1.0}, "tcp+kd": {"kd_weight": 1.0, "ce_weight": 0.0},
-         "tcp+ce": {"kd_weight": 0.0, "ce_weight": 1.0}}
+         "tcp+ce": {"kd_weight": 0.0, "ce_weight": 1.0}, "ce-long": {"kd_weight": 0.0, "ce_weight": 1.0}}
 CORRECTED = ("tc+", "tcp+")  # rows whose budget starts with --correction-steps of teacher correction
+# ce-long: plain fine-tuning for --steps + --correction-steps, the total optimizer steps of a corrected row under
+# --correction-extra (the strict comparison when the teacher's correction is not taken from the student's budget)
 
 
 def score(model_dir: str | None, windows: int) -> dict:
@@ -139,7 +144,11 @@ def _correction_step(args: argparse.Namespace) -> dict:
 
 
 def _step(kind: str, args: argparse.Namespace) -> dict:
-    steps = args.steps - args.correction_steps if kind.startswith(CORRECTED) else args.steps
+    steps = args.steps
+    if kind.startswith(CORRECTED) and not args.correction_extra:
+        steps -= args.correction_steps  # the correction is taken from the budget
+    elif kind == "ce-long":
+        steps += args.correction_steps
     return {"pass": "distill", "steps": steps, "batch_size": args.batch_size,
             "micro_batch_size": args.micro_batch_size, "seq_len": args.seq_len, "lr": args.lr,
             "warmup_steps": args.warmup_steps, "eval_every": args.eval_every, "seed": 0, **TRAIN[kind],
@@ -160,6 +169,10 @@ def main() -> None:
     ap.add_argument("--rows", default="kd+ce,ce")
     ap.add_argument("--correction-steps", type=int, default=10,
                     help="tc+kd: steps of the budget spent fine-tuning the teacher (the rest distil the student)")
+    ap.add_argument("--correction-extra", action="store_true",
+                    help="corrected rows train the student for all --steps; the teacher's --correction-steps come on "
+                         "top (Minitron's accounting: the correction prepares the teacher, its time still counts in "
+                         "train_seconds); row ce-long gives plain fine-tuning those extra steps too")
     ap.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                     help="the distill pass's mixed_precision for every row (auto: bf16 where the CPU has it, so rows "
                          "from different machines may differ; each row records what it ran)")
@@ -173,6 +186,12 @@ def main() -> None:
         return
 
     import torch
+
+    from calibrate.blocks import native_bf16
+
+    if args.precision == "bf16" and not torch.cuda.is_available() and not native_bf16("cpu"):
+        sys.exit("--precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); it would be emulated, "
+                 "about 20x slower than float32, and no row would fit its budget. Use --precision no (or auto).")
 
     from compress.artifact import package_versions, write_json_atomic
     from compress.recipe import Recipe
