@@ -89,7 +89,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     step = _step(kind, args)
     teacher, correction = str(reference_model_dir()), {}  # the unpruned reference model
     t0, scoring_seconds = time.perf_counter(), 0.0
-    if kind.startswith(CORRECTED):  # teacher correction: plain fine-tuning of the teacher, counted in the budget
+    if kind.startswith(CORRECTED):  # teacher correction: plain fine-tuning of the teacher; its time always counts
         fix = _correction_step(args)
         teacher = out + "-teacher"
         rep = compress_model(None, Recipe.from_steps([fix]), teacher)["reports"][0]
@@ -187,9 +187,9 @@ def main() -> None:
 
     import torch
 
-    from calibrate.blocks import native_bf16
+    from compress.distill.kd import bf16_emulated
 
-    if args.precision == "bf16" and not torch.cuda.is_available() and not native_bf16("cpu"):
+    if args.precision == "bf16" and bf16_emulated(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         sys.exit("--precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); it would be emulated, "
                  "about 20x slower than float32, and no row would fit its budget. Use --precision no (or auto).")
 

@@ -98,10 +98,15 @@ class DistillConfig:
         return self.kd_weight > 0 or self.hidden_weight > 0 or self.attention_weight > 0
 
 
+def bf16_emulated(device: torch.device) -> bool:
+    """Whether bfloat16 on `device` would be emulated (a CPU without AVX512-BF16 or AMX: about 20x slower)."""
+    return device.type == "cpu" and not native_bf16("cpu")
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """accelerate's mixed_precision for `name` on `device` ("auto": bf16 where the hardware has it)."""
     if name != "auto":
-        if name == "bf16" and device.type == "cpu" and not native_bf16("cpu"):
+        if name == "bf16" and bf16_emulated(device):
             log.warning("mixed_precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so it is "
                         "emulated and far slower than float32 (about 20x on an AVX2 machine); auto picks float32 here")
         return name
