@@ -265,23 +265,22 @@ def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict
                             hessian_for=emphasised if inputs else None)
     else:
         _rtn_on_grids(model, merged, grids, schemes)
+    config["requantized"] = {"method": how, "grid": grid, "modules": len(merged), "steps": steps}
+    if inputs:
+        config["requantized"]["emphasis"] = cfg.emphasis
     metrics: dict[str, float] = {}
     if cfg.tune_steps > 0:
         from compress.quantize.scale_tune import ScaleTuneConfig, tune_scales
 
         tuned = tune_scales(model, merged, calib, ScaleTuneConfig(steps=cfg.tune_steps, lr=cfg.tune_lr))
         metrics = {f"scale_tune_{k}": v for k, v in tuned.items()}
+        config["requantized"]["scale_tune"] = {"steps": cfg.tune_steps, "lr": cfg.tune_lr}
     err_sq = ref_sq = 0.0
     for name, W in merged.items():
         q = model.get_submodule(name)
         assert isinstance(q, QuantLinear), name
         err_sq += float((q.dequantize_weight() - W).pow(2).sum())
         ref_sq += float(W.pow(2).sum())
-    config["requantized"] = {"method": how, "grid": grid, "modules": len(merged), "steps": steps}
-    if inputs:
-        config["requantized"]["emphasis"] = cfg.emphasis
-    if cfg.tune_steps > 0:
-        config["requantized"]["scale_tune"] = {"steps": cfg.tune_steps, "lr": cfg.tune_lr}
     return {"requantization_relative_error": (err_sq / ref_sq) ** 0.5, **metrics}
 
 
