@@ -61,8 +61,23 @@ PEER_TOOLS = {"none": "transformers", "hqq": "hqq", "bnb-nf4": "bitsandbytes",
               "llmc-gptq": "llm-compressor", "llmc-awq": "llm-compressor"}
 
 
-def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threads: int) -> dict:
-    """Quantize with the product path (`compress_model`: low-memory, block by block) and score the artifact."""
+def parse_config(cfg: str) -> tuple[str, int, int, bool, int]:
+    """method:bits:group[:sym|asym][:tuneN] -> (method, bits, group, symmetric, tune_steps)."""
+    m, b, g, *rest = cfg.split(":")
+    symmetric, tune = True, 0
+    for r in rest:
+        if r in ("sym", "asym"):
+            symmetric = r == "sym"
+        elif r.startswith("tune") and r[4:].isdigit():
+            tune = int(r[4:])
+        else:
+            raise SystemExit(f"bad config {cfg!r}: method:bits:group[:sym|asym][:tuneN]")
+    return m, int(b), int(g), symmetric, tune
+
+
+def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threads: int, tune_steps: int = 0) -> dict:
+    """Quantize with the product path (`compress_model`: low-memory, block by block, unless the scales are
+    tuned, which needs the whole model) and score the artifact."""
     import torch
     from safetensors import safe_open
 
@@ -71,7 +86,7 @@ def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threa
     from compress.runner import compress_model, evaluate
 
     torch.set_num_threads(threads)
-    recipe = quantize_recipe(method, bits=bits, group_size=group, symmetric=symmetric)
+    recipe = quantize_recipe(method, bits=bits, group_size=group, symmetric=symmetric, tune_steps=tune_steps)
     with tempfile.TemporaryDirectory() as d:
         summary = compress_model(None, recipe, Path(d) / "a")
         rss = rss_bytes()
@@ -89,7 +104,9 @@ def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threa
                             x = f.get_tensor(f"{name}.{t}")
                             n_b += x.numel() * x.element_size() * 8
         r = evaluate(load_model(out), ["wikitext2"], options={"windows": windows})["wikitext2"]
+    tuned = {k: v for rep in summary["reports"] for k, v in rep["metrics"].items() if k.startswith("scale_tune")}
     return {"method": method, "bits": bits, "group_size": group, "symmetric": symmetric,
+            **({"tune_steps": tune_steps, **tuned} if tune_steps else {}),
             "steps": recipe.to_list(), "perplexity": r["perplexity"], "bits_per_weight_on_disk": n_b / n_w,
             "quantize_seconds": round(seconds, 1), "peak_rss_bytes_during_quantize": rss,
             "protocol": r["protocol"]}
@@ -185,7 +202,8 @@ def run_peer(cfg: str, inputs: dict, threads: int, tmp: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", default=DEFAULT,
-                    help="method:bits:group[:asym],... (symmetric unless :asym); 'matrix': issue 3's full matrix; "
+                    help="method:bits:group[:asym][:tuneN],... (symmetric unless :asym; :tuneN adds N steps of "
+                         "scale tuning after rounding); 'matrix': issue 3's full matrix; "
                          "'acceptance': its acceptance comparison; 'matrix-rest': the matrix less the acceptance rows")
     ap.add_argument("--windows", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
@@ -193,10 +211,8 @@ def main() -> None:
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "quantize_reference.json"))
     args = ap.parse_args()
     if args.one:
-        m, b, g, *sym = args.one.split(":")
-        if sym not in ([], ["sym"], ["asym"]):
-            raise SystemExit(f"bad config {args.one!r}: method:bits:group[:sym|asym]")
-        print(json.dumps(one(m, int(b), int(g), sym != ["asym"], args.windows, args.threads)))
+        m, b, g, sym, tune = parse_config(args.one)
+        print(json.dumps(one(m, b, g, sym, args.windows, args.threads, tune)))
         return
     from compress.artifact import package_versions, write_json_atomic
 

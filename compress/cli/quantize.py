@@ -27,13 +27,17 @@ from compress.cli._common import calib_config, calib_options, console, echo_json
 @click.option("--fallback-error", type=float, default=None, metavar="E",
               help="W8A8 static: keep in float every stage whose relative output error on calibration data exceeds E "
                    "(e.g. 0.01); the report lists each stage's error.")
+@click.option("--tune-steps", type=click.IntRange(min=0), default=0, show_default=True,
+              help="After rounding, train the packed group scales for N steps so the model's logits match the float "
+                   "model's (codes fixed; EfficientQAT's E2E-QP against the float model). 0 = off.")
 @click.option("--ignore", multiple=True, help="Modules to keep in float (repeatable); default: lm_head.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 @calib_options
 def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-            smoothquant, fallback_error, ignore, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed) -> None:
+            smoothquant, fallback_error, tune_steps, ignore, out, force, allow_pickle, calib_source, calib_samples,
+            calib_seq_len, seed) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -48,7 +52,7 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
     from compress.runner import compress_model
 
     recipe = _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-                     smoothquant, ignore, fallback_error)
+                     smoothquant, ignore, fallback_error, tune_steps)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
                                    calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
@@ -57,12 +61,13 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
 
 
 def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-            smoothquant, ignore, fallback_error=None):
+            smoothquant, ignore, fallback_error=None, tune_steps=0):
     from compress.quantize.presets import quantize_recipe, w8a8_recipe
 
     if activations == "int8":
         given = [o for o, v in (("--group-size", group_size), ("--method", method), ("--target-bits", target_bits),
-                                ("--asym", not symmetric), ("--scale-dtype", scale_dtype != "float16")) if v not in (None, False)]
+                                ("--asym", not symmetric), ("--scale-dtype", scale_dtype != "float16"),
+                                ("--tune-steps", tune_steps > 0)) if v not in (None, False)]
         if bits != "8":
             raise click.UsageError("--activations int8 quantizes weights to 8 bits too: pass --bits 8")
         if given:
@@ -90,4 +95,4 @@ def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activ
               "scale_dtype": scale_dtype}
     if ignore:
         fields["ignore"] = list(ignore)
-    return quantize_recipe(method, bits=int(bits), target_bits=target_bits, **fields)
+    return quantize_recipe(method, bits=int(bits), target_bits=target_bits, tune_steps=tune_steps, **fields)

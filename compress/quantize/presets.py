@@ -10,24 +10,31 @@ from compress.recipe import Recipe
 # W4 g64 asym 27.60 against GPTQ's 28.98, W3 g64 asym 39.26 against 46.48)
 DEFAULT_METHOD = "awq+gptq"
 CHAINS = {"awq+gptq": "AWQ scales and clipping (quantize: false), then GPTQ rounding on the same grid"}
+TUNABLE = ("awq+gptq", "gptq", "awq", "mixed")  # methods whose rounding step can tune its scales afterwards
 
 
 def quantize_recipe(method: str | None = None, *, bits: int = 4, target_bits: float | None = None,
-                    **fields: Any) -> Recipe:
+                    tune_steps: int = 0, **fields: Any) -> Recipe:
     """The recipe for a weight-quantization method; `fields` are the shared scheme/selection fields.
 
     `target_bits` asks for bits per layer under a budget (the `mixed` pass,
     GPTQ at each layer's width); it combines with no method but gptq/mixed.
+    `tune_steps` > 0 tunes the packed scales afterwards (`compress.quantize.scale_tune`),
+    in the step that rounds the weights (gptq in awq+gptq).
     """
+    tune = {"tune_steps": tune_steps} if tune_steps else {}
     if target_bits is not None:
         if method not in (None, "gptq", "mixed"):
             raise ValueError(f"--target-bits chooses bits per layer with GPTQ; it does not combine with method {method!r}")
-        return Recipe.single("mixed", target_bits=target_bits, **fields)
+        return Recipe.single("mixed", target_bits=target_bits, **fields, **tune)
     method = method or DEFAULT_METHOD
+    if tune and method not in TUNABLE:
+        raise ValueError(f"scale tuning (--tune-steps) follows a calibrated quantizer ({', '.join(TUNABLE)}); "
+                         f"method {method!r} has none")
     if method == "awq+gptq":
         return Recipe.from_steps([{"pass": "awq", "bits": bits, **fields, "quantize": False},
-                                  {"pass": "gptq", "bits": bits, **fields}])
-    return Recipe.single(method, bits=bits, **fields)
+                                  {"pass": "gptq", "bits": bits, **fields, **tune}])
+    return Recipe.single(method, bits=bits, **fields, **tune)
 
 
 def w8a8_recipe(*, activations: str = "static", observer: str = "minmax", smoothquant: float | str | None = None,

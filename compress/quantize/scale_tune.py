@@ -32,7 +32,7 @@ from torch import nn
 from compress.distill.losses import logit_divergence
 from compress.pipeline import Progress
 from compress.quantize.qlinear import QuantLinear, dequantized_once
-from compress.targets import set_submodule
+from compress.targets import select, set_submodule
 
 log = logging.getLogger(__name__)
 
@@ -187,3 +187,26 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
              time.perf_counter() - t0)
     return {"kl_before": before, "kl_after": after if kept else before, "kl_tuned": after, "kept": float(kept),
             "seconds": time.perf_counter() - t0}
+
+
+def float_references(model: nn.Module, cfg) -> dict[str, torch.Tensor]:
+    """Copies of the weights a quantization pass with `cfg` (a `CalibratedQuantConfig`) is about to quantize,
+    taken before it does when it will tune scales afterwards (`cfg.tune_steps` > 0): the tuning's target is
+    the float model the pass was given. Empty when it will not tune."""
+    if not cfg.tune_steps:
+        return {}
+    return {n: m.weight.detach().clone() for n, m in select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,)).items()}
+
+
+def tune_after_quantization(model: nn.Module, references: dict[str, torch.Tensor], calib: torch.Tensor, cfg, *,
+                            progress: Progress | None = None) -> tuple[dict, dict[str, float]]:
+    """A quantization pass's scale tuning: `cfg.tune_steps` steps on the modules of `references` (from
+    `float_references`) that the pass packed. Returns the pass report's config entry and metrics (both empty
+    when there was nothing to tune)."""
+    packed = {n: w for n, w in references.items() if isinstance(model.get_submodule(n), QuantLinear)}
+    if not packed:
+        return {}, {}
+    r = tune_scales(model, packed, calib, ScaleTuneConfig(steps=cfg.tune_steps, lr=cfg.tune_lr), progress=progress)
+    return ({"scale_tune": {"steps": cfg.tune_steps, "lr": cfg.tune_lr, "modules": len(packed)}},
+            {f"scale_tune_{k}": v for k, v in r.items()})
+

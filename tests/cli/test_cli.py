@@ -101,6 +101,20 @@ def test_quantize_gptq_with_calibration_options(runner, model_dir, tmp_path):
     assert r.exit_code == 1 and "calibration source not found" in r.output
 
 
+def test_quantize_tune_steps(runner, model_dir, tmp_path):
+    """--tune-steps tunes the rounding step's scales; methods without calibration and W8A8 refuse it."""
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "gptq", "--calib-samples", "4", "--calib-seq-len",
+                            "32", "--tune-steps", "2", "--out", str(tmp_path / "g")])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "g" / "compress.json").read_text())["reports"][0]
+    assert rep["config"]["scale_tune"]["steps"] == 2 and "scale_tune_kl_before" in rep["metrics"]
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "rtn", "--tune-steps", "2", "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "calibrated quantizer" in r.output and not (tmp_path / "r").exists()
+    r = runner.invoke(cli, ["quantize", str(model_dir), "--bits", "8", "--activations", "int8", "--tune-steps", "2",
+                            "--out", str(tmp_path / "w")])
+    assert r.exit_code == 2 and "--tune-steps" in r.output and not (tmp_path / "w").exists()
+
+
 def test_calibration_windows_fit_a_short_model(runner, model_dir, tmp_path):
     """The tiny models have 256 positions; the default 512-token calibration windows are shortened."""
     r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "gptq", "--calib-samples", "4",

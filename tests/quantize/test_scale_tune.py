@@ -84,3 +84,69 @@ def test_bad_input(make_tiny):
         ScaleTuneConfig(lr=0)
     with pytest.raises(ValueError, match="heldout"):
         ScaleTuneConfig(heldout=1.0)
+
+
+def _wiki_windows(tokenizer, n: int, seq: int, split: str = "validation") -> torch.Tensor:
+    from compress.data import wikitext2_path
+
+    return torch.tensor(tokenizer(wikitext2_path(split).read_text()[:60_000]).input_ids[: n * seq]).view(n, seq)
+
+
+@pytest.mark.parametrize("recipe", [
+    [{"pass": "gptq", "bits": 3, "group_size": 16}],
+    [{"pass": "awq", "bits": 3, "group_size": 16}],
+    [{"pass": "awq", "bits": 3, "group_size": 16, "quantize": False}, {"pass": "gptq", "bits": 3, "group_size": 16}],
+    [{"pass": "mixed", "target_bits": 3.9, "group_size": 16, "candidates": [2, 3]}],
+], ids=["gptq", "awq", "awq+gptq", "mixed"])
+def test_a_quantization_pass_tunes_its_scales_when_asked(make_tiny, tiny_tokenizer, recipe):
+    """tune_steps on a calibrated pass: the same codes as without it, other scales, and a model closer to the
+    float one it was given on windows it never saw."""
+    calib, test = _wiki_windows(tiny_tokenizer, 24, 32), _wiki_windows(tiny_tokenizer, 4, 32, "test")
+    ref = make_tiny("llama")
+    with torch.no_grad():
+        f = torch.log_softmax(ref(test).logits, -1)
+    models, reports = {}, {}
+    for steps in (0, 24):
+        m = copy.deepcopy(ref)
+        tuned = [*recipe[:-1], {**recipe[-1], "tune_steps": steps, "tune_lr": 3e-3}] if steps else recipe
+        reports[steps] = apply(m, Recipe.from_steps(tuned), calib)[-1]
+        models[steps] = m
+
+    def kl(m):
+        with torch.no_grad():
+            return float((f.exp() * (f - torch.log_softmax(m(test).logits, -1))).sum(-1).mean())
+
+    rep = reports[24]
+    assert "scale_tune" not in reports[0].config and not any(k.startswith("scale_tune") for k in reports[0].metrics)
+    assert rep.config["scale_tune"] == {"steps": 24, "lr": 3e-3, "modules": 14}
+    assert rep.metrics["scale_tune_kept"] == 1.0 and rep.metrics["scale_tune_kl_after"] < rep.metrics["scale_tune_kl_before"]
+    assert kl(models[24]) < kl(models[0])
+    packed = {n: q for n, q in models[0].named_modules() if isinstance(q, QuantLinear)}
+    assert len(packed) == 14
+    for n, q in packed.items():
+        t = models[24].get_submodule(n)
+        assert torch.equal(t.codes(), q.codes()) and torch.equal(t.zero_point(), q.zero_point())
+    assert any(not torch.equal(models[24].get_submodule(n).weight_scale, q.weight_scale) for n, q in packed.items())
+
+
+def test_tuning_config_is_checked_and_turns_off_block_streaming():
+    from compress.quantize.awq import AWQConfig
+    from compress.quantize.gptq import GPTQConfig
+    from compress.quantize.presets import quantize_recipe
+
+    with pytest.raises(ValueError, match="tune_steps must be >= 0"):
+        GPTQConfig(tune_steps=-1)
+    with pytest.raises(ValueError, match="tune_lr must be positive"):
+        GPTQConfig(tune_steps=4, tune_lr=0)
+    with pytest.raises(ValueError, match="quantize: false"):
+        AWQConfig(quantize=False, tune_steps=4)
+    for name in ("gptq", "awq", "mixed"):
+        extra = {"target_bits": 4.0} if name == "mixed" else {}
+        [plain] = Recipe.single(name, **extra).steps
+        [tuned] = Recipe.single(name, tune_steps=8, **extra).steps
+        assert plain.spec.streams(plain.config)
+        assert not tuned.spec.streams(tuned.config)  # the tuning runs the whole model
+    steps = quantize_recipe(None, tune_steps=16).steps
+    assert [(s.name, s.config.tune_steps) for s in steps] == [("awq", 0), ("gptq", 16)]
+    with pytest.raises(ValueError, match="calibrated quantizer"):
+        quantize_recipe("rtn", tune_steps=16)
