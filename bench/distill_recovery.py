@@ -24,7 +24,8 @@ fresh subprocess through the product path (`compress_model` with one
        top (Minitron's accounting: it prepares the teacher; its time still counts in train_seconds); row
        ce-long then gives plain fine-tuning --steps + --correction-steps, the same total optimizer steps
 and every model (teacher, pruned, kd, ce) is scored under the DESIGN.md
-perplexity protocol (WikiText-2 test, 64 x 1024). The recovered fraction is
+perplexity protocol (WikiText-2 test, 64 x 1024), and with --arc-questions N also on
+ARC-Easy (cloze accuracy on the first N test questions, out of the distillation data's domain). The recovered fraction is
 (ppl_pruned - ppl_student) / (ppl_pruned - ppl_teacher); the issue asks for
 at least 0.5 from a KD run of at most 30 minutes, and KD beating CE.
 
@@ -69,12 +70,21 @@ CORRECTED = ("tc+", "tcp+")  # rows whose budget starts with --correction-steps 
 # --correction-extra (the strict comparison when the teacher's correction is not taken from the student's budget)
 
 
-def score(model_dir: str | None, windows: int) -> dict:
+def score(model_dir: str | None, args: argparse.Namespace) -> dict:
+    """WikiText-2 test perplexity (the protocol, --windows), and ARC-Easy cloze accuracy on the first
+    --arc-questions questions when asked: a task out of the distillation data's domain, which tells whether a
+    student kept the teacher's abilities or traded them for WikiText-2's style."""
     from compress.models import load_model
     from compress.runner import evaluate
 
-    r = evaluate(load_model(model_dir), ["wikitext2"], options={"windows": windows})["wikitext2"]
-    return {"perplexity": r["perplexity"], "protocol": r["protocol"]}
+    lm = load_model(model_dir)
+    r = evaluate(lm, ["wikitext2"], options={"windows": args.windows})["wikitext2"]
+    out = {"perplexity": r["perplexity"], "protocol": r["protocol"]}
+    if args.arc_questions:
+        a = evaluate(lm, ["arc_easy"], options={"limit": args.arc_questions})["arc_easy"]
+        out["arc_easy"] = {"accuracy": a["accuracy"], "ci95": a["ci95"], "questions": a["questions"],
+                           "correct": [i["correct"] for i in a["items"]]}  # per question, for paired comparisons
+    return out
 
 
 def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
@@ -95,7 +105,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
         rep = compress_model(None, Recipe.from_steps([fix]), teacher)["reports"][0]
         t1 = time.perf_counter()
         correction = {"teacher_correction": {"step": fix, "train_seconds": round(rep["seconds"], 1),
-                                             "evals": rep["config"]["evals"], **score(teacher, args.windows)}}
+                                             "evals": rep["config"]["evals"], **score(teacher, args)}}
         scoring_seconds = time.perf_counter() - t1  # not part of the budget
         print(f"  corrected teacher ppl {correction['teacher_correction']['perplexity']:.3f} "
               f"({rep['seconds']:.0f} s)", file=sys.stderr, flush=True)
@@ -105,7 +115,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
             compress_model(teacher, Recipe.single("prune_channels", ratio=0.25), student)
             correction["teacher_correction"]["prune_seconds"] = round(time.perf_counter() - t2, 1)
             t3 = time.perf_counter()
-            correction["teacher_correction"]["pruned"] = score(student, args.windows)
+            correction["teacher_correction"]["pruned"] = score(student, args)
             scoring_seconds += time.perf_counter() - t3
     if step["kd_weight"] > 0:
         step["teacher"] = teacher
@@ -118,7 +128,7 @@ def one(kind: str, student: str, out: str, args: argparse.Namespace) -> dict:
     row = {"row": kind, "step": step, **correction, "train_seconds": round(train_seconds, 1),
            "wall_seconds": round(seconds, 1), "peak_rss_bytes": rss_bytes(), "metrics": rep["metrics"],
            "curve": cfg["curve"], "evals": cfg["evals"], "precision": cfg["precision"], "processes": cfg["processes"]}
-    row.update(score(out, args.windows))
+    row.update(score(out, args))
     return row
 
 
@@ -135,6 +145,8 @@ def _kept_rows(path: Path, args: argparse.Namespace) -> list[dict]:
             sys.exit(f"--keep-rows: row {r['row']} in {path} was trained with {theirs}, this run uses {mine}")
         if r["protocol"]["windows"] != args.windows:
             sys.exit(f"--keep-rows: row {r['row']} in {path} was scored on {r['protocol']['windows']} windows")
+        if args.arc_questions and r.get("arc_easy", {}).get("questions") != args.arc_questions:
+            sys.exit(f"--keep-rows: row {r['row']} in {path} has no ARC-Easy score on {args.arc_questions} questions")
     return rows
 
 
@@ -176,6 +188,8 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                     help="the distill pass's mixed_precision for every row (auto: bf16 where the CPU has it, so rows "
                          "from different machines may differ; each row records what it ran)")
+    ap.add_argument("--arc-questions", type=int, default=0,
+                    help="also score every model's ARC-Easy cloze accuracy on the first N test questions (0: no)")
     ap.add_argument("--pruned-dir", help="keep the pruned student here, or reuse it if it exists")
     ap.add_argument("--output", default=str(HERE / "results" / "distill_recovery.json"))
     ap.add_argument("--keep-rows", action="store_true", help="keep --output's trained rows made with the same settings")
@@ -220,14 +234,15 @@ def main() -> None:
         reused = student.joinpath("config.json").is_file()
         # with --keep-rows the teacher's score, and the pruned student's when it is reused, come from --output too
         earlier = {r["row"]: r for r in old["rows"]
-                   if r["row"] in ("teacher", "pruned") and r["protocol"]["windows"] == args.windows}
-        doc["rows"].append(earlier.get("teacher") or {"row": "teacher", **score(None, args.windows)})
+                   if r["row"] in ("teacher", "pruned") and r["protocol"]["windows"] == args.windows
+                   and (not args.arc_questions or r.get("arc_easy", {}).get("questions") == args.arc_questions)}
+        doc["rows"].append(earlier.get("teacher") or {"row": "teacher", **score(None, args)})
         t0 = time.perf_counter()
         if not reused:
             compress_model(None, Recipe.single("prune_channels", ratio=0.25), student)
         doc["rows"].append(earlier["pruned"] if reused and "pruned" in earlier else
                            {"row": "pruned", "prune_seconds": round(time.perf_counter() - t0, 1),
-                            **score(str(student), args.windows)})
+                            **score(str(student), args)})
         doc["rows"].extend(kept)
         save()
         for kind in args.rows.split(","):
@@ -240,7 +255,8 @@ def main() -> None:
         for r in doc["rows"]:
             print(f"{r['row']:8s} ppl {r.get('perplexity', float('nan')):8.3f}  "
                   f"recovered {r.get('recovered_fraction', float('nan')):6.3f}  "
-                  f"train {r.get('train_seconds', 0):7.0f} s  {r.get('precision', ''):4s} {r.get('error', '')}",
+                  f"train {r.get('train_seconds', 0):7.0f} s  {r.get('precision', ''):4s} "
+                  + (f"arc {r['arc_easy']['accuracy']:.3f}  " if "arc_easy" in r else "") + r.get("error", ""),
                   flush=True)
 
 
