@@ -270,11 +270,10 @@ def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict
         config["requantized"]["emphasis"] = cfg.emphasis
     metrics: dict[str, float] = {}
     if cfg.tune_steps > 0:
-        from compress.quantize.scale_tune import ScaleTuneConfig, tune_scales
+        from compress.quantize.scale_tune import tune_after_quantization
 
-        tuned = tune_scales(model, merged, calib, ScaleTuneConfig(steps=cfg.tune_steps, lr=cfg.tune_lr))
-        metrics = {f"scale_tune_{k}": v for k, v in tuned.items()}
-        config["requantized"]["scale_tune"] = {"steps": cfg.tune_steps, "lr": cfg.tune_lr}
+        entry, metrics = tune_after_quantization(model, merged, calib, cfg)
+        config["requantized"].update(entry)
     err_sq = ref_sq = 0.0
     for name, W in merged.items():
         q = model.get_submodule(name)

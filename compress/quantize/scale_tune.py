@@ -200,13 +200,11 @@ def float_references(model: nn.Module, cfg) -> dict[str, torch.Tensor]:
 
 def tune_after_quantization(model: nn.Module, references: dict[str, torch.Tensor], calib: torch.Tensor, cfg, *,
                             progress: Progress | None = None) -> tuple[dict, dict[str, float]]:
-    """A quantization pass's scale tuning: `cfg.tune_steps` steps on the modules of `references` (from
-    `float_references`) that the pass packed. Returns the pass report's config entry and metrics (both empty
+    """A quantization pass's scale tuning: `cfg.tune_steps` steps (and `cfg.tune_lr`) on the modules of
+    `references` (name -> float weight, e.g. from `float_references`) that are packed now. Returns the pass report's config entry and metrics (both empty
     when there was nothing to tune)."""
     packed = {n: w for n, w in references.items() if isinstance(model.get_submodule(n), QuantLinear)}
     if not packed:
         return {}, {}
     r = tune_scales(model, packed, calib, ScaleTuneConfig(steps=cfg.tune_steps, lr=cfg.tune_lr), progress=progress)
-    return ({"scale_tune": {"steps": cfg.tune_steps, "lr": cfg.tune_lr, "modules": len(packed)}},
-            {f"scale_tune_{k}": v for k, v in r.items()})
-
+    return ({"scale_tune": {"steps": cfg.tune_steps, "lr": cfg.tune_lr}}, {f"scale_tune_{k}": v for k, v in r.items()})

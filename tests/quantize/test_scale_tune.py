@@ -118,7 +118,7 @@ def test_a_quantization_pass_tunes_its_scales_when_asked(make_tiny, tiny_tokeniz
 
     rep = reports[24]
     assert "scale_tune" not in reports[0].config and not any(k.startswith("scale_tune") for k in reports[0].metrics)
-    assert rep.config["scale_tune"] == {"steps": 24, "lr": 3e-3, "modules": 14}
+    assert rep.config["scale_tune"] == {"steps": 24, "lr": 3e-3} and rep.modules == 14
     assert rep.metrics["scale_tune_kept"] == 1.0 and rep.metrics["scale_tune_kl_after"] < rep.metrics["scale_tune_kl_before"]
     assert kl(models[24]) < kl(models[0])
     packed = {n: q for n, q in models[0].named_modules() if isinstance(q, QuantLinear)}
