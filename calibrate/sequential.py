@@ -40,10 +40,17 @@ def inverse_cholesky_(H: torch.Tensor, dampening: float) -> torch.Tensor:
     Hessian is 121 MiB, so no second one is made); damp is `dampening` times
     the mean of diag(H).
     """
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("the calibration Hessian has non-finite values: the layer's inputs overflow float32 "
+                         "on the calibration data")
     H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
-    torch.linalg.cholesky(H, out=H)
-    torch.cholesky_inverse(H, out=H)
-    return torch.linalg.cholesky(H, upper=True, out=H)
+    try:
+        torch.linalg.cholesky(H, out=H)
+        torch.cholesky_inverse(H, out=H)
+        return torch.linalg.cholesky(H, upper=True, out=H)
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"the calibration Hessian is not positive definite even with dampening {dampening:g} "
+                         "(inputs of extreme range); raise dampening") from None
 
 
 @torch.no_grad()

@@ -73,9 +73,18 @@ def atomic_dir(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, dest)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        _name_user_path(e, dest)
         raise
+
+
+def _name_user_path(e: BaseException, dest: Path) -> None:
+    """A failed write (disk full, file too large, permissions) is reported on the user's path, not on the
+    temporary file it happened in."""
+    if isinstance(e, OSError) or type(e).__name__ == "SafetensorError":
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).split(" at path ")[0]
+        raise ValueError(f"could not write {dest}: {reason} (nothing was written)") from None
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -88,9 +97,10 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _name_user_path(e, path)
         raise
 
 
@@ -98,9 +108,20 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
+def json_text(data: Any) -> str:
+    """Strict JSON (indented, newline-terminated): a NaN or infinity is refused, naming where it is, since
+    JSON has no such values and Python's bare `NaN` makes the file unreadable elsewhere."""
+    from compress.checks import nonfinite_in
+
+    bad = nonfinite_in(data)
+    if bad:
+        raise ValueError(f"refusing to write a non-finite number to JSON (at {bad})")
+    return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """JSON (indented, newline-terminated), written atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """`json_text(data)`, written atomically."""
+    write_text_atomic(path, json_text(data))
 
 
 def sha256_files(files: Iterable[Path]) -> str:

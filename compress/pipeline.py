@@ -59,11 +59,25 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
         # `progress` is optional in the pass contract: plugins may take only (model, cfg, calib).
         extra = {"progress": progress} if "progress" in inspect.signature(run).parameters else {}
         report = run(model, step.config, calib, **extra)
+        _check_produced(model, f"step {i + 1} ({step.name})")
         untie_quantized_head(model)
         setattr(model, RECIPE_ATTR, [*recipe_history(model), step.to_dict()])
         report = dataclasses.replace(report, seconds=round(time.perf_counter() - t0, 3))
         reports.append(report)
     return reports
+
+
+def _check_produced(model: nn.Module, step: str) -> None:
+    """A pass must not leave NaN or inf in the model (weights, scales, norms); name the first tensor that has it.
+
+    Tensors still on disk (meta here) are checked by the lazy store as they are written back.
+    """
+    from compress.checks import nonfinite_summary
+
+    for name, t in model.state_dict(keep_vars=True).items():
+        bad = nonfinite_summary(t)
+        if bad:
+            raise ValueError(f"{step} produced non-finite values in {name} ({bad}); nothing was written")
 
 
 def untie_quantized_head(model: nn.Module) -> None:

@@ -16,6 +16,7 @@ the valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -158,6 +159,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every `x < 0` check: refuse it (and inf) here for all passes
+            raise ValueError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -63,6 +63,8 @@ class TaskSpec:
     name: str
     run: Callable[..., Any]
     config: type | None = None
+    # check(argument) -> None: validates `--task NAME:ARGUMENT` (its file exists and parses) before any model loads
+    check: Callable[[str], Any] | None = None
 
     @property
     def summary(self) -> str:
@@ -139,11 +141,12 @@ def register_exporter(name: str):
     return deco
 
 
-def register_task(name: str, *, config: type | None = None):
-    """Decorator: register an eval task function under `name`, taking a `config` instance as its second argument."""
+def register_task(name: str, *, config: type | None = None, check: Callable[[str], Any] | None = None):
+    """Decorator: register an eval task function under `name`, taking a `config` instance as its second argument
+    (and `path=` when the task takes an argument, `--task NAME:ARGUMENT`, which `check` validates up front)."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.task_spec = TASKS.add(TaskSpec(name, fn, config))
+        fn.task_spec = TASKS.add(TaskSpec(name, fn, config, check))
         return fn
 
     return deco

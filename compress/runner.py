@@ -15,9 +15,11 @@ import torch
 from calibrate.data import CalibConfig, load_calibration, read_text
 from compress.lazy import store_of, trim_memory
 from compress.models import LoadedModel, load_model
+from compress.outputs import claim_output
 from compress.pipeline import Progress, apply
 from compress.recipe import Recipe
 from compress.registry import EXPORTERS, TASKS
+from eval.results import nonfinite
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +46,13 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     the WikiText-2 validation split) only when a step needs them.
     """
     exporter = EXPORTERS.get(fmt)  # fail on a bad format before loading anything
-    out = Path(out)
-    if out.exists() and not force:
-        raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    with claim_output(out, force=force):  # a path that cannot be written, or a second writer, fails now
+        return _compress(model, recipe, Path(out), exporter, fmt=fmt, force=force, allow_pickle=allow_pickle,
+                         calib=calib, progress=progress, low_memory=low_memory)
+
+
+def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bool, allow_pickle: bool,
+              calib: CalibConfig | None, progress: Progress | None, low_memory: bool) -> dict[str, Any]:
     calib = calib or CalibConfig()
     recipe = _bind_teacher(recipe, model)
     may_calib = any(s.spec.needs_calibration for s in recipe.steps)  # (a pass may need it only on some models)
@@ -57,6 +63,13 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
     store = store_of(lm.model)
     try:
+        # what a config can check on the model (a group size that fits) fails before any work; only up to the
+        # first step that cannot check itself, which may change the shapes the later ones see (pruning)
+        for step in recipe.steps:
+            check = getattr(step.config, "check_model", None)
+            if check is None:
+                break
+            check(lm.model)
         needs_calib = any(s.spec.calibrates(s.config, lm.model) for s in recipe.steps)
         if needs_calib:
             calib = _fit_positions(calib, lm.model)
@@ -129,6 +142,11 @@ def plan_tasks(tasks: list[str], options: dict[str, Any] | None = None) -> list[
             default = params[1].default if len(params) > 1 else None
             cfg = (dataclasses.replace(default, **mine) if isinstance(default, spec.config)
                    else spec.config(**mine))
+        takes_path = "path" in inspect.signature(spec.run).parameters
+        if arg and not takes_path:
+            raise ValueError(f"task {name} takes no argument (got {t!r})")
+        if spec.check is not None and takes_path:
+            spec.check(arg)  # its file exists and parses, before any model loads
         runs.append((t, spec, arg, cfg))
     unused = sorted(options.keys() - used - {"batch_size"})
     if unused:
@@ -161,6 +179,10 @@ def run_tasks(backend, tasks: list[str], *, options: dict[str, Any] | None = Non
                 kwargs["path"] = arg
             r = spec.run(backend, cfg, **kwargs) if cfg is not None else spec.run(backend, **kwargs)
             r["protocol"]["dtype"] = getattr(backend, "dtype", "float32")  # the numbers the model computes in
+            bad = nonfinite(r)
+            if bad:  # a NaN perplexity or log-probability is a broken model, never a score
+                raise ValueError(f"{label}: the model produced a non-finite score ({bad}); no results written "
+                                 "(NaN/inf weights, or activations that overflow in this dtype)")
             results[label] = r
     return results
 

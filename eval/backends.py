@@ -124,6 +124,8 @@ class TorchBackend(TokenizerMixin):
         self._keep = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         floats = [t.dtype for t in self.model.parameters() if t.is_floating_point()]
         self.dtype = str(floats[0] if floats else torch.float32).removeprefix("torch.")  # recorded in protocols
+        # the longest sequence the model was built for (None: no such limit recorded)
+        self.max_positions: int | None = getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
     def evaluating(self):
         """Context for a run of tasks: packed weights are dequantized once for it (`dequantized_once`)."""

@@ -23,7 +23,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 import numpy as np
 
-from eval.results import METRICS
+from compress.checks import finite_number
+from eval.results import METRICS, inconsistent, nonfinite
 from eval.stats import PairedResult, mcnemar, paired_perplexity
 
 
@@ -34,6 +35,8 @@ class GateConfig:
     significance: float = 0.05  # a change fails only if its one-sided p-value is below this
 
     def __post_init__(self) -> None:
+        for name in ("max_ppl_rise", "max_acc_drop", "significance"):
+            finite_number(getattr(self, name), name)  # a NaN threshold would compare False and pass everything
         if self.max_ppl_rise < 0 or self.max_acc_drop < 0:
             raise ValueError("max_ppl_rise and max_acc_drop must be >= 0")
         if not 0 < self.significance <= 1:
@@ -73,13 +76,22 @@ class GateReport:
 
 
 def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig = GateConfig()) -> GateReport:
-    """Compare two results documents (`eval.results.load`); mismatches are ValueErrors."""
+    """Compare two results documents (`eval.results.load`); mismatches are ValueErrors.
+
+    A baseline holding a NaN or infinite number is bad input (ValueError); a
+    candidate holding one, or a headline value its own items cannot have
+    produced, fails its task: such a result never passes.
+    """
     report = GateReport(cfg=cfg, candidate_sha256=(candidate.get("model") or {}).get("sha256"),
                         baseline_sha256=(baseline.get("model") or {}).get("sha256"))
     cres, bres = candidate["results"], baseline["results"]
     missing = [t for t in bres if t not in cres]
     if missing:
         raise ValueError(f"the candidate has no result for task(s) {', '.join(missing)} of the baseline")
+    for task, b in bres.items():
+        bad = nonfinite(b) or inconsistent(b)
+        if bad:
+            raise ValueError(f"{task}: the baseline is unusable: {bad}")
     for task, b in bres.items():
         c = cres[task]
         if c["metric"] != b["metric"]:
@@ -97,8 +109,17 @@ def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig
             only = sorted(set(ids_c) ^ set(ids_b))[:5]
             raise ValueError(f"{task}: the candidate and baseline scored different items "
                              f"({len(ids_c)} vs {len(ids_b)}; e.g. {only or 'same ids, other order'})")
-        report.rows.append(_compare_task(task, c, b, cfg))
+        bad = nonfinite(c)
+        bad = f"non-finite number in the candidate ({bad})" if bad else inconsistent(c)
+        report.rows.append(_broken(task, c, b, cfg, bad) if bad else _compare_task(task, c, b, cfg))
     return report
+
+
+def _broken(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConfig, why: str) -> Row:
+    """A failing row for a candidate result that cannot be trusted."""
+    threshold = cfg.max_ppl_rise if b["metric"] == "perplexity" else cfg.max_acc_drop
+    paired = PairedResult(float("nan"), (float("nan"), float("nan")), 0.0, "none: the candidate's result is broken")
+    return Row(task, b["metric"], float(b["value"]), float(c["value"]), paired, threshold, True, why)
 
 
 def _compare_task(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConfig) -> Row:
@@ -128,6 +149,8 @@ def _compare_task(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConf
 
 
 def _fmt_change(row: Row) -> str:
+    if not np.isfinite(row.paired.change):
+        return "n/a"
     if row.metric == "perplexity":
         lo, hi = row.paired.ci95
         return f"{100 * row.paired.change:+.2f} % [{100 * lo:+.2f}, {100 * hi:+.2f}]"

@@ -49,6 +49,12 @@ def compute_perplexity(backend, text: str, cfg: PerplexityConfig, *, dataset: st
     the number of words / UTF-8 bytes), counting the words and bytes of the
     text that the scored tokens decode to.
     """
+    limit = getattr(backend, "max_positions", None)
+    if limit and cfg.seq_len + bool(cfg.prepend_bos) > limit:
+        # past its position table a model either fails (learned positions) or silently extrapolates (RoPE)
+        raise ValueError(f"{dataset}: windows of {cfg.seq_len} tokens{' plus BOS' if cfg.prepend_bos else ''} exceed "
+                         f"the model's {limit} positions (max_position_embeddings); use --seq-len "
+                         f"{limit - bool(cfg.prepend_bos)} or less")
     t0 = time.perf_counter()
     ids = torch.tensor(backend.encode(text), dtype=torch.int64)
     available = ids.numel() // cfg.seq_len
@@ -120,12 +126,19 @@ def wikitext2(backend, cfg: PerplexityConfig = PerplexityConfig(), *, progress=N
     return compute_perplexity(backend, text, cfg, dataset="wikitext2", progress=progress)
 
 
-@register_task("text", config=PerplexityConfig)
-def text_file(backend, cfg: PerplexityConfig = PerplexityConfig(), *, path: str, progress=None) -> dict[str, Any]:
-    """Perplexity of a user text file, or a JSONL field as `FILE.jsonl:FIELD` (`--task text:PATH`)."""
+def _read_text_task(path: str) -> str:
     from calibrate.data import read_text
 
     if not path:
         raise ValueError("task text needs a path: --task text:PATH")
     text = read_text(str(Path(path)) if ".jsonl:" not in path else path)
+    if not text.strip():
+        raise ValueError(f"task text:{path}: the text is empty")
+    return text
+
+
+@register_task("text", config=PerplexityConfig, check=_read_text_task)
+def text_file(backend, cfg: PerplexityConfig = PerplexityConfig(), *, path: str, progress=None) -> dict[str, Any]:
+    """Perplexity of a user text file, or a JSONL field as `FILE.jsonl:FIELD` (`--task text:PATH`)."""
+    text = _read_text_task(path)
     return compute_perplexity(backend, text, cfg, dataset=f"text:{path}", progress=progress)

@@ -70,7 +70,12 @@ def document(model: dict[str, Any], results: dict[str, Any], versions: dict[str,
 
 
 def load(path: str | Path) -> dict[str, Any]:
-    """Read and check a results file; a file that is not one is a ValueError naming what is wrong."""
+    """Read and check a results file; a file that is not one is a ValueError naming what is wrong.
+
+    Non-finite numbers (JSON's non-standard NaN / Infinity) are read, not
+    refused here: `nonfinite` finds them, and the gate fails a candidate that
+    has any (a baseline with them is bad input).
+    """
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"results file not found: {p}")
@@ -86,10 +91,71 @@ def load(path: str | Path) -> dict[str, Any]:
     if not isinstance(results, dict) or not results:
         raise ValueError(f"{p}: no task results")
     for task, r in results.items():
-        missing = [k for k in ("metric", "value", "protocol", "items") if k not in r]
-        if missing:
-            raise ValueError(f"{p}: task {task!r} lacks {', '.join(missing)}")
-        if r["metric"] not in METRICS:
-            raise ValueError(f"{p}: task {task!r} has unknown metric {r['metric']!r} "
-                             f"(known: {', '.join(METRICS)})")
+        _check_task(p, task, r)
     return doc
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _check_task(p: Path, task: str, r: Any) -> None:
+    """The fields the gate and report rely on are there and of the right kind (values may be non-finite)."""
+    if not isinstance(r, dict):
+        raise ValueError(f"{p}: task {task!r} is not an object")
+    missing = [k for k in ("metric", "value", "protocol", "items") if k not in r]
+    if missing:
+        raise ValueError(f"{p}: task {task!r} lacks {', '.join(missing)}")
+    if r["metric"] not in METRICS:
+        raise ValueError(f"{p}: task {task!r} has unknown metric {r['metric']!r} (known: {', '.join(METRICS)})")
+    if not _number(r["value"]):
+        raise ValueError(f"{p}: task {task!r}: value {r['value']!r} is not a number")
+    if not isinstance(r["protocol"], dict):
+        raise ValueError(f"{p}: task {task!r}: protocol is not an object")
+    items = r["items"]
+    if not isinstance(items, list) or not items:
+        raise ValueError(f"{p}: task {task!r} has no per-item records (items)")
+    ids = set()
+    for i, it in enumerate(items):
+        where = f"{p}: task {task!r} item {i}"
+        if not isinstance(it, dict) or "id" not in it:
+            raise ValueError(f"{where}: not an object with an 'id'")
+        if it["id"] in ids:
+            raise ValueError(f"{where}: duplicate id {it['id']!r}")
+        ids.add(it["id"])
+        if r["metric"] == "perplexity":
+            if not _number(it.get("nll")):
+                raise ValueError(f"{where} ({it['id']}): nll {it.get('nll')!r} is not a number")
+            tokens = it.get("tokens")
+            if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
+                raise ValueError(f"{where} ({it['id']}): tokens {tokens!r} is not a positive integer")
+        elif not isinstance(it.get("correct"), bool):
+            raise ValueError(f"{where} ({it['id']}): correct {it.get('correct')!r} is not true or false")
+
+
+def nonfinite(result: dict[str, Any]) -> str | None:
+    """Where one task's result holds a NaN or infinite number ('value', 'item window 3: nll'), else None."""
+    from compress.checks import nonfinite_in
+
+    for i, it in enumerate(result.get("items") or []):
+        found = nonfinite_in(it)
+        if found:
+            return f"item {it.get('id', i) if isinstance(it, dict) else i}: {found}"
+    return nonfinite_in({k: v for k, v in result.items() if k != "items"})
+
+
+def inconsistent(result: dict[str, Any]) -> str | None:
+    """Why a task's headline value disagrees with its own items (None when it agrees): a value that the
+    per-item records cannot have produced is not trusted."""
+    import math
+
+    items = result["items"]
+    if result["metric"] == "perplexity":
+        tokens = sum(it["tokens"] for it in items)
+        expect = math.exp(min(sum(it["nll"] for it in items) / tokens, 700.0))
+    else:
+        expect = sum(it["correct"] for it in items) / len(items)
+    value = result["value"]
+    if not math.isclose(value, expect, rel_tol=1e-6, abs_tol=1e-9):
+        return f"value {value:.6g} does not match its {len(items)} items ({expect:.6g})"
+    return None

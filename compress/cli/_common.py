@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
+import os
 import signal
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,26 @@ from rich.progress import (
 )
 
 console = Console(stderr=True)
+
+
+class FiniteFloat(click.ParamType):
+    """A float option that refuses nan and inf (click's FLOAT takes both, and NaN passes every range check)."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(x):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return x
+
+
+FINITE = FiniteFloat()
 
 
 @contextlib.contextmanager
@@ -53,7 +74,9 @@ def write_json(path: str | Path, data: Any) -> None:
 
 
 def echo_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2))
+    from compress.artifact import json_text
+
+    click.echo(json_text(data), nl=False)
 
 
 def _sigterm(signum, frame):  # turn SIGTERM into an exception so atomic writes clean up
@@ -79,6 +102,13 @@ def run_cli(group: click.Group) -> None:
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)
+    except Exception as e:  # a bug, or a failure no check foresaw: still one line, never a traceback
+        if os.environ.get("COMPRESS_DEBUG"):
+            raise
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        click.echo(f"Error: internal error: {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno}; "
+                   "set COMPRESS_DEBUG=1 for the traceback, and please report it)", err=True)
+        sys.exit(1)
 
 
 def calib_options(fn):

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
+from compress.cli._common import (
+    FINITE,
+    calib_config,
+    calib_options,
+    console,
+    echo_json,
+    progress_bar,
+)
 
 PRUNED = {"channels": "prune_channels", "heads": "prune_heads", "layers": "prune_layers"}
 
@@ -27,24 +34,24 @@ def _pruned_student(spec: str) -> dict:
 @click.option("--student-from-pruned", "pruned", default=None, metavar="KIND[:RATIO]",
               help="Student = the teacher structurally pruned: channels, heads or layers, ratio 0.25 by default.")
 @click.option("--student-layers", type=int, default=None, help="Student = the teacher with N evenly spaced blocks.")
-@click.option("--student-mlp-ratio", type=float, default=None,
+@click.option("--student-mlp-ratio", type=FINITE, default=None,
               help="... and/or this fraction of MLP channels removed (by weight magnitude).")
 @click.option("--data", default=None, help="Training text: wikitext2 (validation split), a .txt file, or FILE.jsonl:FIELD.")
 @click.option("--steps", type=int, default=None, help="Optimizer steps [default: 100].")
 @click.option("--batch-size", type=int, default=None, help="Sequences per step over all processes [default: 8].")
 @click.option("--micro-batch-size", type=int, default=None, help="Sequences per forward per process [default: 2].")
 @click.option("--seq-len", type=int, default=None, help="Tokens per training sequence [default: 512].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate (AdamW, warm-up then cosine) [default: 5e-5].")
+@click.option("--lr", type=FINITE, default=None, help="Peak learning rate (AdamW, warm-up then cosine) [default: 5e-5].")
 @click.option("--warmup-steps", type=int, default=None, help="Linear warm-up steps [default: 10].")
-@click.option("--temperature", type=float, default=None, help="Softmax temperature of the logit loss [default: 1].")
+@click.option("--temperature", type=FINITE, default=None, help="Softmax temperature of the logit loss [default: 1].")
 @click.option("--divergence", type=click.Choice(["forward", "reverse", "js"]), default=None,
               help="Logit divergence: forward KL (default), reverse KL or Jensen-Shannon.")
-@click.option("--kd-weight", type=float, default=None, help="Weight of the logit loss [default: 1].")
-@click.option("--ce-weight", type=float, default=None, help="Weight of the hard-label cross-entropy [default: 0].")
-@click.option("--hidden-weight", type=float, default=None, help="Weight of the hidden-state loss [default: 0].")
+@click.option("--kd-weight", type=FINITE, default=None, help="Weight of the logit loss [default: 1].")
+@click.option("--ce-weight", type=FINITE, default=None, help="Weight of the hard-label cross-entropy [default: 0].")
+@click.option("--hidden-weight", type=FINITE, default=None, help="Weight of the hidden-state loss [default: 0].")
 @click.option("--hidden-loss", type=click.Choice(["mse", "cosine"]), default=None, help="Hidden-state loss [default: mse].")
 @click.option("--layer-map", default=None, help="Student:teacher block pairs, e.g. 0:0,1:2 [default: automatic].")
-@click.option("--attention-weight", type=float, default=None, help="Weight of the attention-map loss [default: 0].")
+@click.option("--attention-weight", type=FINITE, default=None, help="Weight of the attention-map loss [default: 0].")
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "bf16", "fp16"]), default=None,
               help="auto: bf16 where the device has it natively [default: auto].")
 @click.option("--eval-every", type=int, default=None, help="Held-out perplexity every N steps [default: only at the end].")

@@ -48,13 +48,20 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
       compress eval --task mmlu --subjects anatomy,astronomy --shots 5
     """
     from compress.artifact import package_versions
+    from compress.checks import check_device
+    from compress.outputs import check_output_file
     from compress.runner import open_for_eval, plan_tasks, run_tasks, set_threads
     from eval import results as eval_results
 
     opts = {"windows": windows, "seq_len": seq_len, "prepend_bos": prepend_bos, "batch_size": batch_size,
             "scoring": scoring, "shots": shots, "limit": limit,
             "subjects": tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None}
-    plan_tasks(list(tasks), opts)  # validate tasks and options before loading the model
+    plan_tasks(list(tasks), opts)  # validate tasks, their files and options before loading the model
+    if output:
+        check_output_file(output)
+    check_device(device)
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads must be at least 1, got {threads}")
     set_threads(threads)
     backend, identity = open_for_eval(model, allow_pickle=allow_pickle, device=device, batch_size=batch_size,
                                       threads=threads, dtype=dtype, backend=backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import console, echo_json
+from compress.cli._common import FINITE, console, echo_json
 
 FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "graph": ("onnx",), "float_type": ("gguf",), "requantize": ("gguf",),
                   "tolerance": ("onnx", "gguf"), "threads": ("onnx", "gguf")}
@@ -27,7 +27,7 @@ FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "graph": ("onnx",), "float_type":
 @click.option("--requantize", is_flag=True, default=None,
               help="GGUF: round again (our RTN, 32-wide blocks) the layers whose layout GGUF cannot hold "
                    "exactly, instead of refusing; the added error is recorded.")
-@click.option("--tolerance", type=float, help="Built-in check. ONNX: largest |logit difference| to the torch model "
+@click.option("--tolerance", type=FINITE, help="Built-in check. ONNX: largest |logit difference| to the torch model "
                                               "[default 0.01, 0.5 with --accuracy-level 4]. GGUF in llama.cpp: "
                                               "largest KL divergence (nats) of its next-token distributions from "
                                               "the torch model's [default 0.1 for quantized files, 0.001 float].")
@@ -52,6 +52,7 @@ def command(model, fmt, out, force, accuracy_level, graph, float_type, requantiz
       compress export out/w4g32 --format gguf --out out/w4g32-gguf
     """
     from compress.models import load_model
+    from compress.outputs import claim_output
     from compress.registry import EXPORTERS
     from compress.runner import set_threads, weights_bytes
 
@@ -62,9 +63,14 @@ def command(model, fmt, out, force, accuracy_level, graph, float_type, requantiz
         formats = FORMAT_OPTIONS[name]
         if fmt not in formats:
             raise click.UsageError(f"--{name.replace('_', '-')} applies to --format {' or '.join(formats)} only")
+    if tolerance is not None and not tolerance > 0:
+        raise click.UsageError(f"--tolerance must be positive, got {tolerance}")
+    if threads is not None and threads < 1:
+        raise click.UsageError(f"--threads must be at least 1, got {threads}")
     set_threads(threads)
-    lm = load_model(model, allow_pickle=allow_pickle)
-    path = exporter.export(lm, out, recipe=[], force=force, **opts)
+    with claim_output(out, force=force):  # an unwritable --out or a second writer fails before the model loads
+        lm = load_model(model, allow_pickle=allow_pickle)
+        path = exporter.export(lm, out, recipe=[], force=force, **opts)
     summary = {"model": lm.source, "out": str(path), "format": fmt, "bytes": weights_bytes(path)}
     console.print(f"wrote {path} ({summary['bytes'] / 2**20:.1f} MiB)")
     echo_json(summary)

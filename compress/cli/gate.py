@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from compress.cli._common import FINITE
+
 
 def _percent(value: str) -> float:
     """'5%' or '5' -> 0.05."""
@@ -21,8 +23,8 @@ def _percent(value: str) -> float:
 @click.argument("candidate", type=click.Path())
 @click.option("--baseline", required=True, type=click.Path(), help="Results file of the baseline (compress eval --output).")
 @click.option("--max-ppl-rise", default="5%", show_default=True, help="Largest relative perplexity rise allowed, in percent.")
-@click.option("--max-acc-drop", type=float, default=1.0, show_default=True, help="Largest accuracy drop allowed, in points.")
-@click.option("--significance", type=float, default=0.05, show_default=True,
+@click.option("--max-acc-drop", type=FINITE, default=1.0, show_default=True, help="Largest accuracy drop allowed, in points.")
+@click.option("--significance", type=FINITE, default=0.05, show_default=True,
               help="A change fails only if significant at this level (one-sided p below it); 1 = threshold only.")
 @click.option("--junit", type=click.Path(), help="Also write JUnit XML here.")
 def command(candidate, baseline, max_ppl_rise, max_acc_drop, significance, junit) -> None:
@@ -37,9 +39,12 @@ def command(candidate, baseline, max_ppl_rise, max_acc_drop, significance, junit
       compress gate out/w4.json --baseline baselines/fp32.json --max-ppl-rise 5% --max-acc-drop 1.0
     """
     from compress.artifact import write_text_atomic
+    from compress.outputs import check_output_file
     from eval import gate, results
 
     try:
+        if junit:
+            check_output_file(junit)
         cfg = gate.GateConfig(max_ppl_rise=_percent(max_ppl_rise), max_acc_drop=max_acc_drop,
                               significance=significance)
         report = gate.compare(results.load(candidate), results.load(baseline), cfg)

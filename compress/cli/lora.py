@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
+from compress.cli._common import (
+    FINITE,
+    calib_config,
+    calib_options,
+    console,
+    echo_json,
+    progress_bar,
+)
 
 
 def _weights(ctx, param, value: str | None) -> list[float] | None:
@@ -24,14 +31,14 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
               help="Comma-separated weight per adapter, scaling its delta [default: 1 each].")
 @click.option("--method", type=click.Choice(["linear", "ties"]), default="linear", show_default=True,
               help="How several adapters combine: weighted sum of deltas, or TIES (trim, elect sign, disjoint mean).")
-@click.option("--density", type=float, default=0.2, show_default=True,
+@click.option("--density", type=FINITE, default=0.2, show_default=True,
               help="TIES: fraction of each adapter's delta entries kept.")
 @click.option("--requantize", type=click.Choice(["recorded", "gptq", "rtn"]), default="recorded", show_default=True,
               help="Quantized MODEL: re-quantize merged layers with the method its recipe recorded, or force one.")
 @click.option("--grid", type=click.Choice(["auto", "kept", "fresh", "best"]), default="auto", show_default=True,
               help="Quantized base: re-quantize onto each module's own scales and zero points (kept), new ones "
                    "(fresh), or per module whichever reconstructs the layer better (best, GPTQ); auto: fresh.")
-@click.option("--emphasis", type=float, default=None,
+@click.option("--emphasis", type=FINITE, default=None,
               help="GPTQ re-quantization: errors along the delta's input directions cost 1 + EMPHASIS times as much "
                    "(keeps more of a small delta) [default: the pass's].")
 @click.option("--tune-steps", type=int, default=None,

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
+from compress.cli._common import (
+    FINITE,
+    calib_config,
+    calib_options,
+    console,
+    echo_json,
+    progress_bar,
+)
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 STRUCTURES = {"channels": "prune_channels", "heads": "prune_heads", "layers": "prune_layers"}
@@ -15,11 +22,11 @@ STRUCTURES = {"channels": "prune_channels", "heads": "prune_heads", "layers": "p
 @click.option("--method", type=click.Choice(METHODS), default=None,
               help="Unstructured/N:M: sparsegpt (OBS weight update; the default), wanda (|W| x ||X||, no update) "
                    "or magnitude (data-free).")
-@click.option("--sparsity", type=float, default=None, help="Fraction of each layer's weights to zero [default: 0.5].")
+@click.option("--sparsity", type=FINITE, default=None, help="Fraction of each layer's weights to zero [default: 0.5].")
 @click.option("--pattern", default=None, help="N:M sparsity instead: N non-zeros in every M inputs, e.g. 2:4.")
 @click.option("--structure", type=click.Choice(list(STRUCTURES)), default=None,
               help="Remove whole MLP channels, attention heads or decoder layers instead (a smaller dense model).")
-@click.option("--ratio", type=float, default=None, help="With --structure: fraction of the units to remove [default: 0.25].")
+@click.option("--ratio", type=FINITE, default=None, help="With --structure: fraction of the units to remove [default: 0.25].")
 @click.option("--importance", type=click.Choice(["activation", "magnitude", "cosine", "loss"]), default=None,
               help="With --structure: activation (default for channels/heads) or magnitude; "
                    "cosine (default for layers) or loss.")

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
+from compress.cli._common import (
+    FINITE,
+    calib_config,
+    calib_options,
+    console,
+    echo_json,
+    progress_bar,
+)
 
 
 @click.command("quantize")
@@ -14,7 +21,7 @@ from compress.cli._common import calib_config, calib_options, console, echo_json
 @click.option("--sym/--asym", "symmetric", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
 @click.option("--method", default=None,
               help="A quantization pass (see `compress passes`) or awq+gptq (the default: AWQ scales, GPTQ rounding).")
-@click.option("--target-bits", type=float, default=None,
+@click.option("--target-bits", type=FINITE, default=None,
               help="Average stored bits per weight: bits per layer chosen from measured sensitivity (GPTQ).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
 @click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
@@ -24,7 +31,7 @@ from compress.cli._common import calib_config, calib_options, console, echo_json
               help="W8A8 static: how calibration picks the activation range.  [default: minmax]")
 @click.option("--smoothquant", default=None, metavar="ALPHA|search",
               help="W8A8: migrate activation outliers into the weights first (alpha in [0, 1], or search per block).")
-@click.option("--fallback-error", type=float, default=None, metavar="E",
+@click.option("--fallback-error", type=FINITE, default=None, metavar="E",
               help="W8A8 static: keep in float every stage whose relative output error on calibration data exceeds E "
                    "(e.g. 0.01); the report lists each stage's error.")
 @click.option("--tune-steps", type=click.IntRange(min=0), default=0, show_default=True,

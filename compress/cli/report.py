@@ -21,11 +21,20 @@ def command(results_files, plot_path, x_axis, output, labels) -> None:
       compress report fp32.json w8.json w4.json --plot docs/pareto.png
     """
     from compress.artifact import write_bytes_atomic, write_text_atomic
+    from compress.outputs import check_output_file
     from eval import report, results
 
     if labels and len(labels) != len(results_files):
         raise click.UsageError(f"--label given {len(labels)} times for {len(results_files)} files")
+    for path in (output, plot_path):
+        if path:
+            check_output_file(path)
     docs = [results.load(f) for f in results_files]
+    for f, d in zip(results_files, docs, strict=True):
+        for task, r in d["results"].items():
+            bad = results.nonfinite(r)
+            if bad:
+                raise click.ClickException(f"{f}: task {task} has a non-finite number ({bad}); re-run its eval")
     names = list(labels) or [report.label_of(d, f) for d, f in zip(docs, results_files, strict=True)]
     pairs = list(zip(names, docs, strict=True))
     table = report.markdown(pairs)

@@ -20,6 +20,7 @@ from torch import nn
 from calibrate.blocks import resolve_forward_dtype
 from calibrate.sequential import inverse_cholesky_, solve_blocks
 from compress import targets as tg
+from compress.checks import about
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
 from compress.quantize.grid import dequantize, qparams
@@ -164,7 +165,8 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
             H = hessian_for(name, H)
         grid = grid_for(name) if grid_for else None
         kw = {"block_size": cfg.block_size, "dampening": cfg.dampening, "act_order": cfg.act_order, "zeros": keep}
-        q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, grid=grid, **kw)
+        with about(name):
+            q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, grid=grid, **kw)
         if grid is not None and or_fresh:
             fresh = quantize_weight(lin.weight, H, scheme, **kw)
             if reconstruction_error(lin.weight, fresh[:3], H, scheme) < reconstruction_error(lin.weight, (q, scale, zero),

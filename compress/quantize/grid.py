@@ -41,6 +41,12 @@ def qparams(W: torch.Tensor, scheme: QuantScheme) -> tuple[torch.Tensor, torch.T
         scale = (hi - lo) / scheme.qmax
         zero = None
     sd = scheme.torch_scale_dtype
+    if not bool(torch.isfinite(scale).all()):
+        raise ValueError("the weight has non-finite values (NaN or inf); they cannot be quantized")
+    if bool((scale > torch.finfo(sd).max).any()):  # clamping would store a wrong scale for the whole group
+        raise ValueError(f"a weight group needs a scale of {float(scale.max()):.4g}, beyond the largest "
+                         f"{scheme.scale_dtype} ({torch.finfo(sd).max:.6g}); store scales as float32 "
+                         "(--scale-dtype float32, scale_dtype: float32)")
     # All-zero groups give scale 0: any positive scale reproduces them exactly.
     scale = scale.clamp(min=torch.finfo(sd).tiny, max=torch.finfo(sd).max).to(sd).float()
     if zero is None:

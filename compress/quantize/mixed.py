@@ -58,6 +58,22 @@ class MixedConfig(GPTQConfig):
         if self.target_bits <= 0:
             raise ValueError(f"target_bits must be positive, got {self.target_bits}")
 
+    def check_model(self, model: nn.Module) -> None:
+        """Before any work: the group size fits, and `target_bits` lies between the smallest and the largest
+        average size the candidates can give (a target above the largest would silently give the largest)."""
+        super().check_model(model)
+        shapes = [(m.out_features, m.in_features)
+                  for m in tg.select(model, self.targets, self.ignore, kinds=(nn.Linear,)).values()]
+        n = sum(o * i for o, i in shapes)
+        if not n:
+            return
+        sizes = {b: sum(storage_bits(o, i, _scheme(self, b)) for o, i in shapes) / n for b in self.candidates}
+        lo, hi = min(sizes.values()), max(sizes.values())
+        if not lo <= self.target_bits <= hi:
+            raise ValueError(f"target_bits {self.target_bits:g} is outside what the candidates {list(self.candidates)} "
+                             f"can give this model: {lo:.3f} (all at {min(sizes, key=sizes.get)} bits) to {hi:.3f} "
+                             f"(all at {max(sizes, key=sizes.get)} bits), scales and zero points included")
+
 
 def storage_bits(out: int, n_in: int, scheme: QuantScheme) -> int:
     """Bits on disk of one packed (out, in) weight: codes, scales, and zero points when asymmetric."""

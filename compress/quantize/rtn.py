@@ -17,6 +17,7 @@ from torch import nn
 
 from calibrate.blocks import modules_in_turn
 from compress import targets as tg
+from compress.checks import about
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import dequantize, quantize_weight
 from compress.quantize.qlinear import QuantLinear
@@ -35,9 +36,10 @@ class RTNConfig(WeightQuantConfig):
 def _quantize_one(model: nn.Module, name: str, lin: nn.Linear, scheme) -> tuple[int, float, float]:
     """Swap in the QuantLinear of `lin`; return (storage bits, squared weight error, squared weight norm)."""
     W = lin.weight.detach().float()  # (out, in)
-    q, scale, zero = quantize_weight(W, scheme)
+    with about(name):
+        q, scale, zero = quantize_weight(W, scheme)
+        qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
     err = float((dequantize(q, scale, zero, scheme) - W).pow(2).sum())
-    qlin = QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias, dtype=lin.weight.dtype)
     tg.set_submodule(model, name, qlin)
     ref = float(W.pow(2).sum())
     lin.to("meta")  # free the float weight now: the selection dict still holds the old module

@@ -6,11 +6,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from calibrate.blocks import check_forward_options
+from compress import targets as tg
 from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
 
 SUPPORTED_BITS = (2, 3, 4, 8)
+MIN_STORED_GROUP = 8  # below this a non-dividing group size would cost >= 2 extra bits per weight in repeated scales
 SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -59,7 +62,15 @@ class QuantScheme:
         g = self.group_len(in_features)
         if in_features % g == 0:
             return self
-        return QuantScheme(**{**self.to_dict(), "group_size": math.gcd(g, in_features)})
+        stored = math.gcd(g, in_features)
+        if stored < MIN_STORED_GROUP:
+            divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
+            hint = f"e.g. {', '.join(map(str, divisors))} or -1" if divisors else "-1 (per output channel)"
+            raise ValueError(f"group size {g} does not divide the input width {in_features}; it could only be stored "
+                             f"as groups of gcd({g}, {in_features}) = {stored}, one scale per {stored} weights "
+                             f"({self.bits} + {16 // stored} bits per weight); use a group size that divides "
+                             f"{in_features}: {hint}")
+        return QuantScheme(**{**self.to_dict(), "group_size": stored})
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric,
@@ -77,6 +88,14 @@ class WeightQuantConfig(QuantScheme):
         super().__post_init__()
         validate_patterns(self.targets, "targets")
         validate_patterns(self.ignore, "ignore")
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse, before any work, a group size that a selected Linear could not store (see `stored`)."""
+        for name, lin in tg.select(model, self.targets, self.ignore, kinds=(nn.Linear,)).items():
+            try:
+                self.stored(lin.in_features)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
 
     @property
     def scheme(self) -> QuantScheme:

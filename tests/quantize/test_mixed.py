@@ -53,11 +53,18 @@ def test_allocation_below_minimum_is_an_error():
 @pytest.mark.parametrize("bits,group,sym", [(3, 32, True), (4, 48, False), (2, -1, False), (8, 64, True)])
 def test_storage_bits_match_the_packed_module(bits, group, sym):
     s = QuantScheme(bits=bits, group_size=group, symmetric=sym)
-    q = torch.randint(0, 2**bits, (40, 100), dtype=torch.int32)
-    ng = s.n_groups(100)
+    q = torch.randint(0, 2**bits, (40, 160), dtype=torch.int32)  # 48 does not divide 160: stored as groups of 16
+    ng = s.n_groups(160)
     zero = torch.full((40, ng), float(2 ** (bits - 1))) if sym else torch.randint(0, 2**bits, (40, ng)).float()
     m = QuantLinear.from_codes(q, torch.rand(40, ng), zero, s)
-    assert storage_bits(40, 100, s) == m.storage_bits()
+    assert storage_bits(40, 160, s) == m.storage_bits()
+
+
+def test_a_group_size_that_would_store_tiny_groups_is_refused():
+    """Group 32 on a width of 100 could only be stored as groups of gcd(32, 100) = 4 (3 + 4 bits per weight)."""
+    with pytest.raises(ValueError, match=r"gcd\(32, 100\) = 4"):
+        storage_bits(40, 100, QuantScheme(bits=3, group_size=32))
+    assert QuantScheme(bits=3, group_size=48).stored(160).group_size == 16  # allowed: one scale per 16 weights
 
 
 def test_mixed_pass_meets_the_target_and_reports_bits(make_tiny, tiny_tokenizer):
