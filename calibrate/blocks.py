@@ -125,7 +125,7 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
             if (isinstance(v, torch.Tensor) and isinstance(p, torch.Tensor) and p.shape == v.shape
                     and p.dtype == v.dtype and p.device == v.device and torch.equal(p, v)):
                 kw[k] = p
-        _check_activations(hidden, f"the input of the first decoder block (calibration batch {len(got.hidden)})")
+        check_activations(hidden, f"the input of the first decoder block (calibration batch {len(got.hidden)})")
         got.hidden.append(hidden.detach())
         got.kwargs.append(kw)
         raise _Stop
@@ -163,7 +163,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, dtype: torch.dtype | Non
             _replace(inputs.hidden, i, _first(block(h, **kw)))
 
 
-def _check_activations(x: torch.Tensor, where: str) -> None:
+def check_activations(x: torch.Tensor, where: str) -> None:
     """Calibration statistics of NaN/inf activations would be garbage in every later block: refuse them."""
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"calibration: {where} has non-finite values (NaN or inf): the model's activations "
@@ -178,7 +178,7 @@ def _replace(hidden: list[torch.Tensor], i: int, out: torch.Tensor) -> None:
     the activations per block (glibc keeps such holes instead of returning
     them).
     """
-    _check_activations(out, f"a decoder block's output (calibration batch {i})")
+    check_activations(out, f"a decoder block's output (calibration batch {i})")
     h = hidden[i]
     if out.shape == h.shape and not h.requires_grad:
         h.copy_(out)

@@ -22,7 +22,7 @@ import logging
 import torch
 from torch import nn
 
-from calibrate.blocks import BlockInputs, observe_block
+from calibrate.blocks import BlockInputs, check_activations, observe_block
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,7 @@ def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]
         if not before:
             continue
         x0 = _stage_input(block, one, lead, modules[lead])
+        check_activations(x0, f"the input of {lead}")
         for name, mod in reversed(before):  # closest producer first
             s = torch.rand(width, generator=gen) * 1.5 + 0.5  # (width,) in [0.5, 2)
             saved = [p.detach().clone() for p in channel_params(mod)]
