@@ -3,17 +3,19 @@
 Windows are contiguous `seq_len`-token slices of the tokenized text at random
 offsets chosen by `seed`, the sampling GPTQ and AWQ use for C4/WikiText.
 Calibration never reads the test split, which is reserved for evaluation.
+A user file that is not UTF-8, or a JSONL line that is not a JSON object, is
+refused as FILE:LINE.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from compress.data import wikitext2_path
+from compress.files import read_jsonl, read_text_file
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,17 +40,17 @@ def read_text(source: str) -> str:
         if not p.is_file():
             raise ValueError(f"calibration file not found: {p}")
         rows = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                row = json.loads(line)
-                if field not in row:
-                    raise ValueError(f"{p}:{i + 1}: no field {field!r} (fields: {', '.join(row)})")
-                rows.append(str(row[field]))
+        for line, row in read_jsonl(p):  # a line that is not a JSON object is refused as FILE:LINE
+            if field not in row:
+                raise ValueError(f"{p}:{line}: no field {field!r} (fields: {', '.join(row)})")
+            if not isinstance(row[field], str):
+                raise ValueError(f"{p}:{line}: field {field!r} is a {type(row[field]).__name__}, not text")
+            rows.append(row[field])
         return "\n\n".join(rows)
     p = Path(source)
     if not p.is_file():
         raise ValueError(f"calibration source not found: {source!r} (use 'wikitext2', a text file or FILE.jsonl:FIELD)")
-    return p.read_text(encoding="utf-8")
+    return read_text_file(p)
 
 
 def load_calibration(tokenizer, cfg: CalibConfig, *, text: str | None = None) -> torch.Tensor:

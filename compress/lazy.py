@@ -7,6 +7,12 @@ decoder block at a time (`loaded`), changes it, and on the way out the block's
 tensors are written to a spill file, if anything changed, and freed. Saving
 streams the tensors one at a time into `model.safetensors` (shards past 5 GB).
 Peak memory is one block plus the calibration activations, not the model.
+
+Every file is checked when the store opens (framing, and every tensor finite,
+read one slice at a time), and what a pass produced is checked before it is
+spilled. Spill files live in a `compress-spill-*` directory that its store
+holds an exclusive lock on for its lifetime; a store that opens sweeps the
+directories of stores whose process died (kill -9 leaves no `finally`).
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ import functools
 import json
 import logging
 import os
+import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,10 +35,20 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from compress.checks import check_finite, nonfinite_summary
+from compress.files import check_safetensors, load_model_config
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: spill directories are not locked, nor swept
+    fcntl = None
+
 log = logging.getLogger(__name__)
 
 STORE_ATTR = "compress_tensor_store"  # where a lazy model keeps its store
-CHUNK_BYTES = 64 * 2**20  # streamed save: at most this much of one tensor in memory
+CHUNK_BYTES = 64 * 2**20  # streamed save and the finite scan: at most this much of one tensor in memory
+SPILL_PREFIX = "compress-spill-"
+LOCK_FILE = "owner.lock"
 
 
 @functools.cache
@@ -54,22 +72,82 @@ def trim_memory() -> None:
         trim(0)
 
 
+class SpillDir:
+    """A private temp directory, locked (flock) by its owner for its lifetime, removed on close or exit.
+
+    It is made under a hidden name, locked, then renamed to `compress-spill-*`, so
+    every directory with that name has a lock file: one whose lock can be taken
+    belongs to a dead process (the kernel drops flocks with their process) and
+    `sweep` removes it.
+    """
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        root = Path(root if root is not None else tempfile.gettempdir())
+        sweep(root)
+        staging = Path(tempfile.mkdtemp(prefix=f".{SPILL_PREFIX}new-", dir=root))
+        self._fd: int | None = None
+        if fcntl is not None:
+            self._fd = os.open(staging / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.path = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=root))
+        os.replace(staging, self.path)  # onto the empty directory just made: the name is ours, atomically
+        self._finalizer = weakref.finalize(self, _remove_spill, self.path, self._fd)
+
+    def cleanup(self) -> None:
+        self._finalizer()
+
+
+def _remove_spill(path: Path, fd: int | None) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    if fd is not None:
+        os.close(fd)  # releases the lock, after the files are gone
+
+
+def sweep(root: str | Path) -> list[Path]:
+    """Remove the `compress-spill-*` directories under `root` whose owner died; return them."""
+    if fcntl is None:
+        return []
+    removed = []
+    for d in Path(root).glob(f"{SPILL_PREFIX}*"):
+        try:
+            fd = os.open(d / LOCK_FILE, os.O_RDWR)
+        except OSError:  # no lock file (not ours, or already being removed): leave it
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: its store is alive
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+            log.info("removed %s, left behind by a process that died", d)
+        finally:
+            os.close(fd)
+    return removed
+
+
 class TensorStore:
     """tensor name -> safetensors file with its current value; spill files live in a private temp dir."""
 
     def __init__(self, model: nn.Module, files: list[Path], *, tied: set[str] = frozenset(),
-                 spill_root: str | Path | None = None) -> None:
+                 spill_root: str | Path | None = None, what: str = "") -> None:
         self.model = model
         self.tied = set(tied)  # names that alias another tensor (a tied lm_head): never loaded or written
         # model tensor name -> (file, name inside the file): they differ once blocks are renumbered
         self.where: dict[str, tuple[Path, str]] = {}
         for f in files:
-            with safe_open(f, "pt") as h:
-                for k in h.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    self.where[k] = (Path(f), k)
-        self._tmp = tempfile.TemporaryDirectory(prefix="compress-spill-", dir=spill_root)
+            check_safetensors(f)
+        for f in files:
+            for k in scan_finite(Path(f), what=what or f"model {Path(f).parent}"):
+                self.where[k] = (Path(f), k)
+        self._tmp = SpillDir(spill_root)
         self._spills = 0
         self._loaded: dict[str, dict[str, tuple[int, int]]] = {}  # prefix -> {name: (id, version)}
+
+    @property
+    def spill_dir(self) -> Path:
+        return self._tmp.path
 
     def close(self) -> None:
         self._tmp.cleanup()
@@ -101,15 +179,28 @@ class TensorStore:
         module.load_state_dict(state, strict=False, assign=True)
         self._loaded[prefix] = {n: (id(t), t._version) for n, t in self._own(prefix, module).items()}
 
-    def release(self, prefix: str, module: nn.Module) -> None:
-        """Free `module`'s tensors, first writing them to a spill file if the pass changed them."""
+    def release(self, prefix: str, module: nn.Module, *, keep: bool = True) -> None:
+        """Free `module`'s tensors, first writing them to a spill file if the pass changed them.
+
+        A changed tensor holding NaN or inf is refused (nothing is spilled). With
+        `keep=False` (the pass failed) the tensors are only freed.
+        """
         state = self._own(prefix, module)
         before = self._loaded.pop(prefix, None)
         now = {n: (id(t), t._version) for n, t in state.items()}
-        if now != before:
-            self._spills += 1
-            f = Path(self._tmp.name) / f"{self._spills:06d}.safetensors"
+        if now != before and keep:
             full = {(f"{prefix}.{n}" if prefix else n): t.detach().contiguous() for n, t in state.items()}
+            for n, t in state.items():
+                if before is not None and before.get(n) == now[n]:
+                    continue  # unchanged: checked when the store opened
+                bad = nonfinite_summary(t.detach())
+                if bad:
+                    _free(module)
+                    k = f"{prefix}.{n}" if prefix else n
+                    raise ValueError(f"a compression step produced non-finite values in tensor {k} ({bad}); "
+                                     "nothing was written (try another method or settings, or report it)")
+            self._spills += 1
+            f = self.spill_dir / f"{self._spills:06d}.safetensors"
             save_file(full, str(f))
             stale = [k for k in self.where if k.startswith(f"{prefix}.") and k not in full]
             for k in stale:  # e.g. a Linear's `weight` replaced by a QuantLinear's packed tensors
@@ -123,8 +214,10 @@ class TensorStore:
         self.load(prefix, module)
         try:
             yield module
-        finally:
-            self.release(prefix, module)
+        except BaseException:
+            self.release(prefix, module, keep=False)  # the pass failed: its half-done tensors are not kept
+            raise
+        self.release(prefix, module)
 
     def renumber(self, path: str, kept: list[int]) -> None:
         """Blocks `path.{kept[i]}` become `path.{i}`; the others' tensors are forgotten (layer pruning).
@@ -215,6 +308,32 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+def scan_finite(path: Path, *, what: str = "") -> list[str]:
+    """The tensor names of safetensors file `path`, after checking every floating tensor is finite.
+
+    Tensors are read in slices of rows of at most CHUNK_BYTES, the file reopened for
+    each, so memory stays at one slice (the mapped pages go with the handle).
+    """
+    with safe_open(path, "pt") as h:
+        names = list(h.keys())
+        shapes = {k: (h.get_slice(k).get_dtype(), list(h.get_slice(k).get_shape())) for k in names}
+    for k in names:
+        dname, shape = shapes[k]
+        dtype = _DTYPES.get(dname)
+        if dtype is None or not dtype.is_floating_point:
+            continue  # only floats can hold NaN or inf (and 8-bit float formats are not scanned)
+        rows = shape[0] if shape else 1
+        step = max(1, rows * CHUNK_BYTES // max(_nbytes(dtype, shape), 1))
+        for a in range(0, rows, step):
+            with safe_open(path, "pt") as h:
+                t = h.get_slice(k)[a : a + step] if shape else h.get_tensor(k)
+            if nonfinite_summary(t):
+                with safe_open(path, "pt") as h:  # the whole tensor, for the count in the message
+                    check_finite(k, h.get_tensor(k), what=what)
+            del t
+    return names
+
+
 def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:
     n = dtype.itemsize
     for d in shape:
@@ -264,13 +383,15 @@ def outside_blocks(model: nn.Module, blocks_path: str, *, on_demand: bool = Fals
                 lambda m, args, prefix=prefix: None if prefix in loaded else load(prefix, m)))
         else:
             load(prefix, mod)
+    ok = False
     try:
         yield
+        ok = True
     finally:
         for h in handles:
             h.remove()
-        for prefix in loaded:
-            store.release(prefix, model.get_submodule(prefix))  # a pass may have replaced the module
+        for prefix in loaded:  # a failed pass: free, keep nothing (and do not mask its error)
+            store.release(prefix, model.get_submodule(prefix), keep=ok)  # a pass may have replaced the module
         _tie(model)  # a tied head pointed at the freed embedding: point it at the meta one
 
 
@@ -302,13 +423,14 @@ def _tie(model: nn.Module) -> None:
 def load_lazy(path: Path, files: list[Path], dtype: torch.dtype) -> nn.Module:
     """The model at `path` with every weight left on disk; see `store_of(model)`."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(path)
+    config = load_model_config(path)
     with init_empty_weights(include_buffers=False):  # buffers such as rotary inv_freq are computed, keep them
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings", False) else set()
-    store = TensorStore(model, files, tied=tied, spill_root=os.environ.get("COMPRESS_SPILL_DIR"))
+    store = TensorStore(model, files, tied=tied, spill_root=os.environ.get("COMPRESS_SPILL_DIR"),
+                        what=f"model {path}")
     expected = set(model.state_dict())
     missing = sorted(expected - set(store.where) - tied)
     if missing:

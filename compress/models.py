@@ -7,6 +7,10 @@
 - A directory written by `save_model` with quantized modules is rebuilt with
   `QuantLinear` modules and its packed tensors, exactly as saved.
 - No path: the default reference model (see `compress.reference`).
+
+Every weights file is checked before it is read (`compress.files`: a
+truncated or foreign file is named) and every loaded tensor must be finite
+(`compress.checks`): a NaN or inf is refused naming the tensor and the model.
 """
 
 from __future__ import annotations
@@ -21,6 +25,16 @@ import torch
 from torch import nn
 
 from compress import artifact
+from compress.checks import check_module, check_tensors
+from compress.files import (
+    brief,
+    check_gguf,
+    check_safetensors,
+    check_weights_file,
+    load_model_config,
+    load_safetensors,
+    read_json_object,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,21 +105,40 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
         weights = pickled
     from transformers import AutoModelForCausalLM
 
+    _check_index(p)
     if lazy and weights[0].suffix == ".safetensors":
         from compress.lazy import load_lazy
 
         tok = load_tokenizer(p)
         return LoadedModel(load_lazy(p, weights, dtype), tok, str(p), weights, prov)
 
+    for f in weights:  # a damaged file is named here, not guessed at by transformers ("a TF 2.0 checkpoint?")
+        check_weights_file(f)
+    config = load_model_config(p)
     model = AutoModelForCausalLM.from_pretrained(
-        p, dtype=dtype, use_safetensors=not allow_pickle or weights[0].suffix == ".safetensors",
+        p, config=config, dtype=dtype, use_safetensors=not allow_pickle or weights[0].suffix == ".safetensors",
         weights_only=True)
+    check_module(model, what=f"model {p}")
     tok = load_tokenizer(p)
     model.eval()
     return LoadedModel(model, tok, str(p), weights, prov)
 
 
+def _check_index(p: Path) -> None:
+    """A sharded checkpoint's index (`*.index.json`) must be JSON and name only shards that exist."""
+    for index in sorted(p.glob("*.index.json")):
+        data = read_json_object(index, what="checkpoint index")
+        weight_map = data.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: damaged checkpoint index (no 'weight_map' of tensor name -> shard file)")
+        missing = sorted({f for f in weight_map.values() if not (p / f).is_file()})
+        if missing:
+            raise ValueError(f"{index}: names shard {missing[0]}" + (f" (and {len(missing) - 1} more)" if
+                             len(missing) > 1 else "") + ", which is not in the directory (an incomplete download?)")
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json")
 
 
 def load_tokenizer(p: Path):
@@ -115,10 +148,14 @@ def load_tokenizer(p: Path):
     if not any((p / f).is_file() for f in TOKENIZER_FILES):
         raise ValueError(f"{p}: no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...); every command needs the "
                          "model's tokenizer: save it into the directory (tokenizer.save_pretrained)")
+    for name in TOKENIZER_JSON:  # a truncated file is named, not reported as the tokenizers library's parse error
+        if (p / name).is_file():
+            read_json_object(p / name, what="tokenizer file")
     try:
         return AutoTokenizer.from_pretrained(p)
-    except (OSError, ValueError, AttributeError, KeyError, TypeError) as e:
-        raise ValueError(f"{p}: the tokenizer does not load ({type(e).__name__}: {e})") from None
+    # the `tokenizers` library reports a malformed tokenizer.json as a bare Exception ("missing field ...")
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{p}: the tokenizer does not load ({brief(e)})") from None
 
 
 def gguf_file(path: str | Path) -> Path | None:
@@ -136,8 +173,10 @@ def gguf_file(path: str | Path) -> Path | None:
 def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(p)
     log.info("dequantizing %s with transformers", p)
     model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+    check_module(model, what=f"model {p}")
     tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     model.eval()
     return LoadedModel(model, tok, str(p), [p])
@@ -145,8 +184,7 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
 
 def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedModel:
     """Rebuild a quantized model: float skeleton, QuantLinear where recorded, saved tensors."""
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
     from compress.pipeline import RECIPE_ATTR
@@ -155,7 +193,10 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     from compress.quantize.w8a8linear import W8A8Linear
     from compress.targets import set_submodule
 
-    config = AutoConfig.from_pretrained(p)
+    files = sorted(p.glob("*.safetensors"))
+    for f in files:  # before any work: a damaged file is named first
+        check_safetensors(f)
+    config = load_model_config(p)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours to interpret, not transformers'
     with no_init_weights():
@@ -174,9 +215,9 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
         set_submodule(model, name, new)
         del old
     state: dict[str, torch.Tensor] = {}
-    files = sorted(p.glob("*.safetensors"))
     for f in files:
-        state.update(load_file(f))
+        state.update(load_safetensors(f))
+    check_tensors(state, what=f"model {p}")  # packed integer codes are skipped; scales and floats are not
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = set(getattr(model, "_tied_weights_keys", None) or [])

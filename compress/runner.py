@@ -46,7 +46,9 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     the WikiText-2 validation split) only when a step needs them.
     """
     exporter = EXPORTERS.get(fmt)  # fail on a bad format before loading anything
-    with claim_output(out, force=force):  # a path that cannot be written, or a second writer, fails now
+    # a path that cannot be written, or a second writer, fails now; in a distributed run only the process
+    # that writes claims the output (the others train beside it)
+    with claim_output(out, force=force) if main_process() else contextlib.nullcontext():
         return _compress(model, recipe, Path(out), exporter, fmt=fmt, force=force, allow_pickle=allow_pickle,
                          calib=calib, progress=progress, low_memory=low_memory)
 

@@ -4,7 +4,9 @@ llama.cpp computes in its own way (quantized weights multiply activations it
 rounds to 8 bits per block), so scoring a GGUF file here measures what a
 llama.cpp user gets, not the dequantized weights in torch. Token ids come
 from the tokenizer stored in the GGUF file (llama.cpp's own); multiple
-choice goes through `generic_loglikelihoods`.
+choice goes through `generic_loglikelihoods`. The file is checked with the
+`gguf` reader first: llama.cpp itself reports a damaged file only as "failed
+to load model".
 """
 
 from __future__ import annotations
@@ -32,15 +34,21 @@ class LlamaCppBackend:
         except ImportError as e:
             raise ValueError(f"scoring a GGUF file in llama.cpp needs llama-cpp-python ({e}); "
                              "pip install llama-cpp-python (it compiles llama.cpp, ~15 min)") from None
+        from compress.files import check_gguf
         from compress.models import gguf_file
 
         f = gguf_file(path)
         if f is None:
             raise ValueError(f"{path}: no .gguf file found")
+        check_gguf(f)
         self.path = f
         self.n_ctx = n_ctx
-        self.llama = Llama(model_path=str(f), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
-                           n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+        try:
+            self.llama = Llama(model_path=str(f), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
+                               n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False)
+        except (ValueError, RuntimeError) as e:  # llama.cpp: "Failed to load model from file"
+            raise ValueError(f"{f}: llama.cpp cannot load it ({type(e).__name__}: {e}); a GGUF of an "
+                             "architecture or tensor type this llama.cpp build does not know?") from None
         bos = self.llama.token_bos()
         self.bos_token_id = bos if bos >= 0 else None
         self.adds_bos = bool(self.llama.metadata.get("tokenizer.ggml.add_bos_token", "false") == "true")

@@ -29,7 +29,7 @@ types beyond these register like any task (`register_tasks` plugin hook).
 from __future__ import annotations
 
 import csv
-import json
+import io
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -214,11 +214,14 @@ def mmlu(backend, cfg: MCConfig = MCConfig(), *, progress=None) -> dict[str, Any
 # --- ARC-Easy and user files ----------------------------------------------------------------
 
 def _from_record(rec: dict[str, Any], i: int, where: str) -> Question:
+    """Question `i` (0-based, its default id) of a file; `where` is FILE:LINE for the errors."""
     q = rec.get("question", rec.get("prompt"))
     choices = rec.get("choices")
     ans = rec.get("answer", rec.get("answer_idx"))
     if not isinstance(q, str) or not isinstance(choices, list) or len(choices) < 2 or ans is None:
         raise ValueError(f"{where}: item {i + 1} needs 'question' (text), 'choices' (a list of >= 2) and 'answer'")
+    if isinstance(ans, bool) or not isinstance(ans, int | str):
+        raise ValueError(f"{where}: item {i + 1}: answer {ans!r} is neither an index nor a choice letter")
     if isinstance(ans, str) and not ans.isdigit():
         if ans not in LETTERS[: len(choices)]:
             raise ValueError(f"{where}: item {i + 1}: answer {ans!r} is not one of the choice letters")
@@ -229,28 +232,48 @@ def _from_record(rec: dict[str, Any], i: int, where: str) -> Question:
     return Question(str(rec.get("id", i)), str(rec.get("subject", "")), q, tuple(map(str, choices)), ans)
 
 
+def _read_csv(p: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line, record) of each row of a question CSV; a header without the needed columns, or a row with
+    another number of fields than the header, is refused as FILE:LINE."""
+    from compress.files import read_text_file
+
+    rows = csv.reader(io.StringIO(read_text_file(p, universal_newlines=False), newline=""))
+    header = next(rows, None)
+    if header is None:
+        return []
+    header = [h.strip() for h in header]
+    if "question" not in header or "answer" not in header or not {"A", "B"} <= set(header):
+        raise ValueError(f"{p}:1: the header has columns {', '.join(header)}; a question CSV needs question, "
+                         "A, B (C, ... optional) and answer")
+    out = []
+    for row in rows:
+        line = rows.line_num
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) != len(header):
+            raise ValueError(f"{p}:{line}: {len(row)} fields, the header has {len(header)} "
+                             f"({', '.join(header)}); an unquoted comma in a question?")
+        r = dict(zip(header, row, strict=True))
+        out.append((line, {**r, "choices": [r[k] for k in LETTERS if r.get(k) not in (None, "")]}))
+    return out
+
+
 def read_questions(path: str | Path) -> list[Question]:
     """Questions of a JSONL or CSV file in the documented schema (see the module docstring)."""
+    from compress.files import read_jsonl
+
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"multiple-choice file not found: {p}")
     if p.suffix == ".jsonl":
-        recs = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines()):
-            if line.strip():
-                try:
-                    recs.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{p}: line {i + 1} is not JSON: {e}") from None
+        recs = list(read_jsonl(p))  # a line that is not UTF-8 JSON, or not an object, is refused as FILE:LINE
     elif p.suffix == ".csv":
-        with open(p, encoding="utf-8", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        recs = [{**r, "choices": [r[k] for k in LETTERS if r.get(k) not in (None, "")]} for r in rows]
+        recs = _read_csv(p)
     else:
         raise ValueError(f"{p}: expected a .jsonl or .csv file")
     if not recs:
         raise ValueError(f"{p}: no questions")
-    return [_from_record(r, i, str(p)) for i, r in enumerate(recs)]
+    return [_from_record(r, i, f"{p}:{line}") for i, (line, r) in enumerate(recs)]
 
 
 @register_task("arc_easy", config=MCConfig)
@@ -259,12 +282,18 @@ def arc_easy(backend, cfg: MCConfig = MCConfig(scoring="cloze"), *, progress=Non
     return _file_task(backend, arc_easy_path(), cfg, "arc_easy", progress)
 
 
-@register_task("mc", config=MCConfig)
+@register_task("mc", config=MCConfig, check=lambda path: read_questions(_need_path(path)))
 def user_mc(backend, cfg: MCConfig = MCConfig(), *, path: str = "", progress=None) -> dict[str, Any]:
     """Your multiple-choice questions: `--task mc:FILE.jsonl` (or .csv), schema in eval.multiple_choice."""
     if not path:
         raise ValueError("task mc needs a file: --task mc:FILE.jsonl")
     return _file_task(backend, Path(path), cfg, f"mc:{path}", progress)
+
+
+def _need_path(path: str) -> str:
+    if not path:
+        raise ValueError("task mc needs a file: --task mc:FILE.jsonl")
+    return path
 
 
 def _file_task(backend, path: Path, cfg: MCConfig, task: str, progress) -> dict[str, Any]:

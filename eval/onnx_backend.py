@@ -4,7 +4,8 @@ The graph takes `input_ids` and, where it declares them, `attention_mask`,
 `position_ids` and an empty KV cache (`past_key_values.*`, exports "with
 past"); its `logits` output scores every position. Multiple-choice requests
 go through `generic_loglikelihoods` (one sequence per choice), so only
-`token_nll` is model-specific.
+`token_nll` is model-specific. A graph ONNX Runtime cannot load (a truncated
+or foreign file, missing external data) is refused naming the file.
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ class OrtBackend(TokenizerMixin):
     def __init__(self, path: str | Path, *, threads: int | None = None,
                  providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
         import onnxruntime as ort
-        from transformers import AutoTokenizer
+
+        from compress.files import onnx_session
+        from compress.models import load_tokenizer
 
         found = onnx_files(path)
         if found is None:
@@ -53,8 +56,8 @@ class OrtBackend(TokenizerMixin):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.model_path), opts, providers=list(providers))
-        self.tokenizer = AutoTokenizer.from_pretrained(self.dir)
+        self.session = onnx_session(self.model_path, opts, providers=list(providers))
+        self.tokenizer = load_tokenizer(self.dir)
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         if "input_ids" not in self.inputs or "logits" not in [o.name for o in self.session.get_outputs()]:
             raise ValueError(f"{self.model_path}: not a causal-LM graph (needs input 'input_ids', output 'logits')")

@@ -15,6 +15,8 @@ teacher itself.
 Layout: `cache.json` (what it was made from) and one safetensors file per
 sequence (`train-0000012.safetensors`: `logprobs` float32 and `indices` int32,
 both (seq_len, k)), each written atomically, so an interrupted fill resumes.
+A damaged file (cache.json, a truncated or foreign sequence file) is refused
+naming it: delete it and the next run fills it again.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from compress.artifact import write_bytes_atomic
+from compress.checks import check_tensors
+from compress.files import load_safetensors, read_json_object
 
 
 class TeacherCache:
@@ -38,7 +42,7 @@ class TeacherCache:
         self.root.mkdir(parents=True, exist_ok=True)
         meta = self.root / "cache.json"
         if meta.is_file():
-            had = json.loads(meta.read_text())
+            had = read_json_object(meta, what="teacher cache description")
             if had != fingerprint:
                 diff = sorted(k for k in set(had) | set(fingerprint) if had.get(k) != fingerprint.get(k))
                 raise ValueError(f"teacher cache {self.root} was made with other settings ({', '.join(diff)}): "
@@ -80,7 +84,21 @@ class TeacherCache:
 
     def load(self, split: str, indices: Iterable[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked (b, seq, k) log-probabilities and int64 token indices of the given sequences."""
-        parts = [load_file(self._path(split, int(i))) for i in indices]
+        parts = [self._read(split, int(i)) for i in indices]
         values = torch.stack([p["logprobs"] for p in parts]).to(device)
         idx = torch.stack([p["indices"] for p in parts]).to(device=device, dtype=torch.int64)
         return values, idx
+
+    def _read(self, split: str, index: int) -> dict[str, torch.Tensor]:
+        """One sequence's file, checked: framing, both tensors (seq_len, topk), log-probabilities finite."""
+        f = self._path(split, index)
+        try:
+            part = load_safetensors(f)
+        except ValueError as e:
+            raise ValueError(f"{e}; delete it and the next run computes it again") from None
+        lp, ix = part.get("logprobs"), part.get("indices")
+        if lp is None or ix is None or lp.shape != ix.shape or lp.dim() != 2 or lp.shape[1] != self.topk:
+            raise ValueError(f"{f}: not a teacher cache file (needs logprobs and indices of shape (seq_len, "
+                             f"{self.topk})); delete it and the next run computes it again")
+        check_tensors({"logprobs": lp}, what=f"teacher cache {f}")
+        return part

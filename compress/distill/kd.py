@@ -84,6 +84,10 @@ class DistillConfig:
             raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError("checkpoint_every and resume need checkpoint_dir")
+        if self.layer_map is not None and not (self.hidden_weight or self.attention_weight):
+            raise ValueError(f"layer_map {self.layer_map!r} pairs blocks for the hidden-state and attention losses, "
+                             "but both are off: set hidden_weight or attention_weight (--hidden-weight, "
+                             "--attention-weight) or drop layer_map")
         if self.cache_topk < 1:
             raise ValueError(f"cache_topk must be positive, got {self.cache_topk}")
         if self.teacher_cache is not None:

@@ -8,18 +8,25 @@ and whole tensors the adapter replaces (`modules_to_save`, trained biases)
 under their base names. The scale of a module is alpha / r, or alpha / sqrt(r)
 with rsLoRA, where `rank_pattern` / `alpha_pattern` override r and alpha for
 the modules whose name ends with a pattern (PEFT's rule).
+
+The files are checked as they are read (`compress.files`), every tensor must
+be finite, and the modules the tensors adapt must be the ones the config's
+`target_modules` selects (PEFT would silently drop the others on load).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+
+from compress.checks import check_tensors
+from compress.files import load_pickled, load_safetensors, read_json_object
 
 PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$")
@@ -60,19 +67,82 @@ def _pattern_value(name: str, patterns: dict, default):
     return default
 
 
-def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
-    st = path / "adapter_model.safetensors"
-    if st.is_file():
-        from safetensors.torch import load_file
+def _targeted(cfg: dict[str, Any], name: str) -> bool:
+    """Whether PEFT's config selects module `name`: target_modules (a string is a regex full match, a list
+    matches a name equal to or ending with `.entry`, "all-linear" anything), less exclude_modules, restricted
+    to layers_to_transform (the index after layers_pattern, or the first numbered segment)."""
+    exclude = cfg.get("exclude_modules")
+    if exclude and (re.fullmatch(exclude, name) if isinstance(exclude, str)
+                    else any(name == e or name.endswith(f".{e}") for e in exclude)):
+        return False
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    if not any(name.endswith(f".{t}") for t in targets):
+        return False
+    layers = cfg.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = cfg.get("layers_pattern") or []
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    found = None
+    for pattern in patterns or [None]:  # the first numbered segment, not an expert index further in
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\." if pattern else r".*?\.[^.]*\.(?P<idx>\d+)\.",
+                         name)
+        if found:
+            break
+    if found is None:
+        return False
+    index = int(found["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
 
-        return load_file(st)
+
+def _check_targets(path: Path, cfg: dict[str, Any], modules: list[str]) -> None:
+    """Refuse tensors for modules the config's target_modules does not select, or a target_modules that
+    selects none of the adapted modules: PEFT would load such an adapter differently from this merge."""
+    targets = cfg.get("target_modules")
+    if targets is None:
+        return  # PEFT's per-architecture default: nothing to compare with
+    if not isinstance(targets, str | list) or (isinstance(targets, list)
+                                               and not all(isinstance(t, str) for t in targets)):
+        raise ValueError(f"{path / 'adapter_config.json'}: target_modules must be a string or a list of names, "
+                         f"got {targets!r}")
+    try:
+        stray = [m for m in modules if not _targeted(cfg, m)]
+    except re.error as e:
+        raise ValueError(f"{path / 'adapter_config.json'}: target_modules or exclude_modules is not a valid "
+                         f"regular expression ({e})") from None
+    if stray or not modules:
+        if stray:
+            more = f" (and {len(stray) - 1} more)" if len(stray) > 1 else ""
+            detail = f"{stray[0]}{more} has LoRA tensors but is not selected"
+        else:
+            detail = "there are no LoRA tensors for what it selects"
+        held = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in modules})) or "nothing"
+        raise ValueError(f"{path}: adapter_config.json's target_modules {targets!r} disagree with the adapter's "
+                         f"tensors: {detail} (the tensors adapt {held}); a hand-edited config or weights from "
+                         "another adapter?")
+
+
+def _read_tensors(path: Path, allow_pickle: bool) -> tuple[Path, dict[str, torch.Tensor]]:
+    """(the weights file, its tensors), checked: framing, and every tensor finite."""
+    st = path / "adapter_model.safetensors"
     binary = path / "adapter_model.bin"
-    if binary.is_file():
+    if st.is_file():
+        f, tensors = st, load_safetensors(st)
+    elif binary.is_file():
         if not allow_pickle:
             raise ValueError(f"{binary} is a pickle; pass --allow-pickle (allow_pickle: true) if you trust it, "
                              "or convert the adapter to safetensors")
-        return torch.load(binary, map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: no adapter_model.safetensors (or adapter_model.bin) in the adapter directory")
+        f, tensors = binary, load_pickled(binary)
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise ValueError(f"{binary}: not a state dict of tensors")
+    else:
+        raise ValueError(f"{path}: no adapter_model.safetensors (or adapter_model.bin) in the adapter directory")
+    check_tensors(tensors, what=f"adapter {f}")
+    return f, tensors
 
 
 def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
@@ -81,10 +151,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
     cfg_file = path / "adapter_config.json"
     if not cfg_file.is_file():
         raise ValueError(f"{path}: not a PEFT adapter directory (no adapter_config.json)")
-    try:
-        cfg = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_file}: not valid JSON ({e})") from None
+    cfg = read_json_object(cfg_file, what="adapter config")
     kind = cfg.get("peft_type", "LORA")
     if kind != "LORA":
         raise ValueError(f"{path}: peft_type {kind!r} is not supported; only LoRA (and DoRA) adapters merge")
@@ -96,7 +163,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
         raise ValueError(f"{path}: fan_in_fan_out adapters (Conv1D bases such as GPT-2) are not supported")
     parts: dict[str, dict[str, torch.Tensor]] = {}
     replaced: dict[str, torch.Tensor] = {}
-    for key, t in _read_tensors(path, allow_pickle).items():
+    _, tensors = _read_tensors(path, allow_pickle)
+    for key, t in tensors.items():
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
         name = name.replace(".base_layer.", ".")  # a trained bias of an adapted Linear (bias: lora_only / all)
         m = _LORA.match(name)
@@ -107,6 +175,8 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
                              "(embedding and convolution LoRA are not merged)")
         else:
             replaced[name] = t
+    if parts or replaced:
+        _check_targets(path, cfg, sorted(parts))
     modules = {}
     for name, p in sorted(parts.items()):
         if "lora_A" not in p or "lora_B" not in p:

@@ -1,4 +1,5 @@
 import json
+import math
 
 from click.testing import CliRunner
 
@@ -11,7 +12,8 @@ def _doc(name, size, bits, ppl):
     return {"schema": results.SCHEMA, "model": {"name": name, "path": f"/out/{name}", "bytes_on_disk": size,
                                                  "bits_per_parameter": bits},
             "results": {"wikitext2": {"metric": "perplexity", "value": ppl, "ci95": [ppl * 0.97, ppl * 1.03],
-                                      "protocol": {}, "items": []}}}
+                                      "protocol": {},
+                                      "items": [{"id": "window 0", "nll": 100 * math.log(ppl), "tokens": 100}]}}}
 
 
 def test_pareto_front_lower_is_better():
