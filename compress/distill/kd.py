@@ -97,6 +97,14 @@ class DistillConfig:
                 raise ValueError("teacher_cache serves forward-KL logit distillation only: hidden-state and "
                                  "attention losses, reverse KL and JS need the teacher itself")
 
+    def check_model(self, model: nn.Module) -> None:
+        """Before any work: training sequences fit the student's positions (past them a model with learned
+        positions fails mid-run, and a RoPE model silently trains on positions it was never built for)."""
+        limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+        if limit and self.seq_len > limit:
+            raise ValueError(f"seq_len {self.seq_len} exceeds the model's {limit} positions "
+                             f"(max_position_embeddings); use --seq-len {limit} or less")
+
     @property
     def needs_teacher(self) -> bool:
         return self.kd_weight > 0 or self.hidden_weight > 0 or self.attention_weight > 0

@@ -292,6 +292,7 @@ def test_a_second_writer_to_the_same_out_is_refused_up_front(cli, tiny, tmp_path
     (("merge-lora", "--adapter", "A", "--weights", "nan"), ("finite",)),
     (("merge-lora", "--adapter", "A", "--density", "inf"), ("finite",)),
     (("eval", "--seq-len", "512", "--windows", "1"), ("512 tokens", "256 positions")),
+    (("distill", "--steps", "1", "--seq-len", "512"), ("seq_len 512", "256 positions")),
     (("eval", "--device", "cuda"), ("cuda",)),
     (("eval", "--device", "tpu:9"), ("tpu",)),
     (("eval", "--windows", "-5"), ("windows",)),
