@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from compress.outputs import check_output_dir
+
 PROVENANCE_FILE = "compress.json"
 PROVENANCE_FORMAT = "compress-artifact/1"
 
@@ -55,11 +57,7 @@ def atomic_dir(dest: str | Path, *, force: bool = False) -> Iterator[Path]:
     leaves only a hidden `.NAME.tmp-PID-*` sibling, which the next write to the
     same destination removes. Without `force` an existing `dest` is refused.
     """
-    dest = Path(dest).absolute()
-    if dest.exists() and not force:
-        raise ValueError(f"{dest} already exists; pass --force to overwrite it")
-    if dest.exists() and not dest.is_dir():
-        raise ValueError(f"{dest} exists and is not a directory")
+    dest = check_output_dir(dest, force=force)  # the same checks as before the work (a caller may skip those)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-{os.getpid()}-", dir=dest.parent))

@@ -32,16 +32,33 @@ def check_finite(name: str, t: torch.Tensor, *, what: str = "") -> None:
     """Refuse a floating tensor holding NaN or inf, naming it (`what` says whose it is: 'model X')."""
     bad = nonfinite_summary(t)
     if bad:
-        owner = f"{what}: " if what else ""
-        raise ValueError(f"{owner}tensor {name} has non-finite values ({bad}); NaN and inf cannot be compressed "
-                         "or scored (a damaged checkpoint, or a diverged run)")
+        _refuse(name, bad, what)
 
 
-def check_tensors(tensors: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], *, what: str = "") -> None:
-    """`check_finite` over named tensors (a state dict, or `named_parameters()`-style pairs)."""
-    items = tensors.items() if isinstance(tensors, Mapping) else tensors
-    for name, t in items:
-        check_finite(name, t, what=what)
+def _refuse(name: str, bad: str, what: str) -> None:
+    owner = f"{what}: " if what else ""
+    raise ValueError(f"{owner}tensor {name} has non-finite values ({bad}); NaN and inf cannot be compressed "
+                     "or scored (a damaged checkpoint, or a diverged run)")
+
+
+Named = Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
+
+
+def first_nonfinite(tensors: Named) -> tuple[str, str] | None:
+    """(name, `nonfinite_summary`) of the first named tensor holding NaN or inf (a state dict, or
+    `named_parameters()`-style pairs); None when all are finite."""
+    for name, t in tensors.items() if isinstance(tensors, Mapping) else tensors:
+        bad = nonfinite_summary(t)
+        if bad:
+            return name, bad
+    return None
+
+
+def check_tensors(tensors: Named, *, what: str = "") -> None:
+    """`check_finite` over named tensors: the first one holding NaN or inf is refused, naming it."""
+    found = first_nonfinite(tensors)
+    if found:
+        _refuse(*found, what)
 
 
 def check_module(module: torch.nn.Module, *, what: str = "") -> None:

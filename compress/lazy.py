@@ -35,7 +35,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from compress.checks import check_finite, nonfinite_summary
+from compress.checks import check_finite, first_nonfinite, nonfinite_summary
 from compress.files import check_safetensors, load_model_config
 
 try:
@@ -190,15 +190,13 @@ class TensorStore:
         now = {n: (id(t), t._version) for n, t in state.items()}
         if now != before and keep:
             full = {(f"{prefix}.{n}" if prefix else n): t.detach().contiguous() for n, t in state.items()}
-            for n, t in state.items():
-                if before is not None and before.get(n) == now[n]:
-                    continue  # unchanged: checked when the store opened
-                bad = nonfinite_summary(t.detach())
-                if bad:
-                    _free(module)
-                    k = f"{prefix}.{n}" if prefix else n
-                    raise ValueError(f"a compression step produced non-finite values in tensor {k} ({bad}); "
-                                     "nothing was written (try another method or settings, or report it)")
+            # what changed (the rest was checked when the store opened)
+            found = first_nonfinite((k, full[k]) for k, n in zip(full, state, strict=True)
+                                    if before is None or before.get(n) != now[n])
+            if found:
+                _free(module)
+                raise ValueError(f"a compression step produced non-finite values in tensor {found[0]} ({found[1]}); "
+                                 "nothing was written (try another method or settings, or report it)")
             self._spills += 1
             f = self.spill_dir / f"{self._spills:06d}.safetensors"
             save_file(full, str(f))
@@ -290,13 +288,7 @@ class TensorStore:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             for k, dtype, shape in entries:
-                # in slices of rows of at most CHUNK_BYTES: a large embedding never sits in memory whole
-                rows = shape[0] if shape else 1
-                step = max(1, rows * CHUNK_BYTES // max(_nbytes(dtype, shape), 1))
-                for a in range(0, rows, step):
-                    src, stored = self.where[k]
-                    with safe_open(src, "pt") as h:  # reopened: the mapped pages go with it
-                        t = h.get_slice(stored)[a : a + step] if shape else h.get_tensor(stored)
+                for t in _row_slices(*self.where[k], dtype, shape):
                     t = t.to(dtype).contiguous()
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
                     del t
@@ -311,8 +303,7 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 def scan_finite(path: Path, *, what: str = "") -> list[str]:
     """The tensor names of safetensors file `path`, after checking every floating tensor is finite.
 
-    Tensors are read in slices of rows of at most CHUNK_BYTES, the file reopened for
-    each, so memory stays at one slice (the mapped pages go with the handle).
+    Tensors are read in slices (`_row_slices`), so memory stays at one slice.
     """
     with safe_open(path, "pt") as h:
         names = list(h.keys())
@@ -322,16 +313,27 @@ def scan_finite(path: Path, *, what: str = "") -> list[str]:
         dtype = _DTYPES.get(dname)
         if dtype is None or not dtype.is_floating_point:
             continue  # only floats can hold NaN or inf (and 8-bit float formats are not scanned)
-        rows = shape[0] if shape else 1
-        step = max(1, rows * CHUNK_BYTES // max(_nbytes(dtype, shape), 1))
-        for a in range(0, rows, step):
-            with safe_open(path, "pt") as h:
-                t = h.get_slice(k)[a : a + step] if shape else h.get_tensor(k)
+        for t in _row_slices(path, k, dtype, shape):
             if nonfinite_summary(t):
                 with safe_open(path, "pt") as h:  # the whole tensor, for the count in the message
                     check_finite(k, h.get_tensor(k), what=what)
             del t
     return names
+
+
+def _row_slices(path: Path, stored: str, dtype: torch.dtype, shape: list[int]) -> Iterator[torch.Tensor]:
+    """Tensor `stored` of file `path` in slices of rows of at most CHUNK_BYTES (sized as `dtype`), so a large
+    embedding never sits in memory whole; the file is reopened for each slice (the mapped pages go with it)."""
+    rows = shape[0] if shape else 1
+    step = max(1, rows * CHUNK_BYTES // max(_nbytes(dtype, shape), 1))
+    for a in range(0, rows, step):
+        yield _read_rows(path, stored, a, step if shape else None)  # no reference kept here while it is used
+
+
+def _read_rows(path: Path, stored: str, start: int, count: int | None) -> torch.Tensor:
+    """Rows start..start+count of tensor `stored` (count None: the whole tensor, a scalar)."""
+    with safe_open(path, "pt") as h:
+        return h.get_tensor(stored) if count is None else h.get_slice(stored)[start : start + count]
 
 
 def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:

@@ -72,12 +72,11 @@ def _check_produced(model: nn.Module, step: str) -> None:
 
     Tensors still on disk (meta here) are checked by the lazy store as they are written back.
     """
-    from compress.checks import nonfinite_summary
+    from compress.checks import first_nonfinite
 
-    for name, t in model.state_dict(keep_vars=True).items():
-        bad = nonfinite_summary(t)
-        if bad:
-            raise ValueError(f"{step} produced non-finite values in {name} ({bad}); nothing was written")
+    found = first_nonfinite(model.state_dict(keep_vars=True))
+    if found:
+        raise ValueError(f"{step} produced non-finite values in {found[0]} ({found[1]}); nothing was written")
 
 
 def untie_quantized_head(model: nn.Module) -> None:

@@ -285,9 +285,7 @@ def arc_easy(backend, cfg: MCConfig = MCConfig(scoring="cloze"), *, progress=Non
 @register_task("mc", config=MCConfig, check=lambda path: read_questions(_need_path(path)))
 def user_mc(backend, cfg: MCConfig = MCConfig(), *, path: str = "", progress=None) -> dict[str, Any]:
     """Your multiple-choice questions: `--task mc:FILE.jsonl` (or .csv), schema in eval.multiple_choice."""
-    if not path:
-        raise ValueError("task mc needs a file: --task mc:FILE.jsonl")
-    return _file_task(backend, Path(path), cfg, f"mc:{path}", progress)
+    return _file_task(backend, Path(_need_path(path)), cfg, f"mc:{path}", progress)
 
 
 def _need_path(path: str) -> str:

@@ -16,11 +16,13 @@ item by item (`eval.gate`).
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
 from compress import artifact
+from compress.checks import nonfinite_in
 
 SCHEMA = "compress.eval/1"
 METRICS = {"perplexity": "lower", "accuracy": "higher"}  # which direction is better
@@ -135,8 +137,6 @@ def _check_task(p: Path, task: str, r: Any) -> None:
 
 def nonfinite(result: dict[str, Any]) -> str | None:
     """Where one task's result holds a NaN or infinite number ('value', 'item window 3: nll'), else None."""
-    from compress.checks import nonfinite_in
-
     for i, it in enumerate(result.get("items") or []):
         found = nonfinite_in(it)
         if found:
@@ -147,8 +147,6 @@ def nonfinite(result: dict[str, Any]) -> str | None:
 def inconsistent(result: dict[str, Any]) -> str | None:
     """Why a task's headline value disagrees with its own items (None when it agrees): a value that the
     per-item records cannot have produced is not trusted."""
-    import math
-
     items = result["items"]
     if result["metric"] == "perplexity":
         tokens = sum(it["tokens"] for it in items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,8 +33,6 @@ class FiniteFloat(click.ParamType):
     name = "float"
 
     def convert(self, value, param, ctx):
-        import math
-
         try:
             x = float(value)
         except (TypeError, ValueError):

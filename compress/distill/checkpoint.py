@@ -24,12 +24,7 @@ from torch import nn
 
 from compress.artifact import atomic_dir
 from compress.checks import check_tensors
-from compress.files import (
-    check_safetensors,
-    load_safetensors,
-    load_safetensors_into,
-    read_json_object,
-)
+from compress.files import load_safetensors, load_safetensors_into, read_json_object
 
 PREFIX = "step-"
 
@@ -97,7 +92,7 @@ def load_checkpoint(path: Path, module: nn.Module, opt: torch.optim.Optimizer, s
     for file in files.values():
         if not file.is_file():
             raise ValueError(f"checkpoint {path} is incomplete: no {file.name}")
-        check_safetensors(file)
+    # each file's framing is checked as it loads (load_safetensors*), the model's before the module is touched
     tensors = load_safetensors(files["optimizer"])
     rng = load_safetensors(files["rng"])
     check_tensors(tensors, what=f"checkpoint {files['optimizer']}")
