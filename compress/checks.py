@@ -19,11 +19,12 @@ import torch
 
 def nonfinite_summary(t: torch.Tensor) -> str | None:
     """'3 NaN, 1 inf of 4096' when floating tensor `t` holds non-finite values, else None."""
-    if not t.is_floating_point() or t.device.type == "meta":
+    if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+        return None
+    # fast path: NaN propagates through min/max and an inf is one of them; no boolean copy of a large tensor
+    if bool(torch.isfinite(torch.stack(t.detach().aminmax())).all()):
         return None
     ok = torch.isfinite(t)
-    if bool(ok.all()):
-        return None
     nan = int(torch.isnan(t).sum())
     return f"{nan} NaN, {int((~ok).sum()) - nan} inf of {t.numel()} values"
 
