@@ -11,8 +11,7 @@ model. Then, under the DESIGN.md perplexity protocol (WikiText-2 test, 64 x
                     float (what a merge into the int4 artifact approximates; not a packed artifact)
   int4<-lora        the adapter merged into that int4 artifact (`lora_merge` defaults: GPTQ with fresh
                     calibration, grids recomputed from the merged weights)
-  int4<-lora G      the same with `grid: G` for each G of --grids (kept: the artifact's own scales and zero
-                    points; best: per module kept or fresh, whichever reconstructs the layer better)
+  int4<-lora L      the same with other lora_merge options (--variant L:KEY=VALUE,...)
   fp32+lora->int4   merge in fp32, then the same quantization recipe from scratch
 The issue asks int4<-lora to be within 1 % of fp32+lora->int4.
 
@@ -122,10 +121,9 @@ def main() -> None:
     ap.add_argument("--method", default="gptq", help="quantization method of the int4 artifact (awq+gptq: the default)")
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "lora_merge_reference.json"))
     ap.add_argument("--workdir", help="keep the adapter and artifacts here; reuse the ones already there")
-    ap.add_argument("--grids", default="kept,best", help="extra int4<-lora rows, one per lora_merge grid")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
                     help="an extra int4<-lora row 'int4<-lora LABEL' with these lora_merge options "
-                         "(e.g. 'kept-e8:grid=kept,emphasis=8'); repeatable")
+                         "(e.g. 'untuned:tune_steps=0'); repeatable")
     ap.add_argument("--rows", help="run only these rows (comma-separated names); default: all")
     ap.add_argument("--keep-rows", action="store_true", help="take the rows not run from --output's earlier run")
     args = ap.parse_args()
@@ -162,8 +160,6 @@ def main() -> None:
         runs = [("fp32+lora", None, [merge], "fp32_lora"), ("int4", None, quant, "int4"),
                 ("int4+lora float", None, None, None),
                 ("int4<-lora", tmp / "int4", [merge], "int4_merged"),
-                *[(f"int4<-lora {g}", tmp / "int4", [{**merge, "grid": g}], f"int4_merged_{g}")
-                  for g in filter(None, args.grids.split(","))],
                 *[(f"int4<-lora {label}", tmp / "int4", [{**merge, **opts}], f"int4_merged_{label}")
                   for label, opts in map(parse_variant, args.variant)],
                 ("fp32+lora->int4", None, [merge, *quant], "fp32_lora_int4")]
@@ -185,7 +181,7 @@ def main() -> None:
                     rep = reports["lora_merge"]
                     req = rep["config"].get("requantized") or {}
                     extra["merge"] = {"metrics": rep["metrics"], "modules": rep["modules"],
-                                      "requantized": {k: req.get(k) for k in ("method", "grid")} if req else None}
+                                      "requantized": {k: req.get(k) for k in ("method",)} if req else None}
             row(name, str(tmp / dest), **extra)
     rows = doc["rows"]
     ref = rows["fp32+lora->int4"]["perplexity"]

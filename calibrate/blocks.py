@@ -53,7 +53,7 @@ def modules_by_block(model: nn.Module, selected: dict[str, nn.Module], pass_name
     path, blocks = decoder_blocks(model)
     outside = [n for n in selected if not n.startswith(f"{path}.")]
     if outside:
-        raise ValueError(f"{pass_name} works inside the decoder blocks ({path}); "
+        raise ValueError(f"{pass_name.partition(':')[0]} works inside the decoder blocks ({path}); "
                          f"add these to ignore: {', '.join(outside[:5])}")
     per_block: list[dict[str, nn.Module]] = [{} for _ in blocks]
     for n, m in selected.items():
@@ -103,6 +103,11 @@ class BlockInputs:
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+
+
+def batches(ids: torch.Tensor, batch_size: int) -> int:
+    """How many calibration batches `capture_first_block_inputs` makes of `ids` (samples, seq_len)."""
+    return max(1, -(-ids.shape[0] // batch_size))
 
 
 def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8) -> BlockInputs:
@@ -221,22 +226,6 @@ def observe_block(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.M
     _watching(modules, on_input, stop_early, len(inputs.hidden), forward)
 
 
-@torch.no_grad()
-def observe_stages(block: nn.Module, inputs: BlockInputs, stages: list[list[str]], modules: dict[str, nn.Module],
-                   collectors: Callable[[nn.Module], tuple], *, dtype: torch.dtype | None = None) -> dict[str, tuple]:
-    """Statistics of every stage's input (see `input_stages`) in one pass over the block.
-
-    `collectors(module)` makes the collectors (objects with `add_batch(x)`) of a
-    stage from its first module; the result maps each stage's first module name
-    to them, fed with that stage's input on every batch. Each forward ends once
-    the last stage has its input.
-    """
-    stats = {st[0]: collectors(modules[st[0]]) for st in stages}
-    observe_block(block, inputs, {lead: modules[lead] for lead in stats},
-                  lambda n, x: [c.add_batch(x) for c in stats[n]], stop_early=True, dtype=dtype)
-    return stats
-
-
 def _watching(watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None], stop_early: bool,
               n_batches: int, forward: Callable[[int], object]) -> None:
     """Call forward(i) for every batch with pre-hooks on the watched modules (see `observe_block`)."""
@@ -261,43 +250,6 @@ def _watching(watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tens
             hd.remove()
 
 
-FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def check_forward_options(batch_size: int, forward_dtype: str) -> None:
-    """Validate the `batch_size` and `forward_dtype` fields every calibrated pass's config has."""
-    if forward_dtype not in FORWARD_DTYPES:
-        raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {forward_dtype!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-
-
-def native_bf16(device_type: str) -> bool:
-    """Whether the device multiplies bfloat16 natively: CUDA with bf16 support, a CPU with AVX512-BF16 or AMX."""
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device_type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-
-
-def resolve_forward_dtype(name: str, param: torch.Tensor) -> torch.dtype | None:
-    """The autocast dtype for calibration forwards of a model whose weights look like `param`; None: no autocast.
-
-    "auto" picks bfloat16 for a float32 model where the device multiplies
-    bfloat16 natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX,
-    where bf16 matmuls run about 3x faster than float32) and float32 elsewhere.
-    Statistics (Hessians, channel magnitudes) are still accumulated in float32.
-    """
-    if name not in FORWARD_DTYPES:
-        raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {name!r}")
-    if name == "auto":
-        if param.dtype != torch.float32:
-            return None  # already a 16-bit model: run it as it is
-        dev = "cpu" if param.device.type == "meta" else param.device.type  # lazily loaded: the store loads onto the CPU
-        return torch.bfloat16 if native_bf16(dev) else None
-    dtype = getattr(torch, name)
-    return None if dtype == param.dtype else dtype
-
-
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -320,17 +272,3 @@ def _stages(order: list[tuple[str, torch.Tensor]], modules: dict[str, nn.Module]
     if missing:
         stages.append(missing)  # never called on calibration data: handled (dead) by the pass
     return stages
-
-
-@torch.no_grad()
-def input_stages(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.Module]) -> list[list[str]]:
-    """Group `modules` of a block into stages in execution order; modules fed the same tensor share a stage.
-
-    For a Llama block: [q, k, v], [o], [gate, up], [down]. Quantizing stage by
-    stage ("true sequential") lets each stage see the error of the ones before.
-    """
-    order: list[tuple[str, torch.Tensor]] = []
-    one = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])
-    # keep the tensors alive so that `id` cannot be reused by a later, different input
-    observe_block(block, one, modules, lambda n, x: order.append((n, x)))
-    return _stages(order, modules)

@@ -36,7 +36,8 @@ class BlockReplay:
     `observe` runs the block over every batch, calling on_input(name, x) with
     the inputs of the watched modules; `freeze` tells it which modules reached
     their final weights; `run` replaces the batches by the block's outputs for
-    the next block. Between passes only the target modules may change.
+    the next block. Between passes only the target modules may change (or be
+    replaced: modules are looked up by name when a pass begins).
 
     What no longer changes is not recomputed. For each child of the block (for
     Llama: self_attn, mlp):
@@ -130,12 +131,16 @@ class BlockReplay:
             self._end_pass()
 
     @torch.no_grad()
-    def run(self) -> None:
-        """Replace each batch by the block's output (in place: one copy in memory); the last pass."""
+    def run(self, on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """Replace each batch by the block's output (in place: one copy in memory); the last pass.
+        `on_batch(input, output)`, when given, sees each batch's input (a copy) and output."""
         self._begin_pass({}, last_pass=True)
         try:
             for i in range(len(self.inputs.hidden)):
+                before = self.inputs.hidden[i].clone() if on_batch is not None else None
                 _replace(self.inputs.hidden, i, _first(self._forward(i)))
+                if on_batch is not None:
+                    on_batch(before, self.inputs.hidden[i])
         finally:
             self._end_pass()
             self._outs.clear()
@@ -161,13 +166,13 @@ class BlockReplay:
                                lambda mod, args, out: out)
             if ch.last is not None and inner_final:
                 if ch.name in self._ins:
-                    last, tail = self.targets[ch.last], ch.tail
+                    last, tail = self.block.get_submodule(ch.last), ch.tail
                     self._patch(ch.module, lambda ins=self._ins[ch.name], last=last, tail=tail:
                                 last(ins[self._i]) if tail is None else (last(ins[self._i]), *tail))
                 elif not last_pass:
                     # prepended: recorded before a watching hook can end the forward
                     self._keep(ch.name, self._ins,
-                               functools.partial(self.targets[ch.last].register_forward_pre_hook, prepend=True),
+                               functools.partial(self.block.get_submodule(ch.last).register_forward_pre_hook, prepend=True),
                                lambda mod, args: args[0])
 
     def _patch(self, module: nn.Module, fn: Callable[[], object]) -> None:

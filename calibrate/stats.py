@@ -41,6 +41,13 @@ class HessianCollector:
             rows[:, b[i] : b[i + 1]] = diag + diag.tril(-1).T
         return self.sum * (2.0 / self.tokens)
 
+    def take(self) -> torch.Tensor:
+        """`hessian`, normalised in place and handed over: the collector keeps no reference to it (a
+        5632-wide Hessian is 121 MiB; the caller decides when it is freed)."""
+        H = self.hessian
+        self.sum = None
+        return H
+
 
 class ChannelStats:
     """Per-input-channel mean |x|, mean x^2 and max |x| (AWQ scales, Wanda norms, SmoothQuant ranges)."""
@@ -66,3 +73,23 @@ class ChannelStats:
     @property
     def l2_norm(self) -> torch.Tensor:
         return self.sq_sum.sqrt().float()
+
+
+def inverse_cholesky_(H: torch.Tensor, dampening: float) -> torch.Tensor:
+    """In place: the upper Cholesky factor of (H + damp I)^-1, whose row j holds column j's update coefficients.
+
+    `H` (in, in) must be the caller's own float copy (a 5632-wide down_proj
+    Hessian is 121 MiB, so no second one is made); damp is `dampening` times
+    the mean of diag(H).
+    """
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("the calibration Hessian has non-finite values: the layer's inputs overflow float32 "
+                         "on the calibration data")
+    H.diagonal().add_(dampening * torch.mean(torch.diag(H)))
+    try:
+        torch.linalg.cholesky(H, out=H)
+        torch.cholesky_inverse(H, out=H)
+        return torch.linalg.cholesky(H, upper=True, out=H)
+    except torch.linalg.LinAlgError:
+        raise ValueError(f"the calibration Hessian is not positive definite even with dampening {dampening:g} "
+                         "(inputs of extreme range); raise dampening") from None

@@ -35,12 +35,6 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
               help="TIES: fraction of each adapter's delta entries kept.")
 @click.option("--requantize", type=click.Choice(["recorded", "gptq", "rtn"]), default="recorded", show_default=True,
               help="Quantized MODEL: re-quantize merged layers with the method its recipe recorded, or force one.")
-@click.option("--grid", type=click.Choice(["auto", "kept", "fresh", "best"]), default="auto", show_default=True,
-              help="Quantized base: re-quantize onto each module's own scales and zero points (kept), new ones "
-                   "(fresh), or per module whichever reconstructs the layer better (best, GPTQ); auto: fresh.")
-@click.option("--emphasis", type=FINITE, default=None,
-              help="GPTQ re-quantization: errors along the delta's input directions cost 1 + EMPHASIS times as much "
-                   "(keeps more of a small delta) [default: the pass's].")
 @click.option("--tune-steps", type=int, default=None,
               help="Quantized base: steps of scale tuning after re-quantization, fitting the re-quantized modules' "
                    "scales so the model matches the exact float merge on the calibration data; 0 turns it off "
@@ -50,7 +44,7 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
 @calib_options
-def command(model, adapters, weights, method, density, requantize, grid, emphasis, tune_steps, out, force, allow_pickle,
+def command(model, adapters, weights, method, density, requantize, tune_steps, out, force, allow_pickle,
             calib_source, calib_samples, calib_seq_len, seed) -> None:
     """Merge LoRA ADAPTERs into MODEL and save the result.
 
@@ -70,12 +64,10 @@ def command(model, adapters, weights, method, density, requantize, grid, emphasi
     from compress.recipe import Recipe
     from compress.runner import compress_model
 
-    fields = {"adapters": list(adapters), "method": method, "density": density, "requantize": requantize, "grid": grid,
+    fields = {"adapters": list(adapters), "method": method, "density": density, "requantize": requantize,
               "allow_pickle": allow_pickle}
     if weights is not None:
         fields["weights"] = weights
-    if emphasis is not None:
-        fields["emphasis"] = emphasis
     if tune_steps is not None:
         fields["tune_steps"] = tune_steps
     recipe = Recipe.single("lora_merge", **fields)

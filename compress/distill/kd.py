@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import native_bf16
+from calibrate.forward import native_bf16
 from compress.distill.losses import DIVERGENCES, HIDDEN_LOSSES
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass

@@ -10,24 +10,14 @@ module's own scheme otherwise, since AWQ's scales are already folded into the
 weights), so the result is again a packed artifact; the report gives the
 relative weight error that re-quantization adds to the float merge.
 
-GPTQ can re-quantize onto the module's existing grid (its scales and zero
-points): the base weights are already on it, so only the small merged delta
-has to be rounded, and error feedback turns it into code changes that carry
-the delta's effect on the layer's outputs. Fresh grids re-round every weight
-onto a slightly moved grid (a symmetric grid moves by 8/7 wherever the base
-used the code -8) and add a second quantization error to the base's, but
-keep deltas that the kept grid would round away. `grid: best` runs both per
-module and keeps the smaller layer reconstruction error on the calibration
-inputs. Measured on the reference model (bench/lora_merge_reference.py, a
-16-step LoRA into a GPTQ W4 g128 artifact): fresh 26.75, best 27.97, the
-exact float merge 25.88: the kept grid wins each layer's objective yet loses
-much of the low-rank delta, an error that adds up coherently over the layers,
-so fresh grids are the default. `emphasis` weights the GPTQ loss along the
-delta's input directions (H + e P H P, P the projector onto the delta's row
-space), so error feedback turns more of the delta into code changes: kept grid
-with emphasis 16 / 64 / 256 scores 27.00 / 26.89 / 27.03 (16 keeps ~0.6 of a
-synthetic delta instead of none, tested), fresh grids with 16 26.78, so it
-saturates behind fresh grids without it; off by default.
+Re-quantization always rounds onto fresh grids, by running the recorded
+quantizer step on the merged modules. Earlier versions could also keep the
+artifact's grids (scales and zero points), pick per module whichever of the
+two reconstructed the layer better, and weight GPTQ's loss along the delta's
+input directions; measured on the reference model (bench/lora_merge_reference.py,
+a 16-step LoRA into a GPTQ W4 g128 artifact) they scored 27.00-27.97 against
+26.75 with fresh grids (the kept grid rounds away deltas under half a step, an
+error that adds up over the layers), so they were removed.
 
 Re-quantizing adds a second rounding error on top of the base's; after it,
 `tune_steps` of scale tuning (`compress.quantize.scale_tune`, on by default for
@@ -56,7 +46,6 @@ from compress.targets import set_submodule
 log = logging.getLogger(__name__)
 
 REQUANTIZE = ("recorded", "gptq", "rtn")
-GRIDS = ("auto", "kept", "fresh", "best")
 _GPTQ_FIELDS = ("batch_size", "forward_dtype", "block_size", "dampening", "act_order", "true_sequential")
 
 
@@ -67,11 +56,6 @@ class LoraMergeConfig:
     method: str = "linear"  # several adapters: "linear" (weighted sum of deltas) or "ties"
     density: float = 0.2  # ties: fraction of each delta's entries kept (the paper's top 20 %)
     requantize: str = "recorded"  # quantized base: the method its recipe recorded, or force "gptq" / "rtn"
-    grid: str = "auto"  # re-quantize onto the module's own scales/zeros ("kept"), new ones ("fresh"), or (GPTQ)
-    # both, keeping per module the one with the smaller layer reconstruction error ("best"); auto = fresh (the
-    # best perplexity measured; kept grids drop deltas under half a step)
-    emphasis: float = 0.0  # GPTQ re-quantization: errors along the delta's input directions cost 1 + emphasis
-    # times what the calibration inputs alone say (0: the plain GPTQ loss)
     tune_steps: int = 32  # quantized base: steps of scale tuning after re-quantization (the re-quantized modules'
     # scales fitted so the model matches the exact float merge on the calibration windows; 0: off)
     tune_lr: float = 2e-3  # its learning rate (of the log-scales)
@@ -88,10 +72,6 @@ class LoraMergeConfig:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.requantize not in REQUANTIZE:
             raise ValueError(f"requantize must be one of {', '.join(REQUANTIZE)}, got {self.requantize!r}")
-        if self.grid not in GRIDS:
-            raise ValueError(f"grid must be one of {', '.join(GRIDS)}, got {self.grid!r}")
-        if not self.emphasis >= 0:
-            raise ValueError(f"emphasis must be >= 0, got {self.emphasis}")
         if self.tune_steps < 0:
             raise ValueError(f"tune_steps must be >= 0, got {self.tune_steps}")
         if not self.tune_lr > 0:
@@ -116,7 +96,7 @@ def _recorded(history: list[dict]) -> dict | None:
 
 
 def _method(how: str, recorded: dict | None) -> str:
-    """gptq for GPTQ/mixed artifacts; rtn on the module's own grid for RTN and AWQ ones (AWQ's scales are
+    """gptq for GPTQ/mixed artifacts; rtn with the module's own scheme for RTN and AWQ ones (AWQ's scales are
     already folded into the weights, and searching them again would rescale layers that stay quantized)."""
     if how != "recorded":
         return how
@@ -183,19 +163,9 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
     for a in adapters:
         check_against(a, model)  # everything is checked before the first weight changes
     _check_combination(adapters)
-    if any(isinstance(m, QuantLinear) for m in model.modules()) \
-            and _method(cfg.requantize, _recorded(recipe_history(model))) != "gptq":
-        if cfg.grid == "best":
-            raise ValueError("lora_merge: grid 'best' compares GPTQ results; this base re-quantizes with RTN: "
-                             "use grid 'kept' or 'fresh'")
-        if cfg.emphasis > 0:
-            raise ValueError("lora_merge: emphasis weights GPTQ's loss; this base re-quantizes with RTN: "
-                             "drop emphasis or set requantize: gptq")
     weights = list(cfg.weights) or [1.0] * len(adapters)
     names = sorted({n for a in adapters for n in a.modules})
     merged: dict[str, torch.Tensor] = {}  # re-quantized module -> its float merged weight
-    grids: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # re-quantized module -> its (scale, zero)
-    inputs: dict[str, torch.Tensor] = {}  # re-quantized module -> orthonormal basis of its delta's input directions
     schemes: dict[str, dict] = {}
     delta_sq = base_sq = 0.0
     for i, name in enumerate(names):
@@ -219,9 +189,6 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
                 lin.bias.copy_(mod.bias)
             set_submodule(model, name, lin)
             merged[name], schemes[name] = new, mod.scheme.to_dict()
-            grids[name] = (mod.weight_scale.float(), mod.zero_point())
-            if cfg.emphasis > 0:
-                inputs[name] = delta_input_basis(new - W)
         else:
             mod.weight.copy_(new.to(mod.weight.dtype))
         if progress:
@@ -235,39 +202,20 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
               "dora": any(a.dora for a in adapters)}
     metrics = {"delta_relative_norm": (delta_sq / base_sq) ** 0.5 if base_sq else 0.0}
     if merged:
-        metrics.update(_requantize(model, merged, schemes, grids, inputs, cfg, calib, config))
+        metrics.update(_requantize(model, merged, schemes, cfg, calib, config))
     log.info("lora_merge: merged %d modules from %d adapters", len(names), len(adapters))
     return PassReport(name="lora_merge", config=config, modules=len(names), metrics=metrics)
 
 
 def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict[str, dict],
-                grids: dict[str, tuple[torch.Tensor, torch.Tensor]], inputs: dict[str, torch.Tensor],
                 cfg: LoraMergeConfig, calib, config: dict) -> dict[str, float]:
+    """Run the recorded quantizer on the merged modules (fresh grids), then tune their scales if asked."""
     from compress.pipeline import apply
     from compress.recipe import Recipe
 
     how, steps = _requantize_steps(schemes, cfg.requantize, recipe_history(model))
-    grid = "fresh" if cfg.grid == "auto" else cfg.grid
-    recipe = Recipe.from_steps(steps, where="lora_merge re-quantization")
-    if grid == "fresh" and not inputs:  # (inputs only with emphasis, which run() allows with GPTQ only)
-        apply(model, recipe, calib)
-    elif how == "gptq":
-        from compress.quantize.gptq import quantize_blocks
-
-        def emphasised(name: str, H: torch.Tensor) -> torch.Tensor:
-            V = inputs.get(name)
-            return H if V is None else emphasise(H, V, cfg.emphasis)
-
-        for step in recipe.steps:
-            scheme = step.config.scheme
-            quantize_blocks(model, step.config, calib, lambda _n, s=scheme: s, label="lora_merge gptq",
-                            grid_for=None if grid == "fresh" else grids.get, or_fresh=grid == "best",
-                            hessian_for=emphasised if inputs else None)
-    else:
-        _rtn_on_grids(model, merged, grids, schemes)
-    config["requantized"] = {"method": how, "grid": grid, "modules": len(merged), "steps": steps}
-    if inputs:
-        config["requantized"]["emphasis"] = cfg.emphasis
+    apply(model, Recipe.from_steps(steps, where="lora_merge re-quantization"), calib)
+    config["requantized"] = {"method": how, "modules": len(merged), "steps": steps}
     metrics: dict[str, float] = {}
     if cfg.tune_steps > 0:
         from compress.quantize.scale_tune import tune_after_quantization
@@ -281,37 +229,3 @@ def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict
         err_sq += float((q.dequantize_weight() - W).pow(2).sum())
         ref_sq += float(W.pow(2).sum())
     return {"requantization_relative_error": (err_sq / ref_sq) ** 0.5, **metrics}
-
-
-def delta_input_basis(delta: torch.Tensor, max_rank: int = 64, rtol: float = 1e-4) -> torch.Tensor:
-    """Orthonormal basis (in, k) of the input directions a weight delta (out, in) acts on: its top right
-    singular vectors, those above `rtol` of the largest, at most `max_rank` (a LoRA delta has rank r; a TIES
-    or DoRA one is full rank, and its leading directions are kept)."""
-    _, S, Vh = torch.linalg.svd(delta.float(), full_matrices=False)
-    k = min(max_rank, int((S > rtol * S[0]).sum())) if S.numel() and S[0] > 0 else 0
-    return Vh[:k].T.contiguous()
-
-
-def emphasise(H: torch.Tensor, V: torch.Tensor, emphasis: float) -> torch.Tensor:
-    """H + emphasis * P H P with P = V V^T: the loss tr(E H E^T) of a weight error E, with the part of E
-    along the delta's input directions (E P) costing 1 + emphasis times as much. Without it GPTQ onto the
-    artifact's grid rounds the small delta away (E = -delta lies entirely along those directions and costs
-    little per layer), an error that adds up over the layers."""
-    V = V.to(H.dtype)
-    HV = H @ V  # (in, k)
-    return H + emphasis * (V @ (V.T @ HV) @ V.T)
-
-
-def _rtn_on_grids(model: nn.Module, merged: dict[str, torch.Tensor], grids: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                  schemes: dict[str, dict]) -> None:
-    """Round each merged weight to the nearest code of the grid its module had."""
-    from compress.quantize.grid import quantize
-    from compress.quantize.scheme import QuantScheme
-
-    for name, W in merged.items():
-        lin = model.get_submodule(name)
-        scheme = QuantScheme(**schemes[name])
-        scale, zero = grids[name]
-        q = quantize(W, scale, zero, scheme)
-        set_submodule(model, name, QuantLinear.from_codes(q, scale, zero, scheme, bias=lin.bias,
-                                                          dtype=lin.weight.dtype))

@@ -19,15 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calibrate.blocks import (
-    BlockInputs,
-    blocks_in_turn,
-    capture_first_block_inputs,
-    check_forward_options,
-    decoder_blocks,
-    resolve_forward_dtype,
-    run_block,
-)
+from calibrate.blocks import decoder_blocks
+from calibrate.forward import check_forward_options, resolve_forward_dtype
+from calibrate.walk import Block, block_linears, walk
 from compress import lazy
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import CONFIG_KEY, pruned_modules
@@ -58,29 +52,30 @@ class LayersConfig:
 
 
 @torch.no_grad()
-def block_influence(model: nn.Module, calib: torch.Tensor, *, batch_size: int = 8,
-                    dtype: torch.dtype | None = None, progress: Progress | None = None) -> list[float]:
+def block_influence(model: nn.Module, calib: torch.Tensor, *, batch_size: int = 8, forward_dtype: str = "auto",
+                    progress: Progress | None = None) -> list[float]:
     """ShortGPT's BI of every decoder block: 1 - mean cosine similarity of its input and output hidden states.
 
     Block by block over the captured calibration inputs, so a lazily loaded
     model holds one block in memory; only one batch's input is copied at a time.
     """
-    _, blocks = decoder_blocks(model)
-    inputs = capture_first_block_inputs(model, calib, batch_size=batch_size)
-    bi = []
-    for b, block in blocks_in_turn(model, blocks):
-        total, count = 0.0, 0
-        for i, kw in enumerate(inputs.kwargs):
-            before = inputs.hidden[i].clone()  # (batch, seq, hidden)
-            one = BlockInputs([inputs.hidden[i]], [kw])
-            run_block(block, one, dtype=dtype)
-            inputs.hidden[i] = one.hidden[0]
-            cos = F.cosine_similarity(before.float(), inputs.hidden[i].float(), dim=-1)  # (batch, seq)
-            total += float(cos.sum())
-            count += cos.numel()
-        bi.append(1.0 - total / count)
-        if progress:
-            progress("prune_layers", b + 1, len(blocks))
+    bi: list[float] = []
+
+    def visit(block: Block) -> None:
+        total = [0.0, 0]
+
+        def cosine(before: torch.Tensor, after: torch.Tensor) -> None:
+            cos = F.cosine_similarity(before.float(), after.float(), dim=-1)  # (batch, seq)
+            total[0] += float(cos.sum())
+            total[1] += cos.numel()
+
+        block.run(cosine)
+        bi.append(1.0 - total[0] / total[1])
+
+    walk(model, block_linears(model), calib, visit, label="prune_layers", batch_size=batch_size,
+         forward_dtype=forward_dtype, progress=progress)
+    if len(bi) != len(decoder_blocks(model)[1]):
+        raise ValueError("prune_layers: a decoder block without Linear layers has no block influence")
     return bi
 
 
@@ -138,12 +133,13 @@ def run(model: nn.Module, cfg: LayersConfig, calib: torch.Tensor, *, progress: P
     if not 0 < n_drop < n:
         raise ValueError(f"ratio {cfg.ratio} of {n} blocks removes {n_drop}: choose a ratio in "
                          f"[{0.5 / n:.4f}, {1 - 0.5 / n:.4f})")
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(model.parameters()))
     scores = None
     if cfg.importance == "cosine":
-        scores = block_influence(model, calib, batch_size=cfg.batch_size, dtype=dtype, progress=progress)
+        scores = block_influence(model, calib, batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
+                                 progress=progress)
         dropped = sorted(range(n), key=lambda i: scores[i])[:n_drop]
     else:
+        dtype = resolve_forward_dtype(cfg.forward_dtype, next(model.parameters()))
         dropped = _greedy_by_loss(model, blocks, calib[:cfg.loss_samples], n_drop, cfg.batch_size, dtype, progress)
     before = sum(p.numel() for p in model.parameters())
     remove_blocks(model, dropped)

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import resolve_forward_dtype
-from calibrate.sequential import inverse_cholesky_, solve_blocks
+from calibrate.stats import HessianCollector, inverse_cholesky_
+from calibrate.walk import Block, walk
 from compress import targets as tg
+from compress.checks import about
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import (
     CalibratedSparsityConfig,
@@ -103,23 +104,25 @@ def run(model: nn.Module, cfg: SparseGPTConfig, calib: torch.Tensor, *,
         progress: Progress | None = None) -> PassReport:
     """Prune every selected Linear with SparseGPT, block by block on calibration windows `calib`."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     zeros: dict[str, tuple[int, int]] = {}
     total_loss = 0.0
 
-    def solve(name: str, short: str, lin: nn.Module, take_hessian) -> None:
+    def visit(block: Block) -> None:
         nonlocal total_loss
-        try:
-            W, loss = prune_weight(lin.weight, take_hessian(), cfg.fraction, cfg.n_m, block_size=cfg.block_size,
-                                   dampening=cfg.dampening)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        lin.weight.copy_(W.to(lin.weight.dtype))
-        zeros[name] = count_zeros(lin.weight)
-        total_loss += loss
+        hessian = lambda m: (HessianCollector(m.in_features, device=m.weight.device),)  # noqa: E731
+        for stage, (collected,) in block.stagewise(hessian, sequential=cfg.true_sequential):
+            H = [collected.take()]  # the stage's last module gets the only reference and may free it early
+            for n in stage:
+                lin, name = block.modules[n], block.name(n)
+                with about(name):
+                    W, loss = prune_weight(lin.weight, H.pop() if n == stage[-1] else H[0], cfg.fraction, cfg.n_m,
+                                           block_size=cfg.block_size, dampening=cfg.dampening)
+                lin.weight.copy_(W.to(lin.weight.dtype))
+                zeros[name] = count_zeros(lin.weight)
+                total_loss += loss
 
-    solve_blocks(model, selected, calib, solve, label="sparsegpt", batch_size=cfg.batch_size, dtype=dtype,
-                 true_sequential=cfg.true_sequential, progress=progress)
+    walk(model, selected, calib, visit, label="sparsegpt", batch_size=cfg.batch_size,
+         forward_dtype=cfg.forward_dtype, progress=progress)
     record_pruned(model, list(zeros), cfg.label)
     log.info("sparsegpt: pruned %d modules to %s, loss %.4g", len(zeros), cfg.label, total_loss)
     return sparsity_report("sparsegpt", cfg, zeros, metrics={"sparsegpt_loss": total_loss},

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import check_forward_options
+from calibrate.forward import check_forward_options
 from compress.pipeline import PassReport
 from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
 

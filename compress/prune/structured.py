@@ -27,17 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import (
-    blocks_in_turn,
-    capture_first_block_inputs,
-    check_forward_options,
-    decoder_blocks,
-    input_stages,
-    observe_stages,
-    resolve_forward_dtype,
-    run_block,
-)
+from calibrate.blocks import decoder_blocks
+from calibrate.forward import check_forward_options
 from calibrate.stats import HessianCollector
+from calibrate.walk import Block, block_linears, walk
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
 
@@ -112,16 +105,15 @@ def _set(block: nn.Module, name: str, new: nn.Module) -> None:
     setattr(block.get_submodule(parent) if parent else block, child, new)
 
 
-def _units(block: nn.Module, inputs, which: str) -> tuple[list[str], str, dict[str, nn.Linear]]:
-    """(producers, consumer, Linears) of the block's attention (`which="attention"`) or MLP."""
-    lins = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-    stages = input_stages(block, inputs, lins)
+def _units(block: Block, which: str) -> tuple[list[str], str]:
+    """(producers, consumer) of the block's attention (`which="attention"`) or MLP."""
+    stages = block.stages
     if len(stages) < 4:
         raise ValueError(f"expected attention and MLP stages in a decoder block, found {stages}")
     producers, consumer = (stages[0], stages[1]) if which == "attention" else (stages[-2], stages[-1])
     if len(consumer) != 1:
         raise ValueError(f"the {which} output should be one Linear, found {consumer}")
-    return producers, consumer[0], lins
+    return producers, consumer[0]
 
 
 def _energy(W: torch.Tensor, H: torch.Tensor | None, unit: int) -> torch.Tensor:
@@ -136,24 +128,22 @@ def _energy(W: torch.Tensor, H: torch.Tensor | None, unit: int) -> torch.Tensor:
 
 def _run(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, label: str, which: str, prune_block,
          progress: Progress | None) -> int:
-    """Shared loop: per block find the units, measure the consumer's input Hessian, prune, feed the next block."""
-    path, blocks = decoder_blocks(model)
-    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(blocks[0].parameters()))
+    """Per block: find the units, measure the consumer's input Hessian, prune; returns the parameters removed."""
     removed = 0
-    for b, block in blocks_in_turn(model, blocks):
-        producers, consumer, lins = _units(block, inputs, which)
+
+    def visit(block: Block) -> None:
+        nonlocal removed
+        producers, consumer = _units(block, which)
         H = None
         if cfg.importance == "activation":
-            stats = observe_stages(block, inputs, [[consumer]], lins,
-                                   lambda m: (HessianCollector(m.in_features, device=m.weight.device),), dtype=dtype)
-            H = stats[consumer][0].hessian
-        before = sum(p.numel() for p in block.parameters())
-        prune_block(block, producers, consumer, lins, H)
-        removed += before - sum(p.numel() for p in block.parameters())
-        run_block(block, inputs, dtype=dtype)  # the pruned block feeds the next one
-        if progress:
-            progress(label, b + 1, len(blocks))
+            H = block.observe([[consumer]], lambda m: (HessianCollector(m.in_features, device=m.weight.device),)
+                              )[consumer][0].hessian
+        before = sum(p.numel() for p in block.module.parameters())
+        prune_block(block.module, producers, consumer, block.modules, H)
+        removed += before - sum(p.numel() for p in block.module.parameters())
+
+    walk(model, block_linears(model), calib, visit, label=label, batch_size=cfg.batch_size,
+         forward_dtype=cfg.forward_dtype, progress=progress)
     return removed
 
 

@@ -16,17 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import (
-    blocks_in_turn,
-    capture_first_block_inputs,
-    input_stages,
-    modules_by_block,
-    observe_stages,
-    resolve_forward_dtype,
-    run_block,
-)
 from calibrate.stats import ChannelStats
+from calibrate.walk import Block, walk
 from compress import targets as tg
+from compress.checks import about
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import (
     CalibratedSparsityConfig,
@@ -55,30 +48,21 @@ def wanda_scores(W: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
 def run(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Prune every selected Linear by |W| x ||X||, per output row, block by block on calibration windows."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    path, blocks, per_block = modules_by_block(model, selected, "wanda")
-    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     zeros: dict[str, tuple[int, int]] = {}
-    for b, block in blocks_in_turn(model, blocks):
-        mods = per_block[b]
-        if mods:
-            # every stage's input norms in one pass over the block, on the pruned blocks' outputs
-            stages = input_stages(block, inputs, mods)
-            stats = observe_stages(block, inputs, stages, mods,
-                                   lambda m: (ChannelStats(m.in_features, device=m.weight.device),), dtype=dtype)
-            for st in stages:
-                norm = stats[st[0]][0].l2_norm
-                for n in st:
-                    W = mods[n].weight
-                    try:
-                        mask = prune_mask(wanda_scores(W, norm), cfg.fraction, cfg.n_m, scope="row")
-                    except ValueError as e:
-                        raise ValueError(f"{path}.{b}.{n}: {e}") from None
-                    W.masked_fill_(mask, 0)
-                    zeros[f"{path}.{b}.{n}"] = count_zeros(W)
-        run_block(block, inputs, dtype=dtype)  # the pruned block feeds the next one
-        if progress:
-            progress("wanda", b + 1, len(blocks))
+
+    def visit(block: Block) -> None:
+        # every stage's input norms in one pass over the block, on the pruned blocks' outputs
+        stats = block.observe(block.stages, lambda m: (ChannelStats(m.in_features, device=m.weight.device),))
+        for st in block.stages:
+            norm = stats[st[0]][0].l2_norm
+            for n in st:
+                W = block.modules[n].weight
+                with about(block.name(n)):
+                    W.masked_fill_(prune_mask(wanda_scores(W, norm), cfg.fraction, cfg.n_m, scope="row"), 0)
+                zeros[block.name(n)] = count_zeros(W)
+
+    walk(model, selected, calib, visit, label="wanda", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
+         progress=progress)
     record_pruned(model, list(zeros), cfg.label)
     log.info("wanda: pruned %d modules to %s", len(zeros), cfg.label)
     return sparsity_report("wanda", cfg, zeros, calibration_tokens=int(calib.numel()))

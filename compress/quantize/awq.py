@@ -25,17 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import (
-    blocks_in_turn,
-    capture_first_block_inputs,
-    input_stages,
-    modules_by_block,
-    observe_stages,
-    resolve_forward_dtype,
-    run_block,
-)
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
 from calibrate.stats import ChannelStats, HessianCollector
+from calibrate.walk import Block, walk
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import fake_quantize, grouped, quantize_weight
@@ -145,76 +137,72 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, grid: 
 def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Scale, clip and (unless `quantize` is false) round the selected Linears block by block."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    path, blocks, per_block = modules_by_block(model, selected, "awq")
-    scheme = cfg.scheme
-    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
-    totals = {"scale_before": 0.0, "scale_after": 0.0, "clip_before": 0.0, "clip_after": 0.0}
-    folded, done, bits, weights = 0, 0, 0, 0
+    totals = {"scale_before": 0.0, "scale_after": 0.0, "clip_before": 0.0, "clip_after": 0.0, "folded": 0,
+              "bits": 0, "weights": 0}
     references: dict[str, torch.Tensor] = {}  # scale tuning's target, when asked for
+    pending = PendingSwaps()
     # where each stage's 1/s folds is a fact of the block's structure: tested on the first block of a
     # kind (class and stages), then reused for the blocks like it
     producers_of: dict[tuple, dict[str, str | None]] = {}
-    for b, block in blocks_in_turn(model, blocks):
-        mods = per_block[b]
-        if not mods:
-            run_block(block, inputs, dtype=dtype)
-            continue
-        # AWQ changes the producers (norms) too, so nothing of the block is reused between its two passes
-        stages = input_stages(block, inputs, mods)
-        # statistics of every stage on the unmodified block, in one pass
-        stats = observe_stages(block, inputs, stages, mods,
-                               lambda m: (HessianCollector(m.in_features, device=m.weight.device),
-                                          ChannelStats(m.in_features, device=m.weight.device)), dtype=dtype)
-        kind = (type(block), tuple(map(tuple, stages)))
+
+    def visit(block: Block) -> None:
+        # statistics of every stage on the unmodified block, in one pass; AWQ changes the producers (norms)
+        # too, so nothing of the block is reused between this pass and the one feeding the next block
+        stats = block.observe(block.stages, lambda m: (HessianCollector(m.in_features, device=m.weight.device),
+                                                       ChannelStats(m.in_features, device=m.weight.device)))
+        kind = (type(block.module), tuple(map(tuple, block.stages)))
         if kind not in producers_of:
-            producers_of[kind] = find_producers(block, inputs, stages, mods)
-        producers = producers_of[kind]
-        hessians: dict[str, torch.Tensor | None] = {}
-        for st in stages:  # all scales are searched and folded before any weight is rounded
-            hc, cs = stats.pop(st[0])
-            H = hc.hessian if hc.tokens else None
-            if H is not None and producers[st[0]] is not None:
-                s, after, before = search_scale([mods[n].weight for n in st], H, cs.mean_abs, scheme,
-                                                n_grid=cfg.n_grid, duo_scaling=cfg.duo_scaling)
-                fold_into_producer(block.get_submodule(producers[st[0]]), s)
-                for n in st:
-                    scale_consumer(mods[n], s)
-                H = H.div_(s[:, None]).div_(s[None, :])  # the stage now reads x / s
-                totals["scale_before"] += before
-                totals["scale_after"] += after
-                folded += 1
-            hessians[st[0]] = H
-        pending = PendingSwaps()
-        for st in stages:
+            producers_of[kind] = find_producers(block.module, block.inputs, block.stages, block.modules)
+        hessians = {st[0]: _scale_stage(block, st, *stats.pop(st[0]), producers_of[kind][st[0]], cfg, totals)
+                    for st in block.stages}  # all scales are searched and folded before any weight is rounded
+        for st in block.stages:
             H = hessians.pop(st[0])
             for n in st:
                 if cfg.tune_steps:  # scaled, not yet clipped: the float model's function (the norms hold 1/s)
-                    references[f"{path}.{b}.{n}"] = mods[n].weight.detach().clone()
-                _finish(n, mods[n], H, cfg, totals, pending)
-                weights += mods[n].weight.numel()
-                done += 1
-        run_block(block, inputs, dtype=dtype)
-        bits += pending.commit(block)
-        if progress:
-            progress("awq", b + 1, len(blocks))
-    log.info("awq: %d modules, %d scale folds", done, folded)
+                    references[block.name(n)] = block.modules[n].weight.detach().clone()
+                _finish(n, block.modules[n], H, cfg, totals, pending)
+                totals["weights"] += block.modules[n].weight.numel()
+
+    def commit(module: nn.Module) -> None:
+        totals["bits"] += pending.commit(module)
+
+    walk(model, selected, calib, visit, label="awq", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
+         progress=progress, after=commit)
+    log.info("awq: %d modules, %d scale folds", len(selected), totals["folded"])
     metrics = {"scale_error_ratio": totals["scale_after"] / max(totals["scale_before"], 1e-30),
                "clip_error_ratio": totals["clip_after"] / max(totals["clip_before"], 1e-30),
-               "scaled_stages": folded}
+               "scaled_stages": totals["folded"]}
     if cfg.quantize:
-        metrics["bits_per_weight"] = bits / max(weights, 1)
+        metrics["bits_per_weight"] = totals["bits"] / max(totals["weights"], 1)
     tuned, tune_metrics = tune_after_quantization(model, references, calib, cfg, progress=progress)
     metrics.update(tune_metrics)
     return PassReport(
         name="awq",
-        config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
+        config={**cfg.scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
                 "n_grid": cfg.n_grid, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
                 "quantize": cfg.quantize, "forward_dtype": cfg.forward_dtype,
                 "calibration_tokens": int(calib.numel()), **tuned},
-        modules=done,
+        modules=len(selected),
         metrics=metrics,
     )
+
+
+def _scale_stage(block: Block, stage: list[str], hc: HessianCollector, cs: ChannelStats, producer: str | None,
+                 cfg: AWQConfig, totals: dict) -> torch.Tensor | None:
+    """Search the stage's scale s and fold it (1/s into the producer, s into the stage's weights); return the
+    Hessian of the stage's new input x / s (None when no calibration token reached the stage)."""
+    H = hc.hessian if hc.tokens else None
+    if H is None or producer is None:
+        return H
+    s, after, before = search_scale([block.modules[n].weight for n in stage], H, cs.mean_abs, cfg.scheme,
+                                    n_grid=cfg.n_grid, duo_scaling=cfg.duo_scaling)
+    fold_into_producer(block.module.get_submodule(producer), s)
+    for n in stage:
+        scale_consumer(block.modules[n], s)
+    totals["scale_before"] += before
+    totals["scale_after"] += after
+    totals["folded"] += 1
+    return H.div_(s[:, None]).div_(s[None, :])  # the stage now reads x / s
 
 
 @torch.no_grad()

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import resolve_forward_dtype
-from calibrate.sequential import inverse_cholesky_, solve_blocks
+from calibrate.stats import HessianCollector, inverse_cholesky_
+from calibrate.walk import Block, walk
 from compress import targets as tg
 from compress.checks import about
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
-from compress.quantize.grid import dequantize, qparams
+from compress.quantize.grid import qparams
 from compress.quantize.qlinear import PendingSwaps
 from compress.quantize.scale_tune import float_references, tune_after_quantization
 from compress.quantize.scheme import CalibratedQuantConfig, QuantScheme
@@ -48,8 +48,7 @@ class GPTQConfig(CalibratedQuantConfig):
 
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
-                    dampening: float = 0.01, act_order: bool = True, zeros: torch.Tensor | None = None,
-                    grid: tuple[torch.Tensor, torch.Tensor] | None = None
+                    dampening: float = 0.01, act_order: bool = True, zeros: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """GPTQ for one weight W (out, in) with Hessian H (in, in).
 
@@ -60,10 +59,6 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
     (out, in) bool marks weights that must come out exactly zero (pruned ones):
     they get their group's zero point, and their error is spread like any
     rounding error, as in SparseGPT's joint sparsification and quantization.
-    `grid` (scale, zero), each (out, n_groups), fixes the groups' parameters
-    instead of deriving them from W: re-quantizing a slightly changed weight onto
-    the grid it was quantized on (a merged LoRA delta) keeps the unchanged part
-    exact, and error feedback carries the small change into the codes.
     """
     W = W.detach().float().clone()
     out, n = W.shape
@@ -74,13 +69,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
 
     column_scheme = QuantScheme(bits=scheme.bits, group_size=-1, symmetric=scheme.symmetric,
                                 scale_dtype=scheme.scale_dtype)
-    if grid is not None:
-        scale, zero = (t.detach().float().clone() for t in grid)
-        if scale.shape != (out, ng) or zero.shape != (out, ng):
-            raise ValueError(f"grid: scale/zero must be {(out, ng)}, got {tuple(scale.shape)}/{tuple(zero.shape)}")
     if act_order:  # static groups: from the (dead-column-zeroed) weights before any update
-        if grid is None:
-            scale, zero = qparams(W, scheme)
+        scale, zero = qparams(W, scheme)
         perm = torch.argsort(torch.diag(H).float().masked_fill(dead, 1.0), descending=True)
         W = W[:, perm]
         H = H.detach().index_select(0, perm)  # our own permuted copy, rows then columns:
@@ -90,8 +80,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
         group_of = (perm // g).tolist()  # (in,) original group of each permuted column
     else:  # each group's grid is set when its first column comes up
         H = H.detach().float().clone()
-        if grid is None:
-            scale, zero = torch.empty(out, ng), torch.empty(out, ng)
+        scale, zero = torch.empty(out, ng), torch.empty(out, ng)
         perm = None
         group_of = [j // g for j in range(n)]
     H.diagonal()[dead] = 1.0
@@ -111,7 +100,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
         for i in range(i2 - i1):
             j = i1 + i
             gi = group_of[j]
-            if grid is None and not act_order and j % g == 0:  # first column of a group: its grid from current weights
+            if not act_order and j % g == 0:  # first column of a group: its grid from current weights
                 s, z = qparams(_group_slice(W, W1, i1, i2, j, g), column_scheme)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
             w, s, z = W1[:, i], scale[:, gi], zero[:, gi]
@@ -140,60 +129,39 @@ def _group_slice(W: torch.Tensor, W1: torch.Tensor, i1: int, i2: int, j: int, g:
 
 def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
                     scheme_for: Callable[[str], QuantScheme], *, label: str = "gptq",
-                    grid_for: Callable[[str], tuple[torch.Tensor, torch.Tensor] | None] | None = None,
-                    or_fresh: bool = False, hessian_for: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
                     progress: Progress | None = None) -> tuple[int, float, int, int]:
-    """GPTQ over the decoder blocks, each module on `scheme_for(full name)` (and on the fixed grid
-    `grid_for(full name)` where that gives one; with `or_fresh`, also on fresh grids, keeping whichever result
-    has the smaller layer reconstruction error ||X (W - Q)^T||^2 on the calibration inputs).
-    `hessian_for(full name, H)`, when given, returns the Hessian GPTQ uses instead of the collected H
-    (a loss that weights some input directions more, e.g. a merged LoRA delta's).
+    """GPTQ over the decoder blocks, each selected Linear on the scheme `scheme_for(full name)`.
 
     Weights that a pruning pass set to zero (`compress.prune.sparsity.pruned_modules`)
     stay zero. Returns (modules, summed loss, storage bits, weights).
     """
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     sparse = pruned_modules(model)
     pending = PendingSwaps()  # a block's Linears become QuantLinears once the block has fed the next one
-    total = {"loss": 0.0, "done": 0, "bits": 0, "weights": 0, "fresh": 0}
+    total = {"loss": 0.0, "bits": 0, "weights": 0}
 
-    def solve(name: str, short: str, lin: nn.Module, take_hessian) -> None:
-        keep = (lin.weight == 0) if name in sparse else None
-        H, scheme = take_hessian(), scheme_for(name)
-        if hessian_for is not None:
-            H = hessian_for(name, H)
-        grid = grid_for(name) if grid_for else None
-        kw = {"block_size": cfg.block_size, "dampening": cfg.dampening, "act_order": cfg.act_order, "zeros": keep}
-        with about(name):
-            q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, grid=grid, **kw)
-        if grid is not None and or_fresh:
-            fresh = quantize_weight(lin.weight, H, scheme, **kw)
-            if reconstruction_error(lin.weight, fresh[:3], H, scheme) < reconstruction_error(lin.weight, (q, scale, zero),
-                                                                                              H, scheme):
-                q, scale, zero, loss = fresh
-                total["fresh"] += 1
-        pending.add(short, lin, q, scale, zero, scheme)
-        total["loss"] += loss
-        total["weights"] += q.numel()
-        total["done"] += 1
+    def visit(block: Block) -> None:
+        hessian = lambda m: (HessianCollector(m.in_features, device=m.weight.device),)  # noqa: E731
+        for stage, (collected,) in block.stagewise(hessian, sequential=cfg.true_sequential):
+            H = [collected.take()]  # the stage's last module gets the only reference and may free it early
+            for n in stage:
+                lin, name = block.modules[n], block.name(n)
+                scheme, keep = scheme_for(name), (lin.weight == 0) if name in sparse else None
+                with about(name):
+                    q, scale, zero, loss = quantize_weight(
+                        lin.weight, H.pop() if n == stage[-1] else H[0], scheme, block_size=cfg.block_size,
+                        dampening=cfg.dampening, act_order=cfg.act_order, zeros=keep)
+                pending.add(n, lin, q, scale, zero, scheme)
+                total["loss"] += loss
+                total["weights"] += q.numel()
 
-    def block_done(block: nn.Module) -> None:
-        total["bits"] += pending.commit(block)
+    def commit(module: nn.Module) -> None:
+        total["bits"] += pending.commit(module)
 
-    solve_blocks(model, selected, calib, solve, label=label, batch_size=cfg.batch_size, dtype=dtype,
-                 true_sequential=cfg.true_sequential, block_done=block_done, progress=progress)
-    log.info("%s: quantized %d modules, loss %.4g", label, total["done"], total["loss"])
-    if or_fresh:
-        log.info("%s: %d of %d modules took fresh grids", label, total["fresh"], total["done"])
-    return total["done"], total["loss"], total["bits"], total["weights"]
-
-
-def reconstruction_error(W: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor, torch.Tensor], H: torch.Tensor,
-                         scheme: QuantScheme) -> float:
-    """tr(E H E^T) with E = W - dequant(codes): the layer's ||X W^T - X Q^T||^2 (up to H's normalisation)."""
-    E = W.detach().float() - dequantize(*codes, scheme)
-    return float(((E @ H.float()) * E).sum())
+    walk(model, selected, calib, visit, label=label, batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
+         progress=progress, after=commit)
+    log.info("%s: quantized %d modules, loss %.4g", label, len(selected), total["loss"])
+    return len(selected), total["loss"], total["bits"], total["weights"]
 
 
 @register_pass("gptq", GPTQConfig, needs_calibration=True, streams_blocks=lambda cfg: not cfg.tune_steps)

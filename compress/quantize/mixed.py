@@ -19,16 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import (
-    blocks_in_turn,
-    capture_first_block_inputs,
-    input_stages,
-    modules_by_block,
-    observe_stages,
-    resolve_forward_dtype,
-    run_block,
-)
 from calibrate.stats import HessianCollector
+from calibrate.walk import Block, walk
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
@@ -130,30 +122,24 @@ def measure_sensitivity(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor,
                         progress: Progress | None = None) -> dict[str, dict[int, float]]:
     """name -> {bits: GPTQ layer-output error} for every selected Linear, on the float model's inputs."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    path, blocks, per_block = modules_by_block(model, selected, "mixed")
-    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
     errors: dict[str, dict[int, float]] = {}
     sparse = pruned_modules(model)
-    for b, block in blocks_in_turn(model, blocks):
-        mods = per_block[b]
-        if mods:
-            stages = input_stages(block, inputs, mods)
-            hs = observe_stages(block, inputs, stages, mods,
-                                lambda m: (HessianCollector(m.in_features, device=m.weight.device),), dtype=dtype)
-            for st in stages:
-                H = hs.pop(st[0])[0].hessian
-                for n in st:
-                    W = mods[n].weight.detach().float()
-                    keep = (W == 0) if f"{path}.{b}.{n}" in sparse else None  # pruned zeros stay, as in GPTQ
-                    errors[f"{path}.{b}.{n}"] = {
-                        bits: output_error(dequantize(*quantize_weight(W, H, s, block_size=cfg.block_size,
-                                                                       dampening=cfg.dampening, act_order=cfg.act_order,
-                                                                       zeros=keep)[:3], s) - W, H)
-                        for bits in cfg.candidates for s in [_scheme(cfg, bits)]}
-        run_block(block, inputs, dtype=dtype)
-        if progress:
-            progress("mixed: sensitivity", b + 1, len(blocks))
+
+    def visit(block: Block) -> None:
+        hs = block.observe(block.stages, lambda m: (HessianCollector(m.in_features, device=m.weight.device),))
+        for st in block.stages:
+            H = hs.pop(st[0])[0].hessian
+            for n in st:
+                W = block.modules[n].weight.detach().float()
+                keep = (W == 0) if block.name(n) in sparse else None  # pruned zeros stay, as in GPTQ
+                errors[block.name(n)] = {
+                    bits: output_error(dequantize(*quantize_weight(W, H, s, block_size=cfg.block_size,
+                                                                   dampening=cfg.dampening, act_order=cfg.act_order,
+                                                                   zeros=keep)[:3], s) - W, H)
+                    for bits in cfg.candidates for s in [_scheme(cfg, bits)]}
+
+    walk(model, selected, calib, visit, label="mixed: sensitivity", batch_size=cfg.batch_size,
+         forward_dtype=cfg.forward_dtype, progress=progress)
     return errors
 
 

@@ -97,7 +97,7 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
     """Tune the scales of the QuantLinear modules named in `references` (name -> its float reference weight,
     (out, in)) so that `model` matches the model with those weights in float; in place. `calib` is
     (windows, seq_len) token ids. Returns the held-out KL before and after, and whether the result was kept."""
-    from calibrate.blocks import native_bf16
+    from calibrate.forward import native_bf16
 
     if calib is None or calib.ndim != 2 or calib.shape[0] < 2:
         raise ValueError("scale tuning needs at least 2 calibration windows (a (windows, seq_len) tensor)")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import check_forward_options
+from calibrate.forward import check_forward_options
 from compress import targets as tg
 from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
 

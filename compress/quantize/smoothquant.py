@@ -28,19 +28,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import (
-    blocks_in_turn,
-    capture_first_block_inputs,
-    check_forward_options,
-    input_stages,
-    modules_by_block,
-    observe_stages,
-    resolve_forward_dtype,
-    run_block,
-)
+from calibrate.blocks import batches
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
+from calibrate.forward import check_forward_options
 from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, fake_quantize, make_observer
 from calibrate.stats import ChannelStats
+from calibrate.walk import Block, walk
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
@@ -134,69 +127,67 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
         progress: Progress | None = None) -> PassReport:
     """Fold SmoothQuant factors into every stage of selected Linears whose input has a foldable producer."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    _, blocks, per_block = modules_by_block(model, selected, "smoothquant")
-    inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
-    producers_of: dict[tuple, dict[str, str | None]] = {}
-    smoothed = skipped = unsmoothed = 0
+    producers_of: dict[tuple, dict[str, str | None]] = {}  # per kind of block (class, stages): see awq
+    totals = {"skipped": 0, "unsmoothed": 0, "err_before": 0.0, "err_after": 0.0, "outlier_before": 0.0,
+              "outlier_after": 0.0}
     chosen: dict[str, list[float]] = {}  # stage lead module (name inside the block) -> alpha per block
-    err_before = err_after = 0.0
-    outlier_before = outlier_after = 0.0
-    per_batch = max(1, cfg.search_tokens // max(len(inputs.hidden), 1))
-    for b, block in blocks_in_turn(model, blocks):
-        mods = per_block[b]
-        if mods:
-            stages = input_stages(block, inputs, mods)
+    per_batch = max(1, cfg.search_tokens // batches(calib, cfg.batch_size))
 
-            def collectors(m):
-                stats = ChannelStats(m.in_features, device=m.weight.device)
-                return (stats, TokenSample(per_batch)) if cfg.search else (stats,)
-
-            stats = observe_stages(block, inputs, stages, mods, collectors, dtype=dtype)
-            kind = (type(block), tuple(map(tuple, stages)))
-            if kind not in producers_of:
-                producers_of[kind] = find_producers(block, inputs, stages, mods)
-            for st in stages:
-                producer, st_stats = producers_of[kind][st[0]], stats.pop(st[0])
-                if producer is None or not st_stats[0].tokens:
-                    skipped += 1
-                    continue
-                x_max, Ws = st_stats[0].max_abs, [mods[n].weight for n in st]
-                alpha: float | None = cfg.alpha
-                if cfg.search:
-                    alpha, after, before = search_alpha(st_stats[1].tokens, x_max, Ws, cfg.alpha_grid,
-                                                        cfg.search_observer)
-                    err_before += before
-                    err_after += after
-                if alpha is None:  # smoothing made this stage worse: left alone
-                    unsmoothed += 1
-                    continue
-                s = smoothing_factors(x_max, Ws, alpha)
-                fold_into_producer(block.get_submodule(producer), s)
-                for n in st:
-                    scale_consumer(mods[n], s)
+    def visit(block: Block) -> None:
+        stats = block.observe(block.stages, lambda m: (ChannelStats(m.in_features, device=m.weight.device),
+                                                       *([TokenSample(per_batch)] if cfg.search else [])))
+        kind = (type(block.module), tuple(map(tuple, block.stages)))
+        if kind not in producers_of:
+            producers_of[kind] = find_producers(block.module, block.inputs, block.stages, block.modules)
+        for st in block.stages:
+            producer, st_stats = producers_of[kind][st[0]], stats.pop(st[0])
+            if producer is None or not st_stats[0].tokens:
+                totals["skipped"] += 1
+                continue
+            alpha = _smooth_stage(block, st, producer, st_stats, cfg, totals)
+            if alpha is not None:
                 chosen.setdefault(st[0], []).append(alpha)
-                # how far the largest channel stands out from the typical one, before and after
-                outlier_before += float(x_max.max() / x_max.median().clamp_min(1e-8))
-                after_max = x_max / s
-                outlier_after += float(after_max.max() / after_max.median().clamp_min(1e-8))
-                smoothed += 1
-        run_block(block, inputs, dtype=dtype)
-        if progress:
-            progress("smoothquant", b + 1, len(blocks))
-    metrics = {"smoothed_stages": smoothed, "stages_without_producer": skipped,
-               "outlier_ratio_before": outlier_before / max(smoothed, 1),
-               "outlier_ratio_after": outlier_after / max(smoothed, 1),
+
+    walk(model, selected, calib, visit, label="smoothquant", batch_size=cfg.batch_size,
+         forward_dtype=cfg.forward_dtype, progress=progress)
+    smoothed = sum(len(v) for v in chosen.values())
+    metrics = {"smoothed_stages": smoothed, "stages_without_producer": totals["skipped"],
+               "outlier_ratio_before": totals["outlier_before"] / max(smoothed, 1),
+               "outlier_ratio_after": totals["outlier_after"] / max(smoothed, 1),
                **{f"mean_alpha:{k}": sum(v) / len(v) for k, v in chosen.items()}}
     if cfg.search:
-        metrics["stages_left_unsmoothed"] = unsmoothed
-        metrics["search_error_ratio"] = err_after / max(err_before, 1e-30)
-    log.info("smoothquant: %d stages smoothed, %d without a foldable producer", smoothed, skipped)
+        metrics["stages_left_unsmoothed"] = totals["unsmoothed"]
+        metrics["search_error_ratio"] = totals["err_after"] / max(totals["err_before"], 1e-30)
+    log.info("smoothquant: %d stages smoothed, %d without a foldable producer", smoothed, totals["skipped"])
     return PassReport(
         name="smoothquant",
         config={"alpha": cfg.alpha, "search": cfg.search, "alpha_grid": list(cfg.alpha_grid),
                 "search_observer": cfg.search_observer, "targets": list(cfg.targets), "ignore": list(cfg.ignore),
                 "forward_dtype": cfg.forward_dtype, "calibration_tokens": int(calib.numel())},
-        modules=sum(len(m) for m in per_block),
+        modules=len(selected),
         metrics=metrics,
     )
+
+
+def _smooth_stage(block: Block, stage: list[str], producer: str, stats: tuple, cfg: SmoothQuantConfig,
+                  totals: dict) -> float | None:
+    """Choose the stage's alpha (or take cfg.alpha) and fold its factors; the alpha, or None when smoothing
+    made the stage worse and it was left alone."""
+    x_max, Ws = stats[0].max_abs, [block.modules[n].weight for n in stage]
+    alpha: float | None = cfg.alpha
+    if cfg.search:
+        alpha, after, before = search_alpha(stats[1].tokens, x_max, Ws, cfg.alpha_grid, cfg.search_observer)
+        totals["err_before"] += before
+        totals["err_after"] += after
+    if alpha is None:
+        totals["unsmoothed"] += 1
+        return None
+    s = smoothing_factors(x_max, Ws, alpha)
+    fold_into_producer(block.module.get_submodule(producer), s)
+    for n in stage:
+        scale_consumer(block.modules[n], s)
+    # how far the largest channel stands out from the typical one, before and after
+    totals["outlier_before"] += float(x_max.max() / x_max.median().clamp_min(1e-8))
+    after_max = x_max / s
+    totals["outlier_after"] += float(after_max.max() / after_max.median().clamp_min(1e-8))
+    return alpha

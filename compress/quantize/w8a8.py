@@ -23,23 +23,15 @@ stages' errors and the modules left in float.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from calibrate.blocks import (
-    blocks_in_turn,
-    capture_first_block_inputs,
-    check_forward_options,
-    input_stages,
-    modules_by_block,
-    modules_in_turn,
-    observe_stages,
-    resolve_forward_dtype,
-    run_block,
-)
+from calibrate.blocks import batches, modules_in_turn
+from calibrate.forward import check_forward_options
 from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, make_observer
+from calibrate.walk import Block, walk
 from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.smoothquant import TokenSample
@@ -96,89 +88,92 @@ def run(model: nn.Module, cfg: W8A8Config, calib: torch.Tensor | None = None, *,
         progress: Progress | None = None) -> PassReport:
     """Replace every selected Linear by a W8A8Linear (static: with calibrated activation grids)."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    if not selected:
-        raise ValueError("w8a8: no Linear matches the targets/ignore selection")
-    weight_err = weight_ref = 0.0
-    bits = weights = 0
+    tally = _Tally(cfg)
+    if cfg.activations == "dynamic":
+        for i, (name, lin) in enumerate(item for batch in modules_in_turn(model, selected) for item in batch):
+            tally.swap(model, name, lin)
+            if progress:
+                progress("w8a8", i + 1, len(selected))
+        return tally.report(len(selected), calib)
+    if calib is None:
+        raise ValueError("w8a8 with static activations needs calibration data")
+    per_batch = max(1, cfg.error_tokens // batches(calib, cfg.batch_size))
 
-    def swap(parent: nn.Module, name: str, lin: nn.Linear, scale=None, zero=None) -> None:
-        nonlocal weight_err, weight_ref, bits, weights
-        q = W8A8Linear.from_linear(lin, activations=cfg.activations, input_scale=scale, input_zero_point=zero)
+    def visit(block: Block) -> None:
+        # one stage at a time: its input already passes through the quantized stages before it
+        for stage, (observer, sample) in block.stagewise(lambda m: (cfg.new_observer(), TokenSample(per_batch))):
+            tally.static_stage(block, stage, observer, sample)
+
+    walk(model, selected, calib, visit, label="w8a8", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
+         progress=progress)
+    return tally.report(len(selected), calib)
+
+
+@dataclass
+class _Tally:
+    """The swaps of one run and what its report says of them."""
+
+    cfg: W8A8Config
+    weight_err: float = 0.0
+    weight_ref: float = 0.0
+    bits: int = 0
+    weights: int = 0
+    ranges: list[float] = field(default_factory=list)  # activation range of every static grid
+    errors: dict[str, float] = field(default_factory=dict)  # stage (its first module's full name) -> output error
+    fallback: list[str] = field(default_factory=list)  # modules left in float
+
+    def swap(self, parent: nn.Module, name: str, lin: nn.Linear, scale=None, zero=None) -> None:
+        q = W8A8Linear.from_linear(lin, activations=self.cfg.activations, input_scale=scale, input_zero_point=zero)
         W = lin.weight.detach().float()
-        weight_err += float((q.dequantize_weight() - W).pow(2).sum())
-        weight_ref += float(W.pow(2).sum())
-        bits += q.storage_bits()
-        weights += W.numel()
+        self.weight_err += float((q.dequantize_weight() - W).pow(2).sum())
+        self.weight_ref += float(W.pow(2).sum())
+        self.bits += q.storage_bits()
+        self.weights += W.numel()
         tg.set_submodule(parent, name, q)
         lin.to("meta")  # free the float weight now: the selection dict still holds the old module
 
-    ranges: list[float] = []
-    errors: dict[str, float] = {}  # stage (its first module's full name) -> relative output error
-    fallback: list[str] = []
-    if cfg.activations == "dynamic":
-        done = 0
-        for batch in modules_in_turn(model, selected):
-            for name, lin in batch:
-                swap(model, name, lin)
-                done += 1
-                if progress:
-                    progress("w8a8", done, len(selected))
-    else:
-        if calib is None:
-            raise ValueError("w8a8 with static activations needs calibration data")
-        _, blocks, per_block = modules_by_block(model, selected, "w8a8")
-        inputs = capture_first_block_inputs(model, calib, batch_size=cfg.batch_size)
-        dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight)
-        full = {id(m): n for n, m in selected.items()}
-        per_batch = max(1, cfg.error_tokens // max(len(inputs.hidden), 1))
-        for b, block in blocks_in_turn(model, blocks):
-            mods = per_block[b]
-            for stage in (input_stages(block, inputs, mods) if mods else []):
-                # one stage at a time: its input already passes through the quantized stages before it
-                obs, sample = observe_stages(block, inputs, [stage], mods,
-                                             lambda m: (cfg.new_observer(), TokenSample(per_batch)),
-                                             dtype=dtype)[stage[0]]
-                if obs.batches == 0:
-                    raise ValueError(f"w8a8: block {b} {', '.join(stage)} never ran on the calibration data; "
-                                     "add them to ignore")
-                scale, zero = obs.qparams()
-                lo, hi = obs.range()
-                err = stage_error(sample.tokens, [mods[n] for n in stage], cfg.activations, scale, zero)
-                errors[full[id(mods[stage[0]])]] = err
-                if cfg.fallback_error is not None and err > cfg.fallback_error:
-                    fallback.extend(full[id(mods[n])] for n in stage)
-                    log.info("w8a8: %s stays float (relative output error %.4g > %.4g)",
-                             ", ".join(stage), err, cfg.fallback_error)
-                    continue
-                ranges.append(float(hi - lo))
-                for n in stage:
-                    swap(block, n, mods[n], scale, zero)
-            run_block(block, inputs, dtype=dtype)
-            if progress:
-                progress("w8a8", b + 1, len(blocks))
-    log.info("w8a8: %d modules, %s activations", len(selected) - len(fallback), cfg.activations)
-    metrics = {"relative_weight_error": (weight_err / weight_ref) ** 0.5 if weight_ref else 0.0,
-               "bits_per_weight": bits / max(weights, 1)}
-    if ranges:
-        metrics["activation_grids"] = len(ranges)
-        metrics["mean_activation_range"] = sum(ranges) / len(ranges)
-    if errors:
-        metrics["mean_stage_error"] = sum(errors.values()) / len(errors)
-        worst = max(errors, key=errors.get)
-        metrics["max_stage_error"] = errors[worst]
-        metrics["float_fallback_modules"] = len(fallback)
-    config = {"activations": cfg.activations, "observer": cfg.observer if cfg.activations == "static" else None,
-              "symmetric_activations": cfg.symmetric_activations, "targets": list(cfg.targets),
-              "ignore": list(cfg.ignore), "forward_dtype": cfg.forward_dtype,
-              "fallback_error": cfg.fallback_error}
-    if errors:
-        config["stage_errors"] = dict(errors)
-        config["float_fallback"] = fallback
-    if cfg.observer == "percentile":
-        config["percentile"] = cfg.percentile
-    if calib is not None:
-        config["calibration_tokens"] = int(calib.numel())
-    return PassReport(name="w8a8", config=config, modules=len(selected) - len(fallback), metrics=metrics)
+    def static_stage(self, block: Block, stage: list[str], observer, sample: TokenSample) -> None:
+        """Swap a stage's Linears onto the grid its observer chose, unless its output error is above fallback."""
+        cfg = self.cfg
+        if observer.batches == 0:
+            raise ValueError(f"w8a8: {', '.join(map(block.name, stage))} never ran on the calibration data; "
+                             "add them to ignore")
+        scale, zero = observer.qparams()
+        lo, hi = observer.range()
+        err = stage_error(sample.tokens, [block.modules[n] for n in stage], cfg.activations, scale, zero)
+        self.errors[block.name(stage[0])] = err
+        if cfg.fallback_error is not None and err > cfg.fallback_error:
+            self.fallback.extend(map(block.name, stage))
+            log.info("w8a8: %s stays float (relative output error %.4g > %.4g)", ", ".join(stage), err,
+                     cfg.fallback_error)
+            return
+        self.ranges.append(float(hi - lo))
+        for n in stage:
+            self.swap(block.module, n, block.modules[n], scale, zero)
+
+    def report(self, selected: int, calib: torch.Tensor | None) -> PassReport:
+        cfg, errors = self.cfg, self.errors
+        log.info("w8a8: %d modules, %s activations", selected - len(self.fallback), cfg.activations)
+        metrics = {"relative_weight_error": (self.weight_err / self.weight_ref) ** 0.5 if self.weight_ref else 0.0,
+                   "bits_per_weight": self.bits / max(self.weights, 1)}
+        if self.ranges:
+            metrics["activation_grids"] = len(self.ranges)
+            metrics["mean_activation_range"] = sum(self.ranges) / len(self.ranges)
+        if errors:
+            metrics["mean_stage_error"] = sum(errors.values()) / len(errors)
+            metrics["max_stage_error"] = errors[max(errors, key=errors.get)]
+            metrics["float_fallback_modules"] = len(self.fallback)
+        config = {"activations": cfg.activations, "observer": cfg.observer if cfg.activations == "static" else None,
+                  "symmetric_activations": cfg.symmetric_activations, "targets": list(cfg.targets),
+                  "ignore": list(cfg.ignore), "forward_dtype": cfg.forward_dtype, "fallback_error": cfg.fallback_error}
+        if errors:
+            config["stage_errors"] = dict(errors)
+            config["float_fallback"] = self.fallback
+        if cfg.observer == "percentile":
+            config["percentile"] = cfg.percentile
+        if calib is not None:
+            config["calibration_tokens"] = int(calib.numel())
+        return PassReport(name="w8a8", config=config, modules=selected - len(self.fallback), metrics=metrics)
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 import torch
 from torch import nn
 
-from calibrate.blocks import BlockInputs, capture_first_block_inputs, decoder_blocks, input_stages
+from calibrate.blocks import BlockInputs, capture_first_block_inputs, decoder_blocks
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
+from calibrate.replay import BlockReplay
 
 EXPECTED = {
     # tiny llama has grouped KV heads (v: 32 outputs, o: 64 inputs), so o_proj has no fold target
@@ -20,7 +21,7 @@ def _block(make_tiny, tiny_tokenizer, arch):
     _, blocks = decoder_blocks(model)
     mods = {n: m for n, m in blocks[0].named_modules() if isinstance(m, nn.Linear)}
     # order the stage members as in EXPECTED (stage leads are their first module)
-    return blocks[0], inputs, mods, input_stages(blocks[0], inputs, mods)
+    return blocks[0], inputs, mods, BlockReplay(blocks[0], inputs, mods).stages
 
 
 def test_producers_found_by_testing_the_block(make_tiny, tiny_tokenizer, arch):
@@ -88,6 +89,6 @@ def test_blocks_of_one_kind_have_the_same_producers(make_tiny, tiny_tokenizer, a
     found = []
     for block in blocks:
         mods = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        found.append(find_producers(block, inputs, input_stages(block, inputs, mods), mods))
+        found.append(find_producers(block, inputs, BlockReplay(block, inputs, mods).stages, mods))
         run_block(block, inputs)
     assert len(found) > 1 and all(f == EXPECTED[arch] for f in found)

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from calibrate.blocks import capture_first_block_inputs, decoder_blocks, input_stages
+from calibrate.blocks import capture_first_block_inputs, decoder_blocks
+from calibrate.replay import BlockReplay
 from compress.pipeline import apply
 from compress.quantize.gptq import quantize_weight
 from compress.quantize.grid import dequantize
@@ -61,25 +62,6 @@ def test_identity_hessian_static_groups_equal_rtn():
     assert torch.equal(q, q2) and torch.equal(scale, scale2) and torch.equal(zero, zero2)
 
 
-@pytest.mark.parametrize("act_order", [True, False])
-def test_a_fixed_grid_is_used_as_given(act_order):
-    """grid=(scale, zero): the codes live on that grid; a weight already on it comes back unchanged, and a small
-    change to it is carried into the codes with less output error than rounding it onto the same grid."""
-    W, X, H = _problem()
-    s = QuantScheme(bits=4, group_size=64, symmetric=False)
-    q, scale, zero, _ = quantize_weight(W, H, s, act_order=act_order)
-    Wq = dequantize(q, scale, zero, s)
-    q1, scale1, zero1, _ = quantize_weight(Wq, H, s, act_order=act_order, grid=(scale, zero))
-    assert torch.equal(q1, q) and torch.equal(scale1, scale) and torch.equal(zero1, zero)
-    delta = 0.2 * scale.repeat_interleave(64, dim=1) * torch.randn(W.shape, generator=torch.Generator().manual_seed(1))
-    target = Wq + delta  # every entry moved by less than half a step: plain rounding returns Wq
-    q2, scale2, zero2, _ = quantize_weight(target, H, s, act_order=act_order, grid=(scale, zero))
-    assert torch.equal(scale2, scale) and torch.equal(zero2, zero) and not torch.equal(q2, q)
-    assert _out_err(X, target, dequantize(q2, scale, zero, s)) < 0.75 * _out_err(X, target, Wq)
-    with pytest.raises(ValueError, match="grid: scale/zero must be"):
-        quantize_weight(W, H, s, grid=(scale[:, :1], zero[:, :1]))
-
-
 def test_input_stages_of_a_block(make_tiny, tiny_tokenizer, arch):
     model = make_tiny(arch)
     ids = torch.randint(0, len(tiny_tokenizer), (2, 16))
@@ -87,7 +69,7 @@ def test_input_stages_of_a_block(make_tiny, tiny_tokenizer, arch):
     assert len(inputs.hidden) == 2 and inputs.hidden[0].shape == (1, 16, 64)
     _, blocks = decoder_blocks(model)
     mods = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
-    stages = input_stages(blocks[0], inputs, mods)
+    stages = BlockReplay(blocks[0], inputs, mods).stages
     assert len(stages) == 4
     assert sorted(stages[0]) == sorted(n for n in mods if n.split(".")[-1] in ("q_proj", "k_proj", "v_proj"))
     assert len(stages[2]) == (2 if arch == "llama" else 1)  # gate+up share their input
@@ -128,7 +110,6 @@ def test_gptq_refuses_modules_outside_blocks(make_tiny):
 def test_block_replay_reuses_final_children_exactly(make_tiny, tiny_tokenizer, arch):
     """What is final is not recomputed by later passes, and the block's output is bit for bit the same."""
     from calibrate.blocks import BlockInputs, run_block
-    from calibrate.replay import BlockReplay
 
     model = make_tiny(arch)
     ids = torch.randint(0, len(tiny_tokenizer), (4, 16))
@@ -140,7 +121,7 @@ def test_block_replay_reuses_final_children_exactly(make_tiny, tiny_tokenizer, a
     run_block(block, expected)
 
     replay = BlockReplay(block, inputs, mods, dtype=None)
-    assert replay.stages == input_stages(block, inputs, mods)
+    assert len(replay.stages) == 4
     first, mlp_first = replay.stages[0][0], replay.stages[2][0]
     calls = []
     for name in (first, mlp_first):  # counts real computations (a kept output skips forward)
@@ -167,8 +148,8 @@ def test_block_replay_reuses_final_children_exactly(make_tiny, tiny_tokenizer, a
 
 
 def test_block_replay_autocast_keeps_the_residual_dtype(make_tiny, tiny_tokenizer):
-    from calibrate.blocks import BlockInputs, resolve_forward_dtype, run_block
-    from calibrate.replay import BlockReplay
+    from calibrate.blocks import BlockInputs, run_block
+    from calibrate.forward import resolve_forward_dtype
 
     model = make_tiny("llama")
     inputs = capture_first_block_inputs(model, torch.randint(0, len(tiny_tokenizer), (2, 16)), batch_size=1)
@@ -191,20 +172,20 @@ def test_block_replay_autocast_keeps_the_residual_dtype(make_tiny, tiny_tokenize
         resolve_forward_dtype("int8", w)
 
 
-def test_observe_stages_and_run_block_under_autocast(make_tiny, tiny_tokenizer):
-    from calibrate.blocks import BlockInputs, input_stages, observe_stages, run_block
+def test_block_observe_and_run_block_under_autocast(make_tiny, tiny_tokenizer):
+    from calibrate.blocks import BlockInputs, run_block
     from calibrate.stats import ChannelStats, HessianCollector
+    from calibrate.walk import Block
 
     model = make_tiny("llama")
     inputs = capture_first_block_inputs(model, torch.randint(0, len(tiny_tokenizer), (4, 16)), batch_size=2)
     _, blocks = decoder_blocks(model)
     mods = {n: m for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)}
-    stages = input_stages(blocks[0], inputs, mods)
     got = {}
     for dtype in (None, torch.bfloat16):
-        got[dtype] = observe_stages(blocks[0], inputs, stages, mods,
-                                    lambda m: (HessianCollector(m.in_features), ChannelStats(m.in_features)),
-                                    dtype=dtype)
+        block = Block(0, "model.layers.0.", blocks[0], mods, inputs, dtype, BlockReplay(blocks[0], inputs, mods, dtype=dtype))
+        stages = block.stages
+        got[dtype] = block.observe(stages, lambda m: (HessianCollector(m.in_features), ChannelStats(m.in_features)))
     assert list(got[None]) == [st[0] for st in stages]
     for lead, (hc, cs) in got[None].items():
         assert hc.tokens == cs.tokens == 4 * 16

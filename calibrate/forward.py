@@ -1,0 +1,41 @@
+"""The dtype calibration forwards run in: bfloat16 autocast where the device multiplies it natively."""
+
+from __future__ import annotations
+
+import torch
+
+FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_forward_options(batch_size: int, forward_dtype: str) -> None:
+    """Validate the `batch_size` and `forward_dtype` fields every calibrated pass's config has."""
+    if forward_dtype not in FORWARD_DTYPES:
+        raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {forward_dtype!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether the device multiplies bfloat16 natively: CUDA with bf16 support, a CPU with AVX512-BF16 or AMX."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device_type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_forward_dtype(name: str, param: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for calibration forwards of a model whose weights look like `param`; None: no autocast.
+
+    "auto" picks bfloat16 for a float32 model where the device multiplies
+    bfloat16 natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX,
+    where bf16 matmuls run about 3x faster than float32) and float32 elsewhere.
+    Statistics (Hessians, channel magnitudes) are still accumulated in float32.
+    """
+    if name not in FORWARD_DTYPES:
+        raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {name!r}")
+    if name == "auto":
+        if param.dtype != torch.float32:
+            return None  # already a 16-bit model: run it as it is
+        dev = "cpu" if param.device.type == "meta" else param.device.type  # lazily loaded: the store loads onto the CPU
+        return torch.bfloat16 if native_bf16(dev) else None
+    dtype = getattr(torch, name)
+    return None if dtype == param.dtype else dtype
