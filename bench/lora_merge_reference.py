@@ -9,8 +9,9 @@ model. Then, under the DESIGN.md perplexity protocol (WikiText-2 test, 64 x
   int4              a `compress quantize --bits 4 --method M` artifact (M: --method, default gptq; W4 g128)
   int4+lora float   the exact merge into that artifact, not re-quantized: its dequantized weights + the delta in
                     float (what a merge into the int4 artifact approximates; not a packed artifact)
-  int4<-lora        the adapter merged into that int4 artifact (`lora_merge` defaults: GPTQ with fresh
-                    calibration, grids recomputed from the merged weights)
+  int4<-lora        the adapter merged into that int4 artifact as `compress merge-lora` does it (`lora_merge`:
+                    GPTQ with fresh calibration, then 32 steps of `scale_tune` toward the exact float merge)
+  int4<-lora untuned  the same without the scale tuning
   int4<-lora L      the same with other lora_merge options (--variant L:KEY=VALUE,...)
   fp32+lora->int4   merge in fp32, then the same quantization recipe from scratch
 The issue asks int4<-lora to be within 1 % of fp32+lora->int4.
@@ -123,7 +124,7 @@ def main() -> None:
     ap.add_argument("--workdir", help="keep the adapter and artifacts here; reuse the ones already there")
     ap.add_argument("--variant", action="append", default=[], metavar="LABEL:KEY=VALUE,...",
                     help="an extra int4<-lora row 'int4<-lora LABEL' with these lora_merge options "
-                         "(e.g. 'untuned:tune_steps=0'); repeatable")
+                         "(e.g. 'rtn:requantize=rtn'); repeatable")
     ap.add_argument("--rows", help="run only these rows (comma-separated names); default: all")
     ap.add_argument("--keep-rows", action="store_true", help="take the rows not run from --output's earlier run")
     args = ap.parse_args()
@@ -155,12 +156,14 @@ def main() -> None:
             print("training the adapter", flush=True)
             doc["adapter"] = train_adapter(tmp / "adapter", args.steps, args.seq_len, args.batch, args.lr)
         merge = {"pass": "lora_merge", "adapters": [str(tmp / "adapter")]}
+        tune = {"pass": "scale_tune", "steps": 32}  # what `compress merge-lora` adds for a packed base
         quant = quantize_recipe(args.method, bits=4).to_list()
         # (row, source, steps, output directory)
         runs = [("fp32+lora", None, [merge], "fp32_lora"), ("int4", None, quant, "int4"),
                 ("int4+lora float", None, None, None),
-                ("int4<-lora", tmp / "int4", [merge], "int4_merged"),
-                *[(f"int4<-lora {label}", tmp / "int4", [{**merge, **opts}], f"int4_merged_{label}")
+                ("int4<-lora", tmp / "int4", [merge, tune], "int4_merged"),
+                ("int4<-lora untuned", tmp / "int4", [merge], "int4_merged_untuned"),
+                *[(f"int4<-lora {label}", tmp / "int4", [{**merge, **opts}, tune], f"int4_merged_{label}")
                   for label, opts in map(parse_variant, args.variant)],
                 ("fp32+lora->int4", None, [merge, *quant], "fp32_lora_int4")]
         if wanted is None or "fp32" in wanted:
@@ -182,6 +185,9 @@ def main() -> None:
                     req = rep["config"].get("requantized") or {}
                     extra["merge"] = {"metrics": rep["metrics"], "modules": rep["modules"],
                                       "requantized": {k: req.get(k) for k in ("method",)} if req else None}
+                if "scale_tune" in reports:
+                    extra["merge"]["metrics"].update({f"scale_tune_{k}": v
+                                                      for k, v in reports["scale_tune"]["metrics"].items()})
             row(name, str(tmp / dest), **extra)
     rows = doc["rows"]
     ref = rows["fp32+lora->int4"]["perplexity"]

@@ -36,7 +36,9 @@ TINY_CASES: dict[str, list[dict]] = {
     "gptq_not_sequential": [{"pass": "gptq", "bits": 3, "group_size": 32, "true_sequential": False}],
     "gptq_no_act_order_asym": [{"pass": "gptq", "bits": 4, "group_size": 32, "act_order": False, "symmetric": False}],
     "gptq_bf16": [{"pass": "gptq", "bits": 4, "group_size": 32, "forward_dtype": "bfloat16"}],
-    "gptq_tuned": [{"pass": "gptq", "bits": 4, "group_size": 32, "tune_steps": 4, "batch_size": 2}],
+    # the scale_tune step's reference: the tiny model saved to a directory (the model the recipe started from)
+    "gptq_tuned": [{"pass": "gptq", "bits": 4, "group_size": 32, "batch_size": 2},
+                   {"pass": "scale_tune", "steps": 4, "reference": "{saved}"}],
     "awq": [{"pass": "awq", "bits": 4, "group_size": 32}],
     "awq_gptq": [{"pass": "awq", "bits": 4, "group_size": 32, "symmetric": False, "quantize": False},
                  {"pass": "gptq", "bits": 4, "group_size": 32, "symmetric": False}],
@@ -103,6 +105,21 @@ def metrics_of(reports) -> list:
                    if not k.endswith("seconds")) for r in reports]
 
 
+def save_tiny(arch: str, where: Path) -> str:
+    """The tiny model saved as a model directory, with the reference model's tokenizer (never used, but every
+    model directory needs one)."""
+    import shutil
+
+    from compress.models import TOKENIZER_FILES
+    from compress.reference import reference_model_dir
+
+    tiny_model(arch).save_pretrained(where, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (reference_model_dir() / name).is_file():
+            shutil.copy(reference_model_dir() / name, where / name)
+    return str(where)
+
+
 def run_tiny() -> dict:
     from compress.pipeline import apply
     from compress.plugins import load_plugins
@@ -111,10 +128,13 @@ def run_tiny() -> dict:
     load_plugins()
     out = {}
     ids = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    tmp = tempfile.TemporaryDirectory()
     for arch in ("llama", "opt"):
+        saved = save_tiny(arch, Path(tmp.name) / arch)
         for case, steps in TINY_CASES.items():
             if case in LLAMA_ONLY and arch != "llama":
                 continue
+            steps = [{k: saved if v == "{saved}" else v for k, v in s.items()} for s in steps]
             model = tiny_model(arch)
             torch.manual_seed(0)
             t0 = time.perf_counter()

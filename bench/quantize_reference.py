@@ -104,7 +104,8 @@ def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threa
                             x = f.get_tensor(f"{name}.{t}")
                             n_b += x.numel() * x.element_size() * 8
         r = evaluate(load_model(out), ["wikitext2"], options={"windows": windows})["wikitext2"]
-    tuned = {k: v for rep in summary["reports"] for k, v in rep["metrics"].items() if k.startswith("scale_tune")}
+    tuned = {f"scale_tune_{k}": v for rep in summary["reports"] if rep["name"] == "scale_tune"
+             for k, v in rep["metrics"].items()}
     return {"method": method, "bits": bits, "group_size": group, "symmetric": symmetric,
             **({"tune_steps": tune_steps, **tuned} if tune_steps else {}),
             "steps": recipe.to_list(), "perplexity": r["perplexity"], "bits_per_weight_on_disk": n_b / n_w,
@@ -146,13 +147,14 @@ def write_peer_inputs(dest: Path, windows: int, calib_cfg=None) -> dict:
     from transformers import AutoTokenizer
 
     from calibrate.data import CalibConfig, load_calibration
+    from compress.files import read_source_text
     from compress.reference import reference_model_dir
     from eval.perplexity import PerplexityConfig, wikitext2
 
     model_dir = reference_model_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)  # what load_model() gives for the reference model
     calib_cfg = calib_cfg or CalibConfig()
-    ids = load_calibration(tok, calib_cfg)
+    ids = load_calibration(tok, calib_cfg, read_source_text(calib_cfg.source))
     rec = _WindowRecorder(tok)
     proto = wikitext2(rec, PerplexityConfig(windows=windows))  # the task itself cuts the windows
     ev = torch.cat(rec.windows).contiguous()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from compress import lazy
+from calibrate import streaming
 
 # attribute path of the decoder-block ModuleList, one row per architecture family
 BLOCK_PATHS: tuple[str, ...] = (
@@ -74,7 +74,7 @@ def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator
     In memory: one batch with everything. Lazily loaded: the modules outside
     the decoder blocks first, then one batch per block, as in `blocks_in_turn`.
     """
-    if lazy.store_of(model) is None:
+    if streaming.store_of(model) is None:
         yield list(modules.items())
         return
     path, blocks = decoder_blocks(model)
@@ -86,7 +86,7 @@ def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator
         else:
             outside.append(n)
     if outside:
-        with lazy.outside_blocks(model, path):
+        with streaming.outside_blocks(model, path):
             yield [(n, model.get_submodule(n)) for n in outside]
     for b, _ in blocks_in_turn(model, blocks):
         if b in inside:
@@ -137,7 +137,7 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        with torch.no_grad(), lazy.outside_blocks(model, path, on_demand=True):
+        with torch.no_grad(), streaming.outside_blocks(model, path, on_demand=True):
             device = model.get_input_embeddings().weight.device
             if device.type == "meta":  # lazily loaded, read on first call: the store loads onto the CPU
                 device = torch.device("cpu")
@@ -148,7 +148,7 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
                     pass
     finally:
         handle.remove()
-    lazy.trim_memory()  # the embedding forwards' temporaries
+    streaming.trim_memory()  # the embedding forwards' temporaries
     return got
 
 
@@ -197,12 +197,12 @@ def blocks_in_turn(model: nn.Module, blocks: nn.ModuleList) -> Iterator[tuple[in
     The block's tensors are read from disk before it is yielded and, once the
     caller asks for the next one, written back (if changed) and freed.
     """
-    store = lazy.store_of(model)
+    store = streaming.store_of(model)
     path, _ = decoder_blocks(model)
     for b, block in enumerate(blocks):
         if store is None:
             yield b, block
-            lazy.trim_memory()  # the block's freed temporaries (the store trims after releasing a block)
+            streaming.trim_memory()  # the block's freed temporaries (the store trims after releasing a block)
             continue
         with store.loaded(f"{path}.{b}", block):
             yield b, block

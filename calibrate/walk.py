@@ -40,7 +40,7 @@ from calibrate.blocks import (
 )
 from calibrate.forward import resolve_forward_dtype
 from calibrate.replay import BlockReplay
-from compress.lazy import trim_memory
+from calibrate.streaming import trim_memory
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
 Collectors = Callable[[nn.Module], tuple]  # a stage's first module -> its statistics collectors (`add_batch(x)`)

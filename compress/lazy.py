@@ -18,8 +18,6 @@ directories of stores whose process died (kill -9 leaves no `finally`).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
 import json
 import logging
 import os
@@ -35,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from calibrate.streaming import STORE_ATTR, store_of, trim_memory  # noqa: F401  (re-exported)
 from compress.checks import check_finite, first_nonfinite, nonfinite_summary
 from compress.files import check_safetensors, load_model_config
 
@@ -45,31 +44,9 @@ except ImportError:  # not POSIX: spill directories are not locked, nor swept
 
 log = logging.getLogger(__name__)
 
-STORE_ATTR = "compress_tensor_store"  # where a lazy model keeps its store
 CHUNK_BYTES = 64 * 2**20  # streamed save and the finite scan: at most this much of one tensor in memory
 SPILL_PREFIX = "compress-spill-"
 LOCK_FILE = "owner.lock"
-
-
-@functools.cache
-def _malloc_trim():
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (AttributeError, OSError):
-        return None
-
-
-def trim_memory() -> None:
-    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    Freed tensors below glibc's (adaptive, up to 32 MiB) mmap threshold stay in
-    the heap, and with a block's worth of them freed per block the process
-    RSS would creep up over a long model; trimming after each block keeps the
-    peak at one block.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 class SpillDir:
@@ -293,12 +270,45 @@ class TensorStore:
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
                     del t
 
+    @contextlib.contextmanager
+    def outside_blocks(self, model: nn.Module, blocks_path: str, *, on_demand: bool = False) -> Iterator[None]:
+        """Materialise the tensors that live outside the decoder blocks (embeddings, final norm, head).
+
+        With `on_demand` each part is read from disk only when it is first called
+        (a forward up to the first block then loads the embeddings, not the head).
+        """
+        store = self
+        parts = [(p, m) for p, m in _outside(model, blocks_path) if store._own(p, m)]
+        loaded: list[str] = []
+
+        def load(prefix: str, mod: nn.Module) -> None:
+            store.load(prefix, mod)
+            loaded.append(prefix)
+            _tie(model)
+
+        handles = []
+        for prefix, mod in parts:
+            if on_demand:
+                handles.append(mod.register_forward_pre_hook(
+                    lambda m, args, prefix=prefix: None if prefix in loaded else load(prefix, m)))
+            else:
+                load(prefix, mod)
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            for h in handles:
+                h.remove()
+            for prefix in loaded:  # a failed pass: free, keep nothing (and do not mask its error)
+                store.release(prefix, model.get_submodule(prefix), keep=ok)  # a pass may have replaced the module
+            _tie(model)  # a tied head pointed at the freed embedding: point it at the meta one
+
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 _NAMES = {v: k for k, v in _DTYPES.items()}
-
 
 def scan_finite(path: Path, *, what: str = "") -> list[str]:
     """The tensor names of safetensors file `path`, after checking every floating tensor is finite.
@@ -352,49 +362,6 @@ def _free(module: nn.Module) -> None:
         for n, b in list(mod._buffers.items()):
             if b is not None and n not in mod._non_persistent_buffers_set:
                 mod._buffers[n] = torch.empty_like(b, device="meta")
-
-
-def store_of(model: nn.Module) -> TensorStore | None:
-    """The model's tensor store when it was loaded lazily, else None."""
-    return getattr(model, STORE_ATTR, None)
-
-
-@contextlib.contextmanager
-def outside_blocks(model: nn.Module, blocks_path: str, *, on_demand: bool = False) -> Iterator[None]:
-    """Materialise the tensors that live outside the decoder blocks (embeddings, final norm, head).
-
-    With `on_demand` each part is read from disk only when it is first called
-    (a forward up to the first block then loads the embeddings, not the head).
-    """
-    store = store_of(model)
-    if store is None:
-        yield
-        return
-    parts = [(p, m) for p, m in _outside(model, blocks_path) if store._own(p, m)]
-    loaded: list[str] = []
-
-    def load(prefix: str, mod: nn.Module) -> None:
-        store.load(prefix, mod)
-        loaded.append(prefix)
-        _tie(model)
-
-    handles = []
-    for prefix, mod in parts:
-        if on_demand:
-            handles.append(mod.register_forward_pre_hook(
-                lambda m, args, prefix=prefix: None if prefix in loaded else load(prefix, m)))
-        else:
-            load(prefix, mod)
-    ok = False
-    try:
-        yield
-        ok = True
-    finally:
-        for h in handles:
-            h.remove()
-        for prefix in loaded:  # a failed pass: free, keep nothing (and do not mask its error)
-            store.release(prefix, model.get_submodule(prefix), keep=ok)  # a pass may have replaced the module
-        _tie(model)  # a tied head pointed at the freed embedding: point it at the meta one
 
 
 def _outside(model: nn.Module, blocks_path: str) -> list[tuple[str, nn.Module]]:

@@ -37,10 +37,11 @@ class _Builtin:
         register(structured.run_heads)
         register(layers.run)
 
-        from compress.distill import kd, student
+        from compress.distill import kd, scale_tune, student
 
         register(student.run)
         register(kd.run)
+        register(scale_tune.run)
 
         from compress.lora import merge
 

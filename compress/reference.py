@@ -17,6 +17,8 @@ from importlib import metadata
 from pathlib import Path
 
 from compress import artifact
+from compress.checks import check_module
+from compress.files import check_gguf
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +74,16 @@ def reference_model_dir() -> Path:
     with _file_lock(dest.parent / f".{CACHE_NAME}.lock"):
         if marker.is_file():  # another process converted it while we waited
             return dest
-        from compress.models import _load_gguf
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         log.info("converting %s to an fp32 safetensors cache at %s (once)", gguf.name, dest)
-        lm = _load_gguf(gguf, dtype=__import__("torch").float32)
+        check_gguf(gguf)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        check_module(model, what=f"model {gguf}")
         with artifact.atomic_dir(dest, force=True) as tmp:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
-            lm.tokenizer.save_pretrained(tmp)
+            model.save_pretrained(tmp, safe_serialization=True)
+            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
             artifact.write_json_atomic(tmp / "compress-source.json", {
                 "name": NAME, "gguf": str(gguf), "sha256": artifact.sha256_files([gguf]),
                 "distribution": f"{DISTRIBUTION}=={metadata.version(DISTRIBUTION)}"})

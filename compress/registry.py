@@ -1,9 +1,11 @@
 """Name -> spec registries for passes, exporters and eval tasks.
 
-These registries are the only global mutable state of the package. Built-in
-entries and plugin entries arrive the same way: through the pluggy hooks in
-`compress.hookspecs`, called once by `compress.plugins.load_plugins()` the
-first time a registry is read.
+These registries are the only global mutable state of the package, and this
+module imports nothing of the package. Built-in entries and plugin entries
+arrive the same way, once: through the pluggy hooks in `compress.hookspecs`,
+called by `compress.plugins.load_plugins()`, which the CLI and
+`compress.runner` call at start-up (Python users: `compress.load_plugins()`).
+The decorators below only attach a spec to the function; the hook registers it.
 """
 
 from __future__ import annotations
@@ -93,23 +95,20 @@ class Registry(Generic[S]):
         return spec
 
     def get(self, name: str) -> S:
-        _ensure_plugins()
         try:
             return self._specs[name]
         except KeyError:
-            known = ", ".join(sorted(self._specs)) or "(none)"
+            known = ", ".join(sorted(self._specs)) or ("(none: no plugins are loaded; call "
+                                                       "compress.load_plugins() first, as the CLI and runner do)")
             raise ValueError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def names(self) -> list[str]:
-        _ensure_plugins()
         return sorted(self._specs)
 
     def __iter__(self) -> Iterator[S]:
-        _ensure_plugins()
         return iter([self._specs[n] for n in sorted(self._specs)])
 
     def __contains__(self, name: object) -> bool:
-        _ensure_plugins()
         return name in self._specs
 
 
@@ -120,39 +119,35 @@ TASKS: Registry[TaskSpec] = Registry("task")
 
 def register_pass(name: str, config_cls: type, *, needs_calibration: bool | Callable[[Any, Any], bool] = False,
                   streams_blocks: bool | Callable[[Any], bool] = False):
-    """Decorator: register `run(model, cfg, calib) -> PassReport` as pass `name`."""
+    """Decorator: make `run(model, cfg, calib) -> PassReport` pass `name` (a plugin hook registers it)."""
     if not (dataclasses.is_dataclass(config_cls) and config_cls.__dataclass_params__.frozen):
         raise TypeError(f"pass {name!r}: config must be a frozen dataclass, got {config_cls!r}")
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.pass_spec = PASSES.add(PassSpec(name, config_cls, fn, needs_calibration, streams_blocks))
+        fn.pass_spec = PassSpec(name, config_cls, fn, needs_calibration, streams_blocks)
         return fn
 
     return deco
 
 
 def register_exporter(name: str):
-    """Decorator: register `export(loaded_model, out_dir, **options)` as format `name`."""
+    """Decorator: make `export(loaded_model, out_dir, **options)` format `name` (a plugin hook registers it)."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.exporter_spec = EXPORTERS.add(ExporterSpec(name, fn))
+        fn.exporter_spec = ExporterSpec(name, fn)
         return fn
 
     return deco
 
 
 def register_task(name: str, *, config: type | None = None, check: Callable[[str], Any] | None = None):
-    """Decorator: register an eval task function under `name`, taking a `config` instance as its second argument
-    (and `path=` when the task takes an argument, `--task NAME:ARGUMENT`, which `check` validates up front)."""
+    """Decorator: make an eval task function task `name` (a plugin hook registers it), taking a `config`
+    instance as its second argument (and `path=` when the task takes an argument, `--task NAME:ARGUMENT`,
+    which `check` validates up front)."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.task_spec = TASKS.add(TaskSpec(name, fn, config, check))
+        fn.task_spec = TaskSpec(name, fn, config, check)
         return fn
 
     return deco
 
-
-def _ensure_plugins() -> None:
-    from compress.plugins import load_plugins
-
-    load_plugins()

@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 
-from calibrate.data import CalibConfig, load_calibration, read_text
+from calibrate.data import CalibConfig, load_calibration
+from compress.files import read_source_text
 from compress.lazy import store_of, trim_memory
 from compress.models import LoadedModel, load_model
 from compress.outputs import claim_output
 from compress.pipeline import Progress, apply
+from compress.plugins import load_plugins
 from compress.recipe import Recipe
 from compress.registry import EXPORTERS, TASKS
 from eval.results import nonfinite
@@ -45,6 +47,7 @@ def compress_model(model: str | Path | None, recipe: Recipe, out: str | Path, *,
     Calibration windows are drawn (per `calib`, default: 128 x 512 tokens of
     the WikiText-2 validation split) only when a step needs them.
     """
+    load_plugins()
     exporter = EXPORTERS.get(fmt)  # fail on a bad format before loading anything
     # a path that cannot be written, or a second writer, fails now; in a distributed run only the process
     # that writes claims the output (the others train beside it)
@@ -59,7 +62,7 @@ def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bo
     recipe = _bind_teacher(recipe, model)
     may_calib = any(s.spec.needs_calibration for s in recipe.steps)  # (a pass may need it only on some models)
     # read once, before the model loads, so a missing calibration file fails early
-    text = read_text(calib.source) if may_calib or calib.source != "wikitext2" else None
+    text = read_source_text(calib.source) if may_calib or calib.source != "wikitext2" else None
     # passes that work block by block leave the weights on disk until they need them
     lazy = low_memory and all(s.spec.streams(s.config) for s in recipe.steps)
     lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
@@ -75,7 +78,7 @@ def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bo
         needs_calib = any(s.spec.calibrates(s.config, lm.model) for s in recipe.steps)
         if needs_calib:
             calib = _fit_positions(calib, lm.model)
-        ids = load_calibration(lm.tokenizer, calib, text=text) if needs_calib else None
+        ids = load_calibration(lm.tokenizer, calib, text or read_source_text(calib.source)) if needs_calib else None
         trim_memory()  # tokenizing the calibration text leaves ~0.15 GB of freed heap behind
         reports = apply(lm.model, recipe, ids, progress=progress)
         written = main_process()
@@ -104,13 +107,24 @@ def main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# config fields naming a model that default (None) to the model the recipe started from: distill's teacher,
+# scale_tune's reference
+FROM_INPUT = ("teacher", "reference")
+
+
 def _bind_teacher(recipe: Recipe, model: str | Path | None) -> Recipe:
-    """A step with `teacher: None` (distill) learns from the model the recipe started from."""
+    """A step with `teacher: None` (distill) or `reference: None` (scale_tune) learns from the model the recipe
+    started from."""
     if model is None:
-        return recipe  # the reference model, which teacher None loads as well
-    steps = tuple(dataclasses.replace(s, config=dataclasses.replace(s.config, teacher=str(model)))
-                  if getattr(s.config, "teacher", "") is None else s for s in recipe.steps)
-    return dataclasses.replace(recipe, steps=steps)
+        return recipe  # the reference model, which None loads as well
+
+    def bind(config):
+        unset = {k: str(model) for k in FROM_INPUT if k in {f.name for f in dataclasses.fields(config)}
+                 and getattr(config, k) is None}
+        return dataclasses.replace(config, **unset) if unset else config
+
+    return dataclasses.replace(recipe, steps=tuple(dataclasses.replace(s, config=bind(s.config))
+                                                   for s in recipe.steps))
 
 
 def _fit_positions(calib: CalibConfig, model: torch.nn.Module) -> CalibConfig:
@@ -129,6 +143,7 @@ def plan_tasks(tasks: list[str], options: dict[str, Any] | None = None) -> list[
     scoring, ...); each task takes the fields of its own config, None meaning
     the task's default. An option no task takes is an error.
     """
+    load_plugins()
     options = {k: v for k, v in (options or {}).items() if v is not None}
     runs = []
     used: set[str] = set()

@@ -127,11 +127,11 @@ def wikitext2(backend, cfg: PerplexityConfig = PerplexityConfig(), *, progress=N
 
 
 def _read_text_task(path: str) -> str:
-    from calibrate.data import read_text
+    from compress.files import read_source_text
 
     if not path:
         raise ValueError("task text needs a path: --task text:PATH")
-    text = read_text(str(Path(path)) if ".jsonl:" not in path else path)
+    text = read_source_text(str(Path(path)) if ".jsonl:" not in path else path)
     if not text.strip():
         raise ValueError(f"task text:{path}: the text is empty")
     return text

@@ -62,7 +62,7 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
 
     from compress.quantize.qlinear import QuantLinear
     from compress.quantize.w8a8linear import W8A8Linear
-    from export.onnx import matmulnbits_tensors
+    from export.matmulnbits import matmulnbits_tensors
 
     why = fused_supported(model)
     if why is not None:

@@ -12,6 +12,9 @@ import pytest
 import torch
 
 from compress.data import wikitext2_path
+from compress.plugins import load_plugins
+
+load_plugins()  # what the CLI and the runner do at start-up: recipes in tests name passes directly
 
 HIDDEN = 64
 

@@ -32,7 +32,11 @@ def test_register_pass_needs_frozen_dataclass():
         register_pass("mutable", Mutable)
 
 
-def test_registered_pass_is_visible_and_idempotent():
+def test_the_decorator_only_describes_the_hook_registers_once():
+    """register_pass attaches a spec; only a plugin hook puts it in a registry, and the built-ins register every
+    pass exactly once."""
+    from compress.plugins import builtin
+
     @dataclass(frozen=True, kw_only=True)
     class NoopConfig:
         factor: float = 1.0
@@ -41,6 +45,15 @@ def test_registered_pass_is_visible_and_idempotent():
     def run(model, cfg, calib=None):
         return PassReport(name="_test_noop", config={})
 
-    assert PASSES.get("_test_noop").run is run
-    PASSES.add(run.pass_spec)  # same spec again: fine
-    assert "_test_noop" in PASSES.names()
+    assert run.pass_spec.name == "_test_noop" and run.pass_spec.run is run
+    assert "_test_noop" not in PASSES  # described, not registered
+    seen: list[str] = []
+    reg: Registry = Registry("pass")
+    builtin.register_passes(register=lambda fn: seen.append(reg.add(fn.pass_spec).name))
+    assert sorted(seen) == reg.names() == PASSES.names()  # each once; what load_plugins registered
+    assert {"gptq", "awq", "scale_tune", "lora_merge", "prune_layers"} <= set(seen)
+
+
+def test_an_empty_registry_says_how_to_fill_it():
+    with pytest.raises(ValueError, match="no plugins are loaded; call compress.load_plugins"):
+        Registry("pass").get("gptq")

@@ -30,6 +30,9 @@ def cli(verbose: int) -> None:
     """
     import logging
 
+    from compress.plugins import load_plugins
+
+    load_plugins()  # built-in and installed passes, exporters and tasks, registered once
     if verbose:
         logging.getLogger().setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
 

@@ -35,10 +35,10 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
               help="TIES: fraction of each adapter's delta entries kept.")
 @click.option("--requantize", type=click.Choice(["recorded", "gptq", "rtn"]), default="recorded", show_default=True,
               help="Quantized MODEL: re-quantize merged layers with the method its recipe recorded, or force one.")
-@click.option("--tune-steps", type=int, default=None,
-              help="Quantized base: steps of scale tuning after re-quantization, fitting the re-quantized modules' "
-                   "scales so the model matches the exact float merge on the calibration data; 0 turns it off "
-                   "[default: the pass's, 32].")
+@click.option("--tune-steps", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Quantized base: steps of scale tuning after re-quantization (a scale_tune step), fitting the "
+                   "re-quantized modules' scales so the model matches the exact float merge on the calibration "
+                   "data; 0 turns it off.")
 @click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True,
@@ -68,20 +68,21 @@ def command(model, adapters, weights, method, density, requantize, tune_steps, o
               "allow_pickle": allow_pickle}
     if weights is not None:
         fields["weights"] = weights
-    if tune_steps is not None:
-        fields["tune_steps"] = tune_steps
-    recipe = Recipe.single("lora_merge", **fields)
+    steps = [{"pass": "lora_merge", **fields}]
+    if tune_steps:  # (nothing to tune, and no calibration, on a float base)
+        steps.append({"pass": "scale_tune", "steps": tune_steps})
+    recipe = Recipe.from_steps(steps)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
                                  calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
-    rep = summary["reports"][0]
+    rep, tune = summary["reports"][0], summary["reports"][1:]
     extra = ""
     if "requantization_relative_error" in rep["metrics"]:
         m = rep["metrics"]
         extra = (f", {rep['config']['requantized']['modules']} re-quantized with {rep['config']['requantized']['method']}"
                  f" (relative weight error {m['requantization_relative_error']:.4f})")
-        if "scale_tune_kl_before" in m:
-            extra += (f"; scale tuning: KL to the float merge {m['scale_tune_kl_before']:.4f} -> "
-                      f"{m['scale_tune_kl_after']:.4f}")
+        if tune and "kl_before" in tune[0]["metrics"]:
+            m = tune[0]["metrics"]
+            extra += f"; scale tuning: KL to the float merge {m['kl_before']:.4f} -> {m['kl_after']:.4f}"
     console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB, {rep['modules']} modules merged{extra})")
     echo_json(summary)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calibrate.data import read_text
+from compress.files import read_source_text
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PackedText:
 
 
 def pack_text(tokenizer, source: str, *, seq_len: int, heldout: int) -> PackedText:
-    """Tokenize `source` (see `calibrate.data.read_text`) and cut it into non-overlapping sequences.
+    """Tokenize `source` (see `compress.files.read_source_text`) and cut it into non-overlapping sequences.
 
     The last `heldout` sequences are held out (for the periodic perplexity)
     and never trained on; the remainder after the last full sequence is
@@ -44,7 +44,7 @@ def pack_text(tokenizer, source: str, *, seq_len: int, heldout: int) -> PackedTe
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    ids = tokenizer(read_text(source), add_special_tokens=False, return_tensors="pt").input_ids[0]
+    ids = tokenizer(read_source_text(source), add_special_tokens=False, return_tensors="pt").input_ids[0]
     n = ids.numel() // seq_len
     if n < heldout + 1:
         raise ValueError(f"{source}: {ids.numel()} tokens make {n} sequences of {seq_len}; need more than "

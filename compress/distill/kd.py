@@ -17,10 +17,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from calibrate.forward import native_bf16
 from compress.distill.losses import DIVERGENCES, HIDDEN_LOSSES
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
@@ -108,23 +106,6 @@ class DistillConfig:
     @property
     def needs_teacher(self) -> bool:
         return self.kd_weight > 0 or self.hidden_weight > 0 or self.attention_weight > 0
-
-
-def bf16_emulated(device: torch.device) -> bool:
-    """Whether bfloat16 on `device` would be emulated (a CPU without AVX512-BF16 or AMX: about 20x slower)."""
-    return device.type == "cpu" and not native_bf16("cpu")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """accelerate's mixed_precision for `name` on `device` ("auto": bf16 where the hardware has it)."""
-    if name != "auto":
-        if name == "bf16" and bf16_emulated(device):
-            log.warning("mixed_precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so it is "
-                        "emulated and far slower than float32 (about 20x on an AVX2 machine); auto picks float32 here")
-        return name
-    if native_bf16(device.type):
-        return "bf16"
-    return "fp16" if device.type == "cuda" else "no"
 
 
 @register_pass("distill", DistillConfig)

@@ -19,13 +19,13 @@ a 16-step LoRA into a GPTQ W4 g128 artifact) they scored 27.00-27.97 against
 26.75 with fresh grids (the kept grid rounds away deltas under half a step, an
 error that adds up over the layers), so they were removed.
 
-Re-quantizing adds a second rounding error on top of the base's; after it,
-`tune_steps` of scale tuning (`compress.quantize.scale_tune`, on by default for
-a quantized base) refit the re-quantized modules' scales, codes and zero points
-fixed, so that the model's output distribution matches the exact float merge
-on the calibration windows (forward KL). Measured on the reference model it
-halves that KL (0.059 -> 0.029) and takes the merge from 26.75 to 26.11,
--0.10 % against merge-then-quantize (26.14; bench/results/README.md).
+Re-quantizing adds a second rounding error on top of the base's; a following
+`scale_tune` step (`compress.distill.scale_tune`; `compress merge-lora` adds
+one for a quantized base) refits the re-quantized modules' scales so that the
+model's output distribution matches the exact float merge. Measured on the
+reference model it halves that KL (0.059 -> 0.029) and takes the merge from
+26.75 to 26.11, -0.10 % against merge-then-quantize (26.14;
+bench/results/README.md).
 """
 
 from __future__ import annotations
@@ -56,9 +56,6 @@ class LoraMergeConfig:
     method: str = "linear"  # several adapters: "linear" (weighted sum of deltas) or "ties"
     density: float = 0.2  # ties: fraction of each delta's entries kept (the paper's top 20 %)
     requantize: str = "recorded"  # quantized base: the method its recipe recorded, or force "gptq" / "rtn"
-    tune_steps: int = 32  # quantized base: steps of scale tuning after re-quantization (the re-quantized modules'
-    # scales fitted so the model matches the exact float merge on the calibration windows; 0: off)
-    tune_lr: float = 2e-3  # its learning rate (of the log-scales)
     allow_pickle: bool = False  # read adapter_model.bin (a pickle) when there is no safetensors file
 
     def __post_init__(self) -> None:
@@ -72,10 +69,6 @@ class LoraMergeConfig:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.requantize not in REQUANTIZE:
             raise ValueError(f"requantize must be one of {', '.join(REQUANTIZE)}, got {self.requantize!r}")
-        if self.tune_steps < 0:
-            raise ValueError(f"tune_steps must be >= 0, got {self.tune_steps}")
-        if not self.tune_lr > 0:
-            raise ValueError(f"tune_lr must be positive, got {self.tune_lr}")
 
 
 def _check_combination(adapters: list[Adapter]) -> None:
@@ -130,10 +123,10 @@ def _drop_sparsity_record(model: nn.Module, names: list[str]) -> None:
 
 
 def _needs_calibration(cfg: LoraMergeConfig, model: nn.Module) -> bool:
-    """Only a quantized base runs calibration data: to re-quantize with GPTQ, or to tune the scales."""
+    """Only a quantized base re-quantized with GPTQ runs calibration data."""
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         return False
-    return cfg.tune_steps > 0 or _method(cfg.requantize, _recorded(recipe_history(model))) == "gptq"
+    return _method(cfg.requantize, _recorded(recipe_history(model))) == "gptq"
 
 
 def _replace_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -159,13 +152,26 @@ def _replace_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
         progress: Progress | None = None) -> PassReport:
     """Merge the adapters into the model in place (re-quantizing quantized modules they touch)."""
+    merged, schemes, config, metrics = merge_in_float(model, cfg, progress=progress)
+    if merged:
+        metrics.update(_requantize(model, merged, schemes, cfg, calib, config))
+    log.info("lora_merge: merged %d modules from %d adapters", len(config["merged_modules"]), len(cfg.adapters))
+    return PassReport(name="lora_merge", config=config, modules=len(config["merged_modules"]), metrics=metrics)
+
+
+@torch.no_grad()
+def merge_in_float(model: nn.Module, cfg: LoraMergeConfig, *, progress: Progress | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, dict], dict, dict[str, float]]:
+    """Merge the adapters into the model in place; a packed module they touch becomes a float Linear holding its
+    dequantized weight plus the delta (the exact merge). Returns (packed module -> its float merged weight, packed
+    module -> its scheme, the report's config, its metrics)."""
     adapters = [read_adapter(p, allow_pickle=cfg.allow_pickle) for p in cfg.adapters]
     for a in adapters:
         check_against(a, model)  # everything is checked before the first weight changes
     _check_combination(adapters)
     weights = list(cfg.weights) or [1.0] * len(adapters)
     names = sorted({n for a in adapters for n in a.modules})
-    merged: dict[str, torch.Tensor] = {}  # re-quantized module -> its float merged weight
+    merged: dict[str, torch.Tensor] = {}
     schemes: dict[str, dict] = {}
     delta_sq = base_sq = 0.0
     for i, name in enumerate(names):
@@ -181,7 +187,7 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
             new = W + combine([f.delta() for f, _ in present], [w for _, w in present], method, cfg.density)
         delta_sq += float((new - W).pow(2).sum())
         base_sq += float(W.pow(2).sum())
-        if quantized:  # a float Linear for now; re-quantized below with the others
+        if quantized:  # a float Linear for now (run re-quantizes it)
             lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None,
                             dtype=mod.compute_dtype, device=W.device)
             lin.weight.copy_(new)
@@ -200,32 +206,22 @@ def run(model: nn.Module, cfg: LoraMergeConfig, calib: torch.Tensor | None, *,
     config = {"adapters": list(cfg.adapters), "weights": weights, "method": cfg.method if len(adapters) > 1 else
               "single", "merged_modules": names, "replaced_tensors": sorted(n for a in adapters for n in a.replaced),
               "dora": any(a.dora for a in adapters)}
-    metrics = {"delta_relative_norm": (delta_sq / base_sq) ** 0.5 if base_sq else 0.0}
-    if merged:
-        metrics.update(_requantize(model, merged, schemes, cfg, calib, config))
-    log.info("lora_merge: merged %d modules from %d adapters", len(names), len(adapters))
-    return PassReport(name="lora_merge", config=config, modules=len(names), metrics=metrics)
+    return merged, schemes, config, {"delta_relative_norm": (delta_sq / base_sq) ** 0.5 if base_sq else 0.0}
 
 
 def _requantize(model: nn.Module, merged: dict[str, torch.Tensor], schemes: dict[str, dict],
                 cfg: LoraMergeConfig, calib, config: dict) -> dict[str, float]:
-    """Run the recorded quantizer on the merged modules (fresh grids), then tune their scales if asked."""
+    """Run the recorded quantizer on the merged modules (fresh grids); the weight error it adds."""
     from compress.pipeline import apply
     from compress.recipe import Recipe
 
     how, steps = _requantize_steps(schemes, cfg.requantize, recipe_history(model))
     apply(model, Recipe.from_steps(steps, where="lora_merge re-quantization"), calib)
     config["requantized"] = {"method": how, "modules": len(merged), "steps": steps}
-    metrics: dict[str, float] = {}
-    if cfg.tune_steps > 0:
-        from compress.quantize.scale_tune import tune_after_quantization
-
-        entry, metrics = tune_after_quantization(model, merged, calib, cfg)
-        config["requantized"].update(entry)
     err_sq = ref_sq = 0.0
     for name, W in merged.items():
         q = model.get_submodule(name)
         assert isinstance(q, QuantLinear), name
         err_sq += float((q.dequantize_weight() - W).pow(2).sum())
         ref_sq += float(W.pow(2).sum())
-    return {"requantization_relative_error": (err_sq / ref_sq) ** 0.5, **metrics}
+    return {"requantization_relative_error": (err_sq / ref_sq) ** 0.5}

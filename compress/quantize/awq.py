@@ -32,7 +32,6 @@ from compress import targets as tg
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import fake_quantize, grouped, quantize_weight
 from compress.quantize.qlinear import PendingSwaps
-from compress.quantize.scale_tune import tune_after_quantization
 from compress.quantize.scheme import CalibratedQuantConfig, QuantScheme
 from compress.registry import register_pass
 
@@ -54,9 +53,6 @@ class AWQConfig(CalibratedQuantConfig):
             raise ValueError(f"n_grid and clip_grid must be positive, got {self.n_grid}, {self.clip_grid}")
         if not 0 <= self.max_shrink < 1:
             raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
-        if self.tune_steps and not self.quantize:
-            raise ValueError("tune_steps tunes the scales of quantized weights; with quantize: false there are none "
-                             "(give tune_steps to the gptq step that follows)")
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
@@ -133,13 +129,12 @@ def search_clip(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, grid: 
     return clipped, float(after.sum()), before
 
 
-@register_pass("awq", AWQConfig, needs_calibration=True, streams_blocks=lambda cfg: not cfg.tune_steps)
+@register_pass("awq", AWQConfig, needs_calibration=True, streams_blocks=True)
 def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Scale, clip and (unless `quantize` is false) round the selected Linears block by block."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
     totals = {"scale_before": 0.0, "scale_after": 0.0, "clip_before": 0.0, "clip_after": 0.0, "folded": 0,
               "bits": 0, "weights": 0}
-    references: dict[str, torch.Tensor] = {}  # scale tuning's target, when asked for
     pending = PendingSwaps()
     # where each stage's 1/s folds is a fact of the block's structure: tested on the first block of a
     # kind (class and stages), then reused for the blocks like it
@@ -158,8 +153,6 @@ def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Prog
         for st in block.stages:
             H = hessians.pop(st[0])
             for n in st:
-                if cfg.tune_steps:  # scaled, not yet clipped: the float model's function (the norms hold 1/s)
-                    references[block.name(n)] = block.modules[n].weight.detach().clone()
                 _finish(n, block.modules[n], H, cfg, totals, pending)
                 totals["weights"] += block.modules[n].weight.numel()
 
@@ -174,14 +167,12 @@ def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Prog
                "scaled_stages": totals["folded"]}
     if cfg.quantize:
         metrics["bits_per_weight"] = totals["bits"] / max(totals["weights"], 1)
-    tuned, tune_metrics = tune_after_quantization(model, references, calib, cfg, progress=progress)
-    metrics.update(tune_metrics)
     return PassReport(
         name="awq",
         config={**cfg.scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
                 "n_grid": cfg.n_grid, "duo_scaling": cfg.duo_scaling, "clip": cfg.clip,
                 "quantize": cfg.quantize, "forward_dtype": cfg.forward_dtype,
-                "calibration_tokens": int(calib.numel()), **tuned},
+                "calibration_tokens": int(calib.numel())},
         modules=len(selected),
         metrics=metrics,
     )

@@ -25,7 +25,6 @@ from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
 from compress.quantize.grid import qparams
 from compress.quantize.qlinear import PendingSwaps
-from compress.quantize.scale_tune import float_references, tune_after_quantization
 from compress.quantize.scheme import CalibratedQuantConfig, QuantScheme
 from compress.registry import register_pass
 
@@ -164,19 +163,17 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
     return len(selected), total["loss"], total["bits"], total["weights"]
 
 
-@register_pass("gptq", GPTQConfig, needs_calibration=True, streams_blocks=lambda cfg: not cfg.tune_steps)
+@register_pass("gptq", GPTQConfig, needs_calibration=True, streams_blocks=True)
 def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Quantize selected Linears block by block with GPTQ on calibration token windows `calib` (samples, seq_len)."""
     scheme = cfg.scheme
-    references = float_references(model, cfg)
     done, total_loss, bits, weights = quantize_blocks(model, cfg, calib, lambda name: scheme, progress=progress)
-    tuned, tune_metrics = tune_after_quantization(model, references, calib, cfg, progress=progress)
     return PassReport(
         name="gptq",
         config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
                 "block_size": cfg.block_size, "dampening": cfg.dampening, "act_order": cfg.act_order,
                 "true_sequential": cfg.true_sequential, "forward_dtype": cfg.forward_dtype,
-                "calibration_tokens": int(calib.numel()), **tuned},
+                "calibration_tokens": int(calib.numel())},
         modules=done,
-        metrics={"gptq_loss": total_loss, "bits_per_weight": bits / max(weights, 1), **tune_metrics},
+        metrics={"gptq_loss": total_loss, "bits_per_weight": bits / max(weights, 1)},
     )

@@ -28,7 +28,6 @@ from compress.quantize.awq import output_error
 from compress.quantize.gptq import GPTQConfig, quantize_blocks, quantize_weight
 from compress.quantize.grid import dequantize
 from compress.quantize.packing import packed_len
-from compress.quantize.scale_tune import float_references, tune_after_quantization
 from compress.quantize.scheme import SUPPORTED_BITS, QuantScheme
 from compress.registry import register_pass
 
@@ -147,7 +146,7 @@ def _scheme(cfg: MixedConfig, bits: int) -> QuantScheme:
     return QuantScheme(bits=bits, group_size=cfg.group_size, symmetric=cfg.symmetric, scale_dtype=cfg.scale_dtype)
 
 
-@register_pass("mixed", MixedConfig, needs_calibration=True, streams_blocks=lambda cfg: not cfg.tune_steps)
+@register_pass("mixed", MixedConfig, needs_calibration=True, streams_blocks=True)
 def run(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor, *, progress: Progress | None = None) -> PassReport:
     """Measure each layer's error per bit width, allocate bits under `target_bits`, then GPTQ at those bits."""
     shapes = {n: (m.out_features, m.in_features)
@@ -157,19 +156,17 @@ def run(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor, *, progress: Pr
     n_weights = sum(o * i for o, i in shapes.values())
     choice = allocate(errors, costs, cfg.target_bits * n_weights)
     log.info("mixed: bits per layer %s", choice)
-    references = float_references(model, cfg)
     done, loss, bits, weights = quantize_blocks(model, cfg, calib, lambda name: _scheme(cfg, choice[name]),
                                                 label="mixed", progress=progress)
-    tuned, tune_metrics = tune_after_quantization(model, references, calib, cfg, progress=progress)
     counts = {b: sum(1 for v in choice.values() if v == b) for b in cfg.candidates}
     return PassReport(
         name="mixed",
         config={"target_bits": cfg.target_bits, "candidates": list(cfg.candidates), "group_size": cfg.group_size,
                 "symmetric": cfg.symmetric, "scale_dtype": cfg.scale_dtype, "targets": list(cfg.targets),
                 "ignore": list(cfg.ignore), "act_order": cfg.act_order, "calibration_tokens": int(calib.numel()),
-                "bits_per_module": choice, **tuned},
+                "bits_per_module": choice},
         modules=done,
         metrics={"bits_per_weight": bits / max(weights, 1), "gptq_loss": loss,
                  "predicted_error": sum(errors[n][b] for n, b in choice.items()),
-                 **{f"layers_at_{b}_bits": c for b, c in counts.items()}, **tune_metrics},
+                 **{f"layers_at_{b}_bits": c for b, c in counts.items()}},
     )

@@ -19,22 +19,22 @@ def quantize_recipe(method: str | None = None, *, bits: int = 4, target_bits: fl
 
     `target_bits` asks for bits per layer under a budget (the `mixed` pass,
     GPTQ at each layer's width); it combines with no method but gptq/mixed.
-    `tune_steps` > 0 tunes the packed scales afterwards (`compress.quantize.scale_tune`),
-    in the step that rounds the weights (gptq in awq+gptq).
+    `tune_steps` > 0 adds a `scale_tune` step that trains the packed scales afterwards
+    (`compress.distill.scale_tune`), toward the model the recipe starts from.
     """
-    tune = {"tune_steps": tune_steps} if tune_steps else {}
+    tune = [{"pass": "scale_tune", "steps": tune_steps}] if tune_steps else []
     if target_bits is not None:
         if method not in (None, "gptq", "mixed"):
             raise ValueError(f"--target-bits chooses bits per layer with GPTQ; it does not combine with method {method!r}")
-        return Recipe.single("mixed", target_bits=target_bits, **fields, **tune)
+        return Recipe.from_steps([{"pass": "mixed", "target_bits": target_bits, **fields}, *tune])
     method = method or DEFAULT_METHOD
     if tune and method not in TUNABLE:
         raise ValueError(f"scale tuning (--tune-steps) follows a calibrated quantizer ({', '.join(TUNABLE)}); "
                          f"method {method!r} has none")
     if method == "awq+gptq":
         return Recipe.from_steps([{"pass": "awq", "bits": bits, **fields, "quantize": False},
-                                  {"pass": "gptq", "bits": bits, **fields, **tune}])
-    return Recipe.single(method, bits=bits, **fields, **tune)
+                                  {"pass": "gptq", "bits": bits, **fields}, *tune])
+    return Recipe.from_steps([{"pass": method, "bits": bits, **fields}, *tune])
 
 
 def w8a8_recipe(*, activations: str = "static", observer: str = "minmax", smoothquant: float | str | None = None,

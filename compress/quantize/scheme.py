@@ -110,16 +110,7 @@ class CalibratedQuantConfig(WeightQuantConfig):
     batch_size: int = 8  # calibration samples per forward pass
     # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
     forward_dtype: str = "auto"
-    # steps of scale tuning after quantization (compress.quantize.scale_tune: the packed modules' group scales
-    # trained so the model's logits match the float model the pass was given; codes fixed); 0 = off. It needs
-    # the whole model in memory (no block streaming) and a float copy of the quantized weights while it runs
-    tune_steps: int = 0
-    tune_lr: float = 2e-3  # its AdamW learning rate (of the log-scales)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_forward_options(self.batch_size, self.forward_dtype)
-        if self.tune_steps < 0:
-            raise ValueError(f"tune_steps must be >= 0, got {self.tune_steps}")
-        if not self.tune_lr > 0:
-            raise ValueError(f"tune_lr must be positive, got {self.tune_lr}")

@@ -4,18 +4,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from calibrate.data import CalibConfig, load_calibration, read_text
+from calibrate.data import CalibConfig, load_calibration
 from calibrate.stats import ChannelStats, HessianCollector
+from compress.files import read_source_text as read_text
 from compress.recipe import Recipe
 
 
 def test_windows_are_seeded_slices_of_the_validation_split(tiny_tokenizer):
-    a = load_calibration(tiny_tokenizer, CalibConfig(samples=5, seq_len=40, seed=1))
-    b = load_calibration(tiny_tokenizer, CalibConfig(samples=5, seq_len=40, seed=1))
-    c = load_calibration(tiny_tokenizer, CalibConfig(samples=5, seq_len=40, seed=2))
+    text = read_text("wikitext2")
+    a = load_calibration(tiny_tokenizer, CalibConfig(samples=5, seq_len=40, seed=1), text)
+    b = load_calibration(tiny_tokenizer, CalibConfig(samples=5, seq_len=40, seed=1), text)
+    c = load_calibration(tiny_tokenizer, CalibConfig(samples=5, seq_len=40, seed=2), text)
     assert a.shape == (5, 40) and torch.equal(a, b) and not torch.equal(a, c)
-    text = tiny_tokenizer.decode(a[0])
-    assert text in read_text("wikitext2")
+    assert tiny_tokenizer.decode(a[0]) in text
 
 
 def test_jsonl_field_and_errors(tmp_path):
@@ -32,7 +33,7 @@ def test_too_short_text_refused(tiny_tokenizer, tmp_path):
     f = tmp_path / "short.txt"
     f.write_text("just a few words")
     with pytest.raises(ValueError, match="need more than seq_len"):
-        load_calibration(tiny_tokenizer, CalibConfig(source=str(f), seq_len=64))
+        load_calibration(tiny_tokenizer, CalibConfig(source=str(f), seq_len=64), read_text(str(f)))
 
 
 def test_hessian_is_independent_of_batching():

@@ -102,12 +102,16 @@ def test_quantize_gptq_with_calibration_options(runner, model_dir, tmp_path):
 
 
 def test_quantize_tune_steps(runner, model_dir, tmp_path):
-    """--tune-steps tunes the rounding step's scales; methods without calibration and W8A8 refuse it."""
+    """--tune-steps adds a scale_tune step whose reference is the input model; methods without calibration and
+    W8A8 refuse it."""
     r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "gptq", "--calib-samples", "4", "--calib-seq-len",
                             "32", "--tune-steps", "2", "--out", str(tmp_path / "g")])
     assert r.exit_code == 0, r.output
-    rep = json.loads((tmp_path / "g" / "compress.json").read_text())["reports"][0]
-    assert rep["config"]["scale_tune"]["steps"] == 2 and "scale_tune_kl_before" in rep["metrics"]
+    reports = json.loads((tmp_path / "g" / "compress.json").read_text())["reports"]
+    assert [r["name"] for r in reports] == ["gptq", "scale_tune"]
+    rep = reports[1]
+    assert rep["config"]["steps"] == 2 and rep["config"]["reference"] == str(model_dir) and "kl_before" in rep["metrics"]
+    assert rep["modules"] == reports[0]["modules"] > 0  # every module gptq packed
     r = runner.invoke(cli, ["quantize", str(model_dir), "--method", "rtn", "--tune-steps", "2", "--out", str(tmp_path / "r")])
     assert r.exit_code == 1 and "calibrated quantizer" in r.output and not (tmp_path / "r").exists()
     r = runner.invoke(cli, ["quantize", str(model_dir), "--bits", "8", "--activations", "int8", "--tune-steps", "2",

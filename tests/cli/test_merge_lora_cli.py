@@ -58,12 +58,13 @@ def test_merge_lora_into_an_artifact_tunes_the_scales(model_dirs, tmp_path, make
         r = CliRunner().invoke(cli, ["merge-lora", str(tmp_path / "q"), "--adapter", str(tmp_path / "a"), *calib,
                                      "--tune-steps", steps, "--out", str(tmp_path / f"m{steps}")])
         assert r.exit_code == 0, r.output
-        outs[steps] = json.loads(r.output[r.output.index("{"):])["reports"][0]
+        outs[steps] = json.loads(r.output[r.output.index("{"):])["reports"]
         assert ("scale tuning: KL to the float merge" in " ".join(r.output.split())) == (steps != "0")
-    tuned, plain = outs["16"], outs["0"]
-    assert tuned["config"]["requantized"]["scale_tune"] == {"steps": 16, "lr": 2e-3}
-    assert "scale_tune" not in plain["config"]["requantized"] and "scale_tune_kl_before" not in plain["metrics"]
+    assert [r["name"] for r in outs["16"]] == ["lora_merge", "scale_tune"] and len(outs["0"]) == 1
+    tuned = outs["16"][1]
+    assert tuned["config"]["steps"] == 16 and tuned["config"]["reference"] == str(tmp_path / "q")
+    assert tuned["modules"] == 6  # the re-quantized ones: the others are packed in the reference too
     a, b = load_model(tmp_path / "m16").model, load_model(tmp_path / "m0").model
     q_a, q_b = a.model.layers[0].self_attn.q_proj, b.model.layers[0].self_attn.q_proj
     assert torch.equal(q_a.codes(), q_b.codes())  # the same re-quantization; only the scales differ
-    assert (tuned["metrics"]["scale_tune_kept"] == 1.0) == (not torch.equal(q_a.weight_scale, q_b.weight_scale))
+    assert (tuned["metrics"]["kept"] == 1.0) == (not torch.equal(q_a.weight_scale, q_b.weight_scale))

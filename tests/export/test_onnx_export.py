@@ -11,7 +11,8 @@ pytest.importorskip("optimum.exporters.onnx")
 from compress.cli import cli  # noqa: E402
 from compress.quantize.qlinear import QuantLinear  # noqa: E402
 from compress.quantize.scheme import QuantScheme  # noqa: E402
-from export.onnx import block_size_for, exported_summary, matmulnbits_tensors  # noqa: E402
+from export.matmulnbits import block_size_for, matmulnbits_tensors  # noqa: E402
+from export.onnx import exported_summary  # noqa: E402
 
 
 def _run_matmulnbits(m: QuantLinear, x: np.ndarray, level: int) -> np.ndarray:

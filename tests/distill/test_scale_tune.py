@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 
+from compress.distill.scale_tune import ScaleTuneConfig, TunedScales, tune_scales
 from compress.pipeline import apply
 from compress.quantize.qlinear import QuantLinear
-from compress.quantize.scale_tune import ScaleTuneConfig, TunedScales, tune_scales
 from compress.recipe import Recipe
 
 
@@ -16,8 +16,8 @@ def _quantized(make_tiny, symmetric: bool):
     ref = make_tiny("llama")
     q = copy.deepcopy(ref)
     apply(q, Recipe.single("rtn", bits=3, group_size=16, symmetric=symmetric))
-    refs = {n: ref.get_submodule(n).weight.detach().clone() for n, m in q.named_modules() if isinstance(m, QuantLinear)}
-    return ref, q, refs
+    names = [n for n, m in q.named_modules() if isinstance(m, QuantLinear)]
+    return ref, q, names
 
 
 def _calib(n=32, seq=32):
@@ -41,7 +41,7 @@ def test_tuning_lowers_the_kl_and_keeps_codes_and_zero_points(make_tiny, symmetr
     kl0 = kl()
     trainable = [n for n, p in q.named_parameters() if p.requires_grad]
     assert trainable  # (the embedding and norms)
-    out = tune_scales(q, refs, _calib(), ScaleTuneConfig(steps=30, batch_size=4, lr=1e-2, forward_dtype="float32"))
+    out = tune_scales(q, ref, refs, _calib(), ScaleTuneConfig(steps=30, batch_size=4, lr=1e-2, forward_dtype="float32"))
     print(out, kl0, kl())
     # a random tiny model gains little from its scales alone (measured -10 % held out); the reference model's
     # merged LoRA halves it (bench/lora_merge_reference.py)
@@ -60,16 +60,16 @@ def test_tuning_lowers_the_kl_and_keeps_codes_and_zero_points(make_tiny, symmetr
 
 def test_a_result_that_is_no_better_is_not_kept(make_tiny):
     """A learning rate that wrecks the scales: the held-out KL rises, so the original scales stay."""
-    _, q, refs = _quantized(make_tiny, True)
+    ref, q, refs = _quantized(make_tiny, True)
     scales = {n: q.get_submodule(n).weight_scale.clone() for n in refs}
-    out = tune_scales(q, refs, _calib(), ScaleTuneConfig(steps=4, batch_size=4, lr=5.0, forward_dtype="float32"))
+    out = tune_scales(q, ref, refs, _calib(), ScaleTuneConfig(steps=4, batch_size=4, lr=5.0, forward_dtype="float32"))
     assert out["kept"] == 0.0 and out["kl_tuned"] > out["kl_before"] == out["kl_after"]
     assert all(torch.equal(q.get_submodule(n).weight_scale, s) for n, s in scales.items())
 
 
 def test_tuned_forward_is_the_packed_forward_at_the_start(make_tiny):
     _, q, refs = _quantized(make_tiny, False)
-    m = q.get_submodule(next(iter(refs)))
+    m = q.get_submodule(refs[0])
     x = torch.randn(3, m.in_features)
     torch.testing.assert_close(TunedScales(m)(x), m(x), rtol=1e-5, atol=1e-6)
 
@@ -77,9 +77,9 @@ def test_tuned_forward_is_the_packed_forward_at_the_start(make_tiny):
 def test_bad_input(make_tiny):
     ref, q, refs = _quantized(make_tiny, True)
     with pytest.raises(ValueError, match="at least 2 calibration windows"):
-        tune_scales(q, refs, _calib(n=1), ScaleTuneConfig())
+        tune_scales(q, ref, refs, _calib(n=1), ScaleTuneConfig())
     with pytest.raises(ValueError, match="lm_head is not a packed"):
-        tune_scales(q, {"lm_head": ref.lm_head.weight}, _calib(), ScaleTuneConfig())
+        tune_scales(q, ref, ["lm_head"], _calib(), ScaleTuneConfig())
     with pytest.raises(ValueError, match="lr must be positive"):
         ScaleTuneConfig(lr=0)
     with pytest.raises(ValueError, match="heldout"):
@@ -98,18 +98,19 @@ def _wiki_windows(tokenizer, n: int, seq: int, split: str = "validation") -> tor
     [{"pass": "awq", "bits": 3, "group_size": 16, "quantize": False}, {"pass": "gptq", "bits": 3, "group_size": 16}],
     [{"pass": "mixed", "target_bits": 3.9, "group_size": 16, "candidates": [2, 3]}],
 ], ids=["gptq", "awq", "awq+gptq", "mixed"])
-def test_a_quantization_pass_tunes_its_scales_when_asked(make_tiny, tiny_tokenizer, recipe):
-    """tune_steps on a calibrated pass: the same codes as without it, other scales, and a model closer to the
-    float one it was given on windows it never saw."""
+def test_a_scale_tune_step_after_a_quantizer(make_tiny, tiny_tokenizer, model_dirs, recipe):
+    """scale_tune after a calibrated quantizer, toward the model the recipe started from: the same codes as
+    without it, other scales, and a model closer to the float one on windows it never saw (after AWQ too, whose
+    folded scales make the packed model's own float weights differ from the reference's)."""
     calib, test = _wiki_windows(tiny_tokenizer, 24, 32), _wiki_windows(tiny_tokenizer, 4, 32, "test")
-    ref = make_tiny("llama")
+    ref = make_tiny("llama")  # the model saved in model_dirs["llama"]
     with torch.no_grad():
         f = torch.log_softmax(ref(test).logits, -1)
     models, reports = {}, {}
+    tune = {"pass": "scale_tune", "steps": 24, "lr": 3e-3, "reference": str(model_dirs["llama"])}
     for steps in (0, 24):
         m = copy.deepcopy(ref)
-        tuned = [*recipe[:-1], {**recipe[-1], "tune_steps": steps, "tune_lr": 3e-3}] if steps else recipe
-        reports[steps] = apply(m, Recipe.from_steps(tuned), calib)[-1]
+        reports[steps] = apply(m, Recipe.from_steps([*recipe, tune] if steps else recipe), calib)[-1]
         models[steps] = m
 
     def kl(m):
@@ -117,9 +118,8 @@ def test_a_quantization_pass_tunes_its_scales_when_asked(make_tiny, tiny_tokeniz
             return float((f.exp() * (f - torch.log_softmax(m(test).logits, -1))).sum(-1).mean())
 
     rep = reports[24]
-    assert "scale_tune" not in reports[0].config and not any(k.startswith("scale_tune") for k in reports[0].metrics)
-    assert rep.config["scale_tune"] == {"steps": 24, "lr": 3e-3} and rep.modules == 14
-    assert rep.metrics["scale_tune_kept"] == 1.0 and rep.metrics["scale_tune_kl_after"] < rep.metrics["scale_tune_kl_before"]
+    assert rep.name == "scale_tune" and rep.config["steps"] == 24 and rep.modules == 14
+    assert rep.metrics["kept"] == 1.0 and rep.metrics["kl_after"] < rep.metrics["kl_before"]
     assert kl(models[24]) < kl(models[0])
     packed = {n: q for n, q in models[0].named_modules() if isinstance(q, QuantLinear)}
     assert len(packed) == 14
@@ -129,24 +129,23 @@ def test_a_quantization_pass_tunes_its_scales_when_asked(make_tiny, tiny_tokeniz
     assert any(not torch.equal(models[24].get_submodule(n).weight_scale, q.weight_scale) for n, q in packed.items())
 
 
-def test_tuning_config_is_checked_and_turns_off_block_streaming():
-    from compress.quantize.awq import AWQConfig
-    from compress.quantize.gptq import GPTQConfig
+def test_scale_tune_config_presets_and_nothing_to_tune(make_tiny, model_dirs):
     from compress.quantize.presets import quantize_recipe
 
-    with pytest.raises(ValueError, match="tune_steps must be >= 0"):
-        GPTQConfig(tune_steps=-1)
-    with pytest.raises(ValueError, match="tune_lr must be positive"):
-        GPTQConfig(tune_steps=4, tune_lr=0)
-    with pytest.raises(ValueError, match="quantize: false"):
-        AWQConfig(quantize=False, tune_steps=4)
-    for name in ("gptq", "awq", "mixed"):
+    with pytest.raises(ValueError, match="steps >= 1"):
+        ScaleTuneConfig(steps=0)
+    for name in ("gptq", "awq", "mixed"):  # the quantizers stream blocks again: tuning is a step of its own
         extra = {"target_bits": 4.0} if name == "mixed" else {}
-        [plain] = Recipe.single(name, **extra).steps
-        [tuned] = Recipe.single(name, tune_steps=8, **extra).steps
-        assert plain.spec.streams(plain.config)
-        assert not tuned.spec.streams(tuned.config)  # the tuning runs the whole model
+        [step] = Recipe.single(name, **extra).steps
+        assert step.spec.streams(step.config)
+    [tune] = Recipe.single("scale_tune").steps
+    assert not tune.spec.streams(tune.config)  # the tuning runs the whole model
     steps = quantize_recipe(None, tune_steps=16).steps
-    assert [(s.name, s.config.tune_steps) for s in steps] == [("awq", 0), ("gptq", 16)]
+    assert [s.name for s in steps] == ["awq", "gptq", "scale_tune"] and steps[-1].config.steps == 16
     with pytest.raises(ValueError, match="calibrated quantizer"):
         quantize_recipe("rtn", tune_steps=16)
+    # a float model has nothing to tune: no calibration asked for, no reference loaded, nothing changed
+    m = make_tiny("llama")
+    assert not tune.spec.calibrates(tune.config, m)
+    (rep,) = apply(m, Recipe.single("scale_tune", reference=str(model_dirs["llama"]) + "-missing"))
+    assert rep.modules == 0

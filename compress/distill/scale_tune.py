@@ -6,11 +6,18 @@ from the weights. Following the end-to-end step of EfficientQAT (Chen et al.,
 "EfficientQAT: Efficient Quantization-Aware Training for Large Language
 Models", 2024, https://arxiv.org/abs/2407.11062, "E2E-QP": train only the
 quantization parameters, codes frozen), the scales are trained with AdamW, but
-against a float reference model instead of labels: the loss is the forward KL
-from the model with the float reference weights in those modules to the model
-with the packed ones, on the calibration windows. The codes, zero points and
-every other weight stay as they are, so the result is the same artifact format
-with new scale values (stored in the scheme's scale dtype).
+against a reference model instead of labels, like `kd`'s teacher: the loss is
+the forward KL from the reference's next-token distribution to the packed
+model's, on the calibration windows. The codes, zero points and every other
+weight stay as they are, so the result is the same artifact format with new
+scale values (stored in the scheme's scale dtype).
+
+The reference is the model the recipe started from (or `reference`), with the
+LoRA merges the packed model records since then applied to it in float: what
+the model would be without quantization error (after a `lora_merge` into a
+packed artifact, the exact float merge). The modules tuned are the packed ones
+whose counterpart in the reference is float (one that is packed there too has
+no error of its own to fit).
 
 Scales are trained in log space (s = s0 * exp(u), u from 0), so one learning
 rate suits layers whose scales differ by orders of magnitude. A held-out share
@@ -20,6 +27,7 @@ lower the held-out KL the original scales are put back.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -29,10 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from calibrate.forward import native_bf16
+from compress import targets as tg
 from compress.distill.losses import logit_divergence
-from compress.pipeline import Progress
+from compress.pipeline import PassReport, Progress, recipe_history
 from compress.quantize.qlinear import QuantLinear, dequantized_once
-from compress.targets import select, set_submodule
+from compress.registry import register_pass
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +54,9 @@ class ScaleTuneConfig:
     lr: float = 2e-3  # AdamW learning rate of the log-scales (cosine decay to 0 after a 10 % warm-up)
     heldout: float = 0.125  # share of the calibration windows kept out of training to score the result
     forward_dtype: str = "auto"  # "auto": bf16 autocast where the hardware has native bf16, else float32
+    reference: str | None = None  # model dir or .gguf to match; None: the model the recipe started from
+    targets: tuple[str, ...] = ("QuantLinear",)  # the packed modules that may be tuned
+    ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -54,6 +67,8 @@ class ScaleTuneConfig:
             raise ValueError(f"heldout must be in (0, 1), got {self.heldout}")
         if self.forward_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"forward_dtype must be auto, float32 or bfloat16, got {self.forward_dtype!r}")
+        tg.validate_patterns(self.targets, "targets")
+        tg.validate_patterns(self.ignore, "ignore")
 
 
 class TunedScales(nn.Module):
@@ -84,24 +99,14 @@ class TunedScales(nn.Module):
         self.log_gain.zero_()
 
 
-def _float_linear(weight: torch.Tensor, q: QuantLinear) -> nn.Linear:
-    """A Linear multiplying by `weight` (shared, not copied) and the packed module's bias."""
-    lin = nn.Linear(q.in_features, q.out_features, bias=False, device="meta")
-    lin.weight = nn.Parameter(weight.to(q.compute_dtype), requires_grad=False)
-    lin.bias = q.bias
-    return lin
-
-
-def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: torch.Tensor, cfg: ScaleTuneConfig,
-                *, progress: Progress | None = None) -> dict[str, float]:
-    """Tune the scales of the QuantLinear modules named in `references` (name -> its float reference weight,
-    (out, in)) so that `model` matches the model with those weights in float; in place. `calib` is
-    (windows, seq_len) token ids. Returns the held-out KL before and after, and whether the result was kept."""
-    from calibrate.forward import native_bf16
-
+def tune_scales(model: nn.Module, reference: nn.Module, names: list[str], calib: torch.Tensor,
+                cfg: ScaleTuneConfig, *, progress: Progress | None = None) -> dict[str, float]:
+    """Tune the scales of `model`'s packed modules `names`, in place, so that its next-token distributions match
+    `reference`'s on calibration windows `calib` (windows, seq_len). Returns the held-out KL before and after,
+    and whether the result was kept."""
     if calib is None or calib.ndim != 2 or calib.shape[0] < 2:
         raise ValueError("scale tuning needs at least 2 calibration windows (a (windows, seq_len) tensor)")
-    packed = {n: model.get_submodule(n) for n in references}
+    packed = {n: model.get_submodule(n) for n in names}
     for n, q in packed.items():
         if not isinstance(q, QuantLinear):
             raise ValueError(f"scale tuning: {n} is not a packed (QuantLinear) module")
@@ -111,26 +116,21 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
     bf16 = cfg.forward_dtype == "bfloat16" or (cfg.forward_dtype == "auto" and native_bf16(device.type))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     tuned = {n: TunedScales(q) for n, q in packed.items()}
-    floats = {n: _float_linear(references[n].to(device), q) for n, q in packed.items()}
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
 
     def use(mods: dict[str, nn.Module]) -> None:
         for n, m in mods.items():
-            set_submodule(model, n, m)
+            tg.set_submodule(model, n, m)
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(device), use_cache=False).logits
 
     @torch.no_grad()
     def reference_logits(ids: torch.Tensor) -> torch.Tensor:
-        """The float reference's logits; the tuned modules are back in place on return."""
-        use(floats)
         with autocast:
-            t = logits(ids)
-        use(tuned)
-        return t
+            return reference(input_ids=ids.to(device), use_cache=False).logits
 
     @torch.no_grad()
     def heldout_kl() -> float:
@@ -146,8 +146,10 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
-    try:
-        with dequantized_once(model):  # the modules not tuned (unpacked once, not per forward)
+    reference.eval()
+    use(tuned)
+    try:  # the packed modules not tuned, in both models: unpacked once, not per forward
+        with dequantized_once(model), dequantized_once(reference):
             before = heldout_kl()
             params = [m.log_gain for m in tuned.values()]
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -189,22 +191,54 @@ def tune_scales(model: nn.Module, references: dict[str, torch.Tensor], calib: to
             "seconds": time.perf_counter() - t0}
 
 
-def float_references(model: nn.Module, cfg) -> dict[str, torch.Tensor]:
-    """Copies of the weights a quantization pass with `cfg` (a `CalibratedQuantConfig`) is about to quantize,
-    taken before it does when it will tune scales afterwards (`cfg.tune_steps` > 0): the tuning's target is
-    the float model the pass was given. Empty when it will not tune."""
-    if not cfg.tune_steps:
+def _tunable(model: nn.Module, cfg: ScaleTuneConfig) -> dict[str, nn.Module]:
+    """The packed modules the selection names (none on a model without packed modules)."""
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
         return {}
-    return {n: m.weight.detach().clone() for n, m in select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,)).items()}
+    return tg.select(model, cfg.targets, cfg.ignore, kinds=(QuantLinear,))
 
 
-def tune_after_quantization(model: nn.Module, references: dict[str, torch.Tensor], calib: torch.Tensor, cfg, *,
-                            progress: Progress | None = None) -> tuple[dict, dict[str, float]]:
-    """A quantization pass's scale tuning: `cfg.tune_steps` steps (and `cfg.tune_lr`) on the modules of
-    `references` (name -> float weight, e.g. from `float_references`) that are packed now. Returns the pass report's config entry and metrics (both empty
-    when there was nothing to tune)."""
-    packed = {n: w for n, w in references.items() if isinstance(model.get_submodule(n), QuantLinear)}
-    if not packed:
-        return {}, {}
-    r = tune_scales(model, packed, calib, ScaleTuneConfig(steps=cfg.tune_steps, lr=cfg.tune_lr), progress=progress)
-    return ({"scale_tune": {"steps": cfg.tune_steps, "lr": cfg.tune_lr}}, {f"scale_tune_{k}": v for k, v in r.items()})
+def load_reference(model: nn.Module, cfg: ScaleTuneConfig) -> nn.Module:
+    """The float model `model` approximates: `cfg.reference` (None: the reference model; the runner binds the
+    recipe's input model), with the LoRA merges `model` records beyond the reference's own history applied in
+    float (`compress.lora.merge.merge_in_float`)."""
+    from compress.lora.merge import LoraMergeConfig, merge_in_float
+    from compress.models import load_model
+
+    reference = load_model(cfg.reference).model
+    done = len(recipe_history(reference))
+    for step in recipe_history(model)[done:]:
+        if step.get("pass") == "lora_merge":
+            fields = {f.name for f in dataclasses.fields(LoraMergeConfig)}
+            merge_in_float(reference, LoraMergeConfig(**{k: v for k, v in step.items() if k in fields}))
+    return reference
+
+
+@register_pass("scale_tune", ScaleTuneConfig, needs_calibration=lambda cfg, model: bool(_tunable(model, cfg)))
+def run(model: nn.Module, cfg: ScaleTuneConfig, calib: torch.Tensor | None, *,
+        progress: Progress | None = None) -> PassReport:
+    """Train the group scales of the packed modules so the model's outputs match its float reference."""
+    config = dataclasses.asdict(cfg)
+    selected = _tunable(model, cfg)
+    if not selected:
+        log.info("scale_tune: no packed module to tune")
+        return PassReport(name="scale_tune", config=config, modules=0)
+    reference = load_reference(model, cfg)
+    names = [n for n in selected if not isinstance(_module_or_none(reference, n), QuantLinear)]
+    missing = [n for n in names if _module_or_none(reference, n) is None]
+    if missing:
+        raise ValueError(f"scale_tune: the reference model has no module {missing[0]} (a reference must have the "
+                         "tuned model's module names)")
+    if not names:
+        log.info("scale_tune: every selected module is packed in the reference too: nothing to tune")
+        return PassReport(name="scale_tune", config=config, modules=0)
+    reference.to(next(iter(selected.values())).weight_packed.device)
+    metrics = tune_scales(model, reference, names, calib, cfg, progress=progress)
+    return PassReport(name="scale_tune", config=config, modules=len(names), metrics=metrics)
+
+
+def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
