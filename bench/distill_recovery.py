@@ -201,7 +201,7 @@ def main() -> None:
 
     import torch
 
-    from compress.distill.train import bf16_emulated
+    from compress.distill.precision import bf16_emulated
 
     if args.precision == "bf16" and bf16_emulated(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
         sys.exit("--precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); it would be emulated, "

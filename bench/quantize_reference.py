@@ -147,7 +147,7 @@ def write_peer_inputs(dest: Path, windows: int, calib_cfg=None) -> dict:
     from transformers import AutoTokenizer
 
     from calibrate.data import CalibConfig, load_calibration
-    from compress.files import read_source_text
+    from compress.data import read_source_text
     from compress.reference import reference_model_dir
     from eval.perplexity import PerplexityConfig, wikitext2
 

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from calibrate.data import CalibConfig, load_calibration  # noqa: E402
 from compress.artifact import package_versions, write_json_atomic  # noqa: E402
-from compress.files import read_source_text  # noqa: E402
+from compress.data import read_source_text  # noqa: E402
 from compress.models import load_model  # noqa: E402
 from compress.quantize.presets import w8a8_recipe  # noqa: E402
 from compress.registry import EXPORTERS  # noqa: E402

@@ -1,5 +1,5 @@
 """Calibration windows: token windows drawn from the text of a calibration source (the bundled WikiText-2
-validation split or a user file, read by `compress.files.read_source_text`).
+validation split or a user file, read by `compress.data.read_source_text`).
 
 Windows are contiguous `seq_len`-token slices of the tokenized text at random
 offsets chosen by `seed`, the sampling GPTQ and AWQ use for C4/WikiText.
@@ -27,7 +27,7 @@ class CalibConfig:
 
 def load_calibration(tokenizer, cfg: CalibConfig, text: str) -> torch.Tensor:
     """(samples, seq_len) int64 token windows of `text`, the contents of `cfg.source`
-    (`compress.files.read_source_text`)."""
+    (`compress.data.read_source_text`)."""
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if ids.numel() <= cfg.seq_len:
         raise ValueError(f"calibration text has {ids.numel()} tokens; need more than seq_len={cfg.seq_len}")

@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-from compress.data import wikitext2_path
-
 HINT = "truncated or corrupted? re-download or re-create it"
 MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
 
@@ -276,27 +274,3 @@ def check_weights_file(path: str | Path) -> None:
         check_gguf(p)
     else:
         load_pickled(p)
-
-
-def read_source_text(source: str) -> str:
-    """The raw text of a text source: "wikitext2" (the bundled validation split), a UTF-8 text file, or
-    FILE.jsonl:FIELD (that field of every line; a line that is not a JSON object is refused as FILE:LINE)."""
-    if source == "wikitext2":
-        return wikitext2_path("validation").read_text(encoding="utf-8")
-    path, _, field = source.partition(".jsonl:")
-    if field:
-        p = Path(path + ".jsonl")
-        if not p.is_file():
-            raise ValueError(f"calibration file not found: {p}")
-        rows = []
-        for line, row in read_jsonl(p):  # a line that is not a JSON object is refused as FILE:LINE
-            if field not in row:
-                raise ValueError(f"{p}:{line}: no field {field!r} (fields: {', '.join(row)})")
-            if not isinstance(row[field], str):
-                raise ValueError(f"{p}:{line}: field {field!r} is a {type(row[field]).__name__}, not text")
-            rows.append(row[field])
-        return "\n\n".join(rows)
-    p = Path(source)
-    if not p.is_file():
-        raise ValueError(f"calibration source not found: {source!r} (use 'wikitext2', a text file or FILE.jsonl:FIELD)")
-    return read_text_file(p)

@@ -10,9 +10,7 @@ Peak memory is one block plus the calibration activations, not the model.
 
 Every file is checked when the store opens (framing, and every tensor finite,
 read one slice at a time), and what a pass produced is checked before it is
-spilled. Spill files live in a `compress-spill-*` directory that its store
-holds an exclusive lock on for its lifetime; a store that opens sweeps the
-directories of stores whose process died (kill -9 leaves no `finally`).
+spilled. Spill files live in a `compress.spill.SpillDir`, swept after a kill -9.
 """
 
 from __future__ import annotations
@@ -21,12 +19,8 @@ import contextlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-import weakref
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -34,74 +28,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from calibrate.streaming import STORE_ATTR, store_of, trim_memory  # noqa: F401  (re-exported)
-from compress.checks import check_finite, first_nonfinite, nonfinite_summary
+from compress.checks import first_nonfinite
 from compress.files import check_safetensors, load_model_config
-
-try:
-    import fcntl
-except ImportError:  # not POSIX: spill directories are not locked, nor swept
-    fcntl = None
+from compress.spill import SpillDir
+from compress.tensorfile import DTYPES, nbytes, scan_finite, write_streamed
 
 log = logging.getLogger(__name__)
 
-CHUNK_BYTES = 64 * 2**20  # streamed save and the finite scan: at most this much of one tensor in memory
-SPILL_PREFIX = "compress-spill-"
-LOCK_FILE = "owner.lock"
-
-
-class SpillDir:
-    """A private temp directory, locked (flock) by its owner for its lifetime, removed on close or exit.
-
-    It is made under a hidden name, locked, then renamed to `compress-spill-*`, so
-    every directory with that name has a lock file: one whose lock can be taken
-    belongs to a dead process (the kernel drops flocks with their process) and
-    `sweep` removes it.
-    """
-
-    def __init__(self, root: str | Path | None = None) -> None:
-        root = Path(root if root is not None else tempfile.gettempdir())
-        sweep(root)
-        staging = Path(tempfile.mkdtemp(prefix=f".{SPILL_PREFIX}new-", dir=root))
-        self._fd: int | None = None
-        if fcntl is not None:
-            self._fd = os.open(staging / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        self.path = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=root))
-        os.replace(staging, self.path)  # onto the empty directory just made: the name is ours, atomically
-        self._finalizer = weakref.finalize(self, _remove_spill, self.path, self._fd)
-
-    def cleanup(self) -> None:
-        self._finalizer()
-
-
-def _remove_spill(path: Path, fd: int | None) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    if fd is not None:
-        os.close(fd)  # releases the lock, after the files are gone
-
-
-def sweep(root: str | Path) -> list[Path]:
-    """Remove the `compress-spill-*` directories under `root` whose owner died; return them."""
-    if fcntl is None:
-        return []
-    removed = []
-    for d in Path(root).glob(f"{SPILL_PREFIX}*"):
-        try:
-            fd = os.open(d / LOCK_FILE, os.O_RDWR)
-        except OSError:  # no lock file (not ours, or already being removed): leave it
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: its store is alive
-            os.close(fd)
-            continue
-        try:
-            shutil.rmtree(d, ignore_errors=True)
-            removed.append(d)
-            log.info("removed %s, left behind by a process that died", d)
-        finally:
-            os.close(fd)
-    return removed
 
 
 class TensorStore:
@@ -226,49 +159,30 @@ class TensorStore:
             f, stored = self.where[k]
             with safe_open(f, "pt") as h:
                 sl = h.get_slice(stored)
-                dtype, shape = _DTYPES[sl.get_dtype()], list(sl.get_shape())
+                dtype, shape = DTYPES[sl.get_dtype()], list(sl.get_shape())
             if k in meta and dtype.is_floating_point and meta[k].dtype.is_floating_point:
                 dtype = meta[k].dtype
             entries.append((k, dtype, shape))
         shards: list[list[tuple[str, torch.dtype, list[int]]]] = [[]]
         size = 0
         for e in entries:
-            nbytes = _nbytes(e[1], e[2])
-            if shards[-1] and size + nbytes > max_shard_bytes:
+            n = nbytes(e[1], e[2])
+            if shards[-1] and size + n > max_shard_bytes:
                 shards.append([])
                 size = 0
             shards[-1].append(e)
-            size += nbytes
+            size += n
         if len(shards) == 1:
-            self._write(out / "model.safetensors", shards[0])
+            write_streamed(out / "model.safetensors", shards[0], self.where)
             return
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            self._write(out / name, shard)
+            write_streamed(out / name, shard, self.where)
             weight_map.update(dict.fromkeys((k for k, _, _ in shard), name))
-        total = sum(_nbytes(d, sh) for _, d, sh in entries)
+        total = sum(nbytes(d, sh) for _, d, sh in entries)
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-
-    def _write(self, path: Path, entries: list[tuple[str, torch.dtype, list[int]]]) -> None:
-        """A safetensors file written tensor by tensor: 8-byte header length, JSON header, raw data."""
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for k, dtype, shape in entries:
-            n = _nbytes(dtype, shape)
-            header[k] = {"dtype": _NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
-        with open(path, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for k, dtype, shape in entries:
-                for t in _row_slices(*self.where[k], dtype, shape):
-                    t = t.to(dtype).contiguous()
-                    f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-                    del t
 
     @contextlib.contextmanager
     def outside_blocks(self, model: nn.Module, blocks_path: str, *, on_demand: bool = False) -> Iterator[None]:
@@ -303,54 +217,6 @@ class TensorStore:
             for prefix in loaded:  # a failed pass: free, keep nothing (and do not mask its error)
                 store.release(prefix, model.get_submodule(prefix), keep=ok)  # a pass may have replaced the module
             _tie(model)  # a tied head pointed at the freed embedding: point it at the meta one
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_NAMES = {v: k for k, v in _DTYPES.items()}
-
-def scan_finite(path: Path, *, what: str = "") -> list[str]:
-    """The tensor names of safetensors file `path`, after checking every floating tensor is finite.
-
-    Tensors are read in slices (`_row_slices`), so memory stays at one slice.
-    """
-    with safe_open(path, "pt") as h:
-        names = list(h.keys())
-        shapes = {k: (h.get_slice(k).get_dtype(), list(h.get_slice(k).get_shape())) for k in names}
-    for k in names:
-        dname, shape = shapes[k]
-        dtype = _DTYPES.get(dname)
-        if dtype is None or not dtype.is_floating_point:
-            continue  # only floats can hold NaN or inf (and 8-bit float formats are not scanned)
-        for t in _row_slices(path, k, dtype, shape):
-            if nonfinite_summary(t):
-                with safe_open(path, "pt") as h:  # the whole tensor, for the count in the message
-                    check_finite(k, h.get_tensor(k), what=what)
-            del t
-    return names
-
-
-def _row_slices(path: Path, stored: str, dtype: torch.dtype, shape: list[int]) -> Iterator[torch.Tensor]:
-    """Tensor `stored` of file `path` in slices of rows of at most CHUNK_BYTES (sized as `dtype`), so a large
-    embedding never sits in memory whole; the file is reopened for each slice (the mapped pages go with it)."""
-    rows = shape[0] if shape else 1
-    step = max(1, rows * CHUNK_BYTES // max(_nbytes(dtype, shape), 1))
-    for a in range(0, rows, step):
-        yield _read_rows(path, stored, a, step if shape else None)  # no reference kept here while it is used
-
-
-def _read_rows(path: Path, stored: str, start: int, count: int | None) -> torch.Tensor:
-    """Rows start..start+count of tensor `stored` (count None: the whole tensor, a scalar)."""
-    with safe_open(path, "pt") as h:
-        return h.get_tensor(stored) if count is None else h.get_slice(stored)[start : start + count]
-
-
-def _nbytes(dtype: torch.dtype, shape: list[int]) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
 
 
 def _free(module: nn.Module) -> None:

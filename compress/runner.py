@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from calibrate.data import CalibConfig, load_calibration
-from compress.files import read_source_text
+from compress.data import read_source_text
 from compress.lazy import store_of, trim_memory
 from compress.models import LoadedModel, load_model
 from compress.outputs import claim_output

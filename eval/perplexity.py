@@ -127,7 +127,7 @@ def wikitext2(backend, cfg: PerplexityConfig = PerplexityConfig(), *, progress=N
 
 
 def _read_text_task(path: str) -> str:
-    from compress.files import read_source_text
+    from compress.data import read_source_text
 
     if not path:
         raise ValueError("task text needs a path: --task text:PATH")

@@ -40,7 +40,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,130 +50,17 @@ from compress import artifact
 from compress.models import LoadedModel
 from compress.registry import register_exporter
 from export import VERIFY_PROMPTS, reference_logits
+from export.gguf_encode import Encoded, encode_float, encode_quant
+from export.gguf_tokenizer import tokenizer_fields
 
 log = logging.getLogger(__name__)
 
-BLOCK = 32  # weights per block of every type written here
 GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("f32", "f16")
 # Hugging Face model_type -> (llama.cpp architecture, q/k rows reordered for llama.cpp's rope)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}
 # tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer name
-PRE_TOKENIZERS = {"bytelevel-regex": "gpt-2"}
 
-
-@dataclass
-class Encoded:
-    """One tensor as written: GGML type name, block bytes (or float array), and the float it must decode to."""
-
-    kind: str  # "Q8_0" | "Q4_0" | "Q4_1" | "F32" | "F16"
-    data: np.ndarray
-    expect: np.ndarray  # float32, what the tensor means (rows in file order)
-    requant_error: float | None = None  # max |w' - w| when re-quantized with requantize=True
-
-
-def _fp16_exact(x: np.ndarray) -> bool:
-    """True when every value of float32 `x` is an fp16 number (finite, not rounded)."""
-    h = x.astype(np.float16)
-    return bool(np.all(np.isfinite(h)) and np.array_equal(h.astype(np.float32), x))
-
-
-def _blocks_per_row(scale: np.ndarray, group: int, n_in: int) -> np.ndarray:
-    """Per-group values (N, n_groups) -> per-block values (N, n_in / 32); each block lies inside one group."""
-    group_of_block = (np.arange(n_in // BLOCK) * BLOCK) // group
-    return scale[:, group_of_block]
-
-
-def pack_q8_0(c: np.ndarray, d: np.ndarray) -> np.ndarray:
-    """int8 codes (N, K), fp16 scales (N, K/32) -> Q8_0 bytes (N, K/32 * 34): per block d, then 32 codes."""
-    N, K = c.shape
-    nb = K // BLOCK
-    d_bytes = np.ascontiguousarray(d, dtype="<f2").view(np.uint8).reshape(N, nb, 2)
-    c_bytes = np.ascontiguousarray(c, dtype=np.int8).view(np.uint8).reshape(N, nb, BLOCK)
-    return np.concatenate([d_bytes, c_bytes], axis=-1).reshape(N, -1)
-
-
-def pack_q4(c: np.ndarray, d: np.ndarray, m: np.ndarray | None = None) -> np.ndarray:
-    """4-bit codes (N, K) in [0, 15], fp16 d (and m) (N, K/32) -> Q4_0 (18 B/block) or Q4_1 (20 B/block) bytes.
-
-    In a block's 16 code bytes, byte j holds weight j in its low nibble and weight j + 16 in its high one.
-    """
-    N, K = c.shape
-    nb = K // BLOCK
-    c = c.astype(np.uint8).reshape(N, nb, BLOCK)
-    nibbles = c[..., :16] | (c[..., 16:] << np.uint8(4))  # (N, nb, 16)
-    parts = [np.ascontiguousarray(d, dtype="<f2").view(np.uint8).reshape(N, nb, 2)]
-    if m is not None:
-        parts.append(np.ascontiguousarray(m, dtype="<f2").view(np.uint8).reshape(N, nb, 2))
-    parts.append(nibbles)
-    return np.concatenate(parts, axis=-1).reshape(N, -1)
-
-
-def encode_quant(m, name: str, *, requantize: bool = False) -> Encoded:
-    """A QuantLinear's weight as Q8_0 / Q4_0 / Q4_1 blocks holding its own numbers (see the module docstring)."""
-    s = m.scheme
-    K = m.in_features
-    W = m.dequantize_weight().float().cpu().numpy()  # (N, K): the numbers the module multiplies by
-    why = _inexact_reason(m)
-    if why is not None:
-        if not requantize:
-            raise ValueError(f"{name}: {why}, so GGUF cannot hold its weights exactly; re-quantize it to "
-                             "Q8_0/Q4_0 with requantize=True (CLI: --requantize) or quantize with "
-                             "a GGUF-compatible layout (symmetric, group size a multiple of 32)")
-        if K % BLOCK:
-            raise ValueError(f"{name}: rows of {K} weights are not whole {BLOCK}-weight GGUF blocks")
-        return _requantized(W, 8 if s.bits == 8 else 4)
-    codes = m.codes().cpu().numpy()  # (N, K)
-    group = s.group_len(K)
-    scale = _blocks_per_row(m.weight_scale.float().cpu().numpy(), group, K).astype(np.float32)  # (N, nb)
-    if s.symmetric and s.bits == 8:
-        return Encoded("Q8_0", pack_q8_0(codes - 128, scale), W)
-    if s.symmetric:
-        return Encoded("Q4_0", pack_q4(codes + (8 - 2 ** (s.bits - 1)), scale), W)
-    zero = _blocks_per_row(m.zero_point().cpu().numpy(), group, K)
-    return Encoded("Q4_1", pack_q4(codes, scale, -zero * scale), W)
-
-
-def _inexact_reason(m) -> str | None:
-    """Why module `m`'s layout has no exact GGUF block form, or None when it has one."""
-    s = m.scheme
-    K = m.in_features
-    group = s.group_len(K)
-    if K % BLOCK or group % BLOCK:
-        return f"its groups of {group} weights are not whole {BLOCK}-weight blocks"
-    if not s.symmetric and s.bits == 8:
-        return "asymmetric 8-bit has no GGUF block type (Q8_0 is symmetric)"
-    scale = m.weight_scale.float().cpu().numpy()
-    if not _fp16_exact(scale):
-        return f"its {s.scale_dtype} scales are not all fp16 numbers"
-    if not s.symmetric and not _fp16_exact(-m.zero_point().cpu().numpy() * scale):
-        return "Q4_1 stores the offset -zero * scale in fp16, and some of its offsets are not fp16 numbers"
-    return None
-
-
-def _requantized(W: np.ndarray, bits: int) -> Encoded:
-    """W (N, K) rounded again by our RTN to symmetric `bits` with 32-wide groups, as Q8_0 or Q4_0."""
-    from compress.quantize.grid import dequantize, quantize_weight
-    from compress.quantize.scheme import QuantScheme
-
-    scheme = QuantScheme(bits=bits, group_size=BLOCK, symmetric=True, scale_dtype="float16")
-    q, scale, zero = quantize_weight(torch.from_numpy(W), scheme)
-    W2 = dequantize(q, scale, zero, scheme).numpy()
-    err = float(np.abs(W2 - W).max())
-    q, scale = q.numpy(), scale.numpy()
-    if bits == 8:
-        return Encoded("Q8_0", pack_q8_0(q - 128, scale), W2, err)
-    return Encoded("Q4_0", pack_q4(q, scale), W2, err)
-
-
-def encode_float(t: torch.Tensor, float_type: str) -> Encoded:
-    """Float tensors: vectors (norms, biases) always F32, matrices in `float_type`."""
-    a = t.detach().float().cpu().numpy()
-    if a.ndim >= 2 and float_type == "f16":
-        if not np.all(np.isfinite(a.astype(np.float16))):
-            raise ValueError("a float tensor has values beyond fp16's range; export with float_type='f32'")
-        return Encoded("F16", a.astype(np.float16), a.astype(np.float16).astype(np.float32))
-    return Encoded("F32", a, a)
 
 
 def rope_row_order(n_heads: int, rows: int) -> np.ndarray:
@@ -246,62 +132,6 @@ def _tensors(lm: LoadedModel, arch: str, permute_qk: bool, float_type: str,
             raise ValueError(f"GGUF export: unexpected non-float tensor {key} ({t.dtype})")
         add(key, encode_float(t, float_type))
     return out
-
-
-def _tokenizer_fields(lm: LoadedModel, n_vocab: int, tmp: Path) -> dict[str, Any]:
-    """Token list, types, merges, special ids and the pre-tokenizer, from the model's fast tokenizer."""
-    import gguf
-
-    tok = lm.tokenizer
-    if not getattr(tok, "is_fast", False):
-        raise ValueError("GGUF export needs a fast (tokenizer.json) tokenizer")
-    tok.save_pretrained(tmp)
-    spec = json.loads((tmp / "tokenizer.json").read_text())
-    if spec.get("model", {}).get("type") != "BPE":
-        raise ValueError(f"GGUF export supports byte-level BPE tokenizers; this one is "
-                         f"{spec.get('model', {}).get('type')!r}")
-    pre = _pre_tokenizer(spec.get("pre_tokenizer"))
-    n_tok = len(tok)
-    if n_tok > n_vocab:
-        raise ValueError(f"the tokenizer has {n_tok} tokens but the embedding only {n_vocab} rows")
-    special = set(tok.all_special_ids)
-    added = {i for i in tok.get_added_vocab().values()}
-    tokens, types = [], []
-    for i, t in enumerate(tok.convert_ids_to_tokens(list(range(n_tok)))):
-        if t is None:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-            continue
-        tokens.append(t)
-        types.append(gguf.TokenType.CONTROL if i in special else
-                     gguf.TokenType.USER_DEFINED if i in added else gguf.TokenType.NORMAL)
-    for i in range(n_tok, n_vocab):  # embedding rows beyond the tokenizer (padded vocabularies)
-        tokens.append(f"[PAD{i}]")
-        types.append(gguf.TokenType.UNUSED)
-    merges = gguf.SpecialVocab(tmp, load_merges=True).merges
-    if not merges:
-        raise ValueError("GGUF export: the tokenizer has no BPE merges")
-    from eval.backends import tokenizer_adds_bos
-
-    gen = getattr(lm.model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if eos is None:
-        eos = getattr(lm.model.config, "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    if eos is None:
-        eos = tok.eos_token_id
-    return {"pre": pre, "tokens": tokens, "types": types, "merges": merges, "bos": tok.bos_token_id,
-            "eos": eos, "unk": tok.unk_token_id, "pad": tok.pad_token_id, "add_bos": tokenizer_adds_bos(tok),
-            "chat_template": getattr(tok, "chat_template", None)}
-
-
-def _pre_tokenizer(pre: dict[str, Any] | None) -> str:
-    """llama.cpp's name for the pre-tokenizer in tokenizer.json (those we can identify), else refuse."""
-    if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
-        return PRE_TOKENIZERS["bytelevel-regex"]
-    raise ValueError(f"GGUF export: cannot name llama.cpp's pre-tokenizer for {json.dumps(pre)[:200]}; "
-                     "supported: byte-level with GPT-2's regex")
 
 
 def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: str, tok: dict[str, Any],
@@ -436,7 +266,7 @@ def export_gguf(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
     for e in tensors.values():
         types[e.kind] = types.get(e.kind, 0) + 1
     with tempfile.TemporaryDirectory(prefix="compress-gguf-") as tmp:
-        tok = _tokenizer_fields(lm, n_vocab, Path(tmp))
+        tok = tokenizer_fields(lm, n_vocab, Path(tmp))
         with artifact.atomic_dir(out, force=force) as dest:
             write_gguf(lm, dest / GGUF_FILE, tensors, arch, tok, prov)
             diff = check_file(dest / GGUF_FILE, tensors)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compress.files import read_source_text
+from compress.data import read_source_text
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class PackedText:
 
 
 def pack_text(tokenizer, source: str, *, seq_len: int, heldout: int) -> PackedText:
-    """Tokenize `source` (see `compress.files.read_source_text`) and cut it into non-overlapping sequences.
+    """Tokenize `source` (see `compress.data.read_source_text`) and cut it into non-overlapping sequences.
 
     The last `heldout` sequences are held out (for the periodic perplexity)
     and never trained on; the remainder after the last full sequence is

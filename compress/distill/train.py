@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from calibrate.forward import native_bf16
 from compress.distill import losses
 from compress.distill.cache import TeacherCache
 from compress.distill.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from compress.distill.data import pack_text
+from compress.distill.precision import resolve_precision
 from compress.distill.student import layer_pairs
 from compress.pipeline import Progress
 
@@ -59,23 +59,6 @@ class Distillee(nn.Module):
                 hs = [p(h) for p, h in zip(self.proj, hs, strict=True)]
         return out.logits, hs, out.attentions
 
-
-
-def bf16_emulated(device: torch.device) -> bool:
-    """Whether bfloat16 on `device` would be emulated (a CPU without AVX512-BF16 or AMX: about 20x slower)."""
-    return device.type == "cpu" and not native_bf16("cpu")
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """accelerate's mixed_precision for `name` on `device` ("auto": bf16 where the hardware has it)."""
-    if name != "auto":
-        if name == "bf16" and bf16_emulated(device):
-            log.warning("mixed_precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX), so it is "
-                        "emulated and far slower than float32 (about 20x on an AVX2 machine); auto picks float32 here")
-        return name
-    if native_bf16(device.type):
-        return "bf16"
-    return "fp16" if device.type == "cuda" else "no"
 
 def _trainable(student: nn.Module, cfg: DistillConfig) -> None:
     frozen = set()

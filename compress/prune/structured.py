@@ -192,18 +192,8 @@ def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
               progress: Progress | None = None) -> PassReport:
     """Remove query heads (evenly in every KV group) or whole KV groups from every block's attention."""
     config = model.config
-    if getattr(config, "head_dim", None) is None or getattr(config, "num_key_value_heads", None) is None:
-        raise ValueError(f"{type(config).__name__} derives its head size from hidden_size: pruning heads would "
-                         "need custom code to load (supported: configs with head_dim and num_key_value_heads, "
-                         "e.g. Llama, Mistral, Qwen2)")
-    n_h, n_kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    n_h, n_kv, hd, new_rep, new_kv = _head_plan(config, cfg)
     rep = n_h // n_kv
-    per, units = (rep, "query heads per KV group") if cfg.unit == "query" else (n_kv, "KV groups")
-    drop = round(cfg.ratio * per)
-    if not 0 < drop < per:
-        raise ValueError(f"ratio {cfg.ratio} of {per} {units} removes {drop}: with unit {cfg.unit!r} the ratio "
-                         f"moves in steps of 1/{per} ({', '.join(f'{k / per:.3f}' for k in range(1, per))})")
-    new_rep, new_kv = (rep - drop, n_kv) if cfg.unit == "query" else (rep, n_kv - drop)
 
     def prune_block(block, producers, consumer, lins, H):
         o = lins[consumer]
@@ -238,6 +228,22 @@ def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
     return _report("prune_heads", cfg, model, removed,
                    {"num_attention_heads": [n_h, new_kv * new_rep], "num_key_value_heads": [n_kv, new_kv]},
                    unit=cfg.unit)
+
+
+def _head_plan(config, cfg: HeadsConfig) -> tuple[int, int, int, int, int]:
+    """(heads, KV heads, head size, query heads per KV group after, KV heads after) of the config and ratio."""
+    if getattr(config, "head_dim", None) is None or getattr(config, "num_key_value_heads", None) is None:
+        raise ValueError(f"{type(config).__name__} derives its head size from hidden_size: pruning heads would "
+                         "need custom code to load (supported: configs with head_dim and num_key_value_heads, "
+                         "e.g. Llama, Mistral, Qwen2)")
+    n_h, n_kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    rep = n_h // n_kv
+    per, units = (rep, "query heads per KV group") if cfg.unit == "query" else (n_kv, "KV groups")
+    drop = round(cfg.ratio * per)
+    if not 0 < drop < per:
+        raise ValueError(f"ratio {cfg.ratio} of {per} {units} removes {drop}: with unit {cfg.unit!r} the ratio "
+                         f"moves in steps of 1/{per} ({', '.join(f'{k / per:.3f}' for k in range(1, per))})")
+    return (n_h, n_kv, hd, *((rep - drop, n_kv) if cfg.unit == "query" else (rep, n_kv - drop)))
 
 
 def _report(name: str, cfg: StructuredConfig, model: nn.Module, removed: int, shape: dict, **extra) -> PassReport:

@@ -150,6 +150,11 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
 
     walk(model, selected, calib, visit, label="smoothquant", batch_size=cfg.batch_size,
          forward_dtype=cfg.forward_dtype, progress=progress)
+    return _report(cfg, totals, chosen, len(selected), calib)
+
+
+def _report(cfg: SmoothQuantConfig, totals: dict, chosen: dict[str, list[float]], modules: int,
+            calib: torch.Tensor) -> PassReport:
     smoothed = sum(len(v) for v in chosen.values())
     metrics = {"smoothed_stages": smoothed, "stages_without_producer": totals["skipped"],
                "outlier_ratio_before": totals["outlier_before"] / max(smoothed, 1),
@@ -164,7 +169,7 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
         config={"alpha": cfg.alpha, "search": cfg.search, "alpha_grid": list(cfg.alpha_grid),
                 "search_observer": cfg.search_observer, "targets": list(cfg.targets), "ignore": list(cfg.ignore),
                 "forward_dtype": cfg.forward_dtype, "calibration_tokens": int(calib.numel())},
-        modules=len(selected),
+        modules=modules,
         metrics=metrics,
     )
 

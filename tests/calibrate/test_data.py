@@ -6,7 +6,7 @@ import torch
 
 from calibrate.data import CalibConfig, load_calibration
 from calibrate.stats import ChannelStats, HessianCollector
-from compress.files import read_source_text as read_text
+from compress.data import read_source_text as read_text
 from compress.recipe import Recipe
 
 

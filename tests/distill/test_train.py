@@ -71,10 +71,10 @@ def test_plain_fine_tuning_needs_no_teacher(tiny_tokenizer, make_tiny):
 
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about(native, monkeypatch, caplog):
-    from compress.distill import train as training
+    from compress.distill import precision as training
 
     monkeypatch.setattr(training, "native_bf16", lambda device_type: native)
-    with caplog.at_level("WARNING", logger="compress.distill.train"):
+    with caplog.at_level("WARNING", logger="compress.distill.precision"):
         assert training.resolve_precision("bf16", torch.device("cpu")) == "bf16"  # asked for: kept, but said
         assert training.resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "no")
     assert ("emulated" in caplog.text) is not native

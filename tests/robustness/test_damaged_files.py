@@ -462,7 +462,7 @@ def test_a_pass_that_produces_nan_is_refused_before_spilling(tiny):
 
 
 def test_spill_dirs_of_a_killed_process_are_swept(tiny, tmp_path):
-    from compress.lazy import SPILL_PREFIX, SpillDir
+    from compress.spill import SPILL_PREFIX, SpillDir
 
     code = ("import sys, time; from pathlib import Path; from compress.lazy import load_lazy, store_of; "
             f"m = load_lazy(Path({str(tiny)!r}), [Path({str(tiny / 'model.safetensors')!r})], __import__('torch')"
