@@ -39,9 +39,9 @@ from pathlib import Path
 import torch
 
 from compress.artifact import package_versions, write_json_atomic
+from compress.cli.quantize import _recipe
 from compress.data import wikitext2_path
 from compress.models import load_model
-from compress.quantize.presets import quantize_recipe
 from compress.recipe import Recipe
 from compress.runner import compress_model, evaluate, weights_bytes
 
@@ -98,6 +98,11 @@ def exact_merge(artifact: Path, adapter: Path):
     return lm
 
 
+def quantize(method: str):
+    """What `compress quantize --bits 4 --method METHOD` runs (W4 g128 symmetric)."""
+    return _recipe("4", None, True, method, None, "float16", "none", False, None, None, ())
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """'LABEL:key=value,key=value' -> (LABEL, {key: value}); values read as JSON where they parse."""
     label, _, rest = text.partition(":")
@@ -130,7 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     doc: dict = {"command": " ".join(["python", *sys.argv]), "threads": args.threads, "versions": package_versions(),
-                 "quantization": quantize_recipe(args.method, bits=4).to_list(), "rows": {}}
+                 "quantization": quantize(args.method).to_list(), "rows": {}}
     wanted = set(args.rows.split(",")) if args.rows else None
     if args.keep_rows and Path(args.output).is_file():
         old = json.loads(Path(args.output).read_text())
@@ -157,7 +162,7 @@ def main() -> None:
             doc["adapter"] = train_adapter(tmp / "adapter", args.steps, args.seq_len, args.batch, args.lr)
         merge = {"pass": "lora_merge", "adapters": [str(tmp / "adapter")]}
         tune = {"pass": "scale_tune", "steps": 32}  # what `compress merge-lora` adds for a packed base
-        quant = quantize_recipe(args.method, bits=4).to_list()
+        quant = quantize(args.method).to_list()
         # (row, source, steps, output directory)
         runs = [("fp32+lora", None, [merge], "fp32_lora"), ("int4", None, quant, "int4"),
                 ("int4+lora float", None, None, None),

@@ -81,12 +81,13 @@ def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threa
     import torch
     from safetensors import safe_open
 
+    from compress.cli.quantize import _recipe
     from compress.models import load_model
-    from compress.quantize.presets import quantize_recipe
     from compress.runner import compress_model, evaluate
 
     torch.set_num_threads(threads)
-    recipe = quantize_recipe(method, bits=bits, group_size=group, symmetric=symmetric, tune_steps=tune_steps)
+    recipe = _recipe(str(bits), group, symmetric, method, None, "float16", "none", False, None, None, (),
+                     tune_steps=tune_steps)  # what `compress quantize` runs
     with tempfile.TemporaryDirectory() as d:
         summary = compress_model(None, recipe, Path(d) / "a")
         rss = rss_bytes()

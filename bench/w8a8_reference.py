@@ -49,7 +49,8 @@ from calibrate.data import CalibConfig, load_calibration  # noqa: E402
 from compress.artifact import package_versions, write_json_atomic  # noqa: E402
 from compress.data import read_source_text  # noqa: E402
 from compress.models import load_model  # noqa: E402
-from compress.quantize.presets import w8a8_recipe  # noqa: E402
+from compress.quantize.w8a8 import w8a8_recipe  # noqa: E402
+from compress.recipe import Recipe  # noqa: E402
 from compress.registry import EXPORTERS  # noqa: E402
 from compress.runner import compress_model, evaluate  # noqa: E402
 from eval.perplexity import PerplexityConfig, wikitext2  # noqa: E402
@@ -203,8 +204,8 @@ def main() -> None:
             t = time.perf_counter()
             if not art.exists():
                 extra = {"fallback_error": fb} if fb else {}
-                compress_model(None, w8a8_recipe(observer=obs, smoothquant=sq if sq in (None, "search") else float(sq),
-                                                 **extra), art, calib=calib_cfg)
+                compress_model(None, Recipe.from_steps(w8a8_recipe(
+                    observer=obs, smoothquant=sq if sq in (None, "search") else float(sq), **extra)), art, calib=calib_cfg)
             qs = time.perf_counter() - t
             (rep,) = [r for r in json.loads((art / "compress.json").read_text())["reports"] if r["name"] == "w8a8"]
             stages = {"max_stage_error": rep["metrics"].get("max_stage_error"),

@@ -15,10 +15,10 @@ import torch
 
 @dataclass(frozen=True, kw_only=True)
 class CalibConfig:
-    source: str = "wikitext2"  # "wikitext2" (validation split), a .txt file, or FILE.jsonl:FIELD
-    samples: int = 128  # number of windows
+    source: str = "wikitext2"  # calibration text: "wikitext2" (validation split), a .txt file, or FILE.jsonl:FIELD
+    samples: int = 128  # calibration windows
     seq_len: int = 512  # tokens per window
-    seed: int = 0
+    seed: int = 0  # seed for drawing the windows
 
     def __post_init__(self) -> None:
         if self.samples < 1 or self.seq_len < 2:

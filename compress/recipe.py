@@ -27,6 +27,8 @@ import yaml
 
 from compress.registry import PASSES, PassSpec
 
+PRESETS = Path(__file__).resolve().parent.parent / "recipes"  # recipes/*.yaml: `--method` names the chains there
+
 
 @dataclass(frozen=True)
 class Step:
@@ -78,6 +80,25 @@ class Recipe:
     def single(cls, name: str, **fields: Any) -> Recipe:
         """A one-step recipe; every CLI command builds one of these."""
         return cls.from_steps([{"pass": name, **fields}], where=f"{name} options")
+
+    @classmethod
+    def for_method(cls, method: str, **fields: Any) -> Recipe:
+        """`compress quantize --method METHOD`: the preset recipes/METHOD.yaml (a chain of passes, e.g.
+        awq+gptq), else the pass METHOD alone; every step takes `fields` (the scheme and selection)."""
+        preset = PRESETS / f"{method}.yaml"
+        if preset.is_file():
+            try:
+                steps = yaml.safe_load(preset.read_text(encoding="utf-8"))
+            except yaml.YAMLError as e:
+                raise ValueError(f"{preset}: not valid YAML: {e}") from None
+            if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
+                raise ValueError(f"{preset}: a recipe is a non-empty YAML list of steps, each with 'pass:'")
+            return cls.from_steps([{**s, **fields} for s in steps], where=f"--method {method} ({preset})")
+        if method not in PASSES:
+            presets = sorted(p.stem for p in PRESETS.glob("*.yaml")) if PRESETS.is_dir() else []
+            raise ValueError(f"unknown method {method!r}: not a pass ({', '.join(PASSES.names())}) nor a preset "
+                             f"in {PRESETS} ({', '.join(presets) or 'none'})")
+        return cls.single(method, **fields)
 
     def to_list(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self.steps]

@@ -108,23 +108,3 @@ def run_cli(group: click.Group) -> None:
         click.echo(f"Error: internal error: {type(e).__name__}: {e} (at {Path(where.filename).name}:{where.lineno}; "
                    "set COMPRESS_DEBUG=1 for the traceback, and please report it)", err=True)
         sys.exit(1)
-
-
-def calib_options(fn):
-    """--calib-* options shared by commands that may run calibrated passes."""
-    opts = [
-        click.option("--calib", "calib_source", default="wikitext2", show_default=True,
-                     help="Calibration text: wikitext2 (validation split), a .txt file, or FILE.jsonl:FIELD."),
-        click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration windows."),
-        click.option("--calib-seq-len", type=int, default=512, show_default=True, help="Tokens per window."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for drawing the windows."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
-
-
-def calib_config(source: str, samples: int, seq_len: int, seed: int):
-    from calibrate.data import CalibConfig
-
-    return CalibConfig(source=source, samples=samples, seq_len=seq_len, seed=seed)

@@ -5,36 +5,19 @@ from __future__ import annotations
 import click
 
 from compress.cli._common import (
-    FINITE,
-    calib_config,
-    calib_options,
     console,
     echo_json,
     progress_bar,
 )
-
-
-def _weights(ctx, param, value: str | None) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        return [float(w) for w in value.split(",")]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers such as 0.7,0.3, got {value!r}") from None
+from compress.cli.options import calib_config, calib_options, config_options, given
+from compress.lora.merge import LoraMergeConfig
 
 
 @click.command("merge-lora")
 @click.argument("model", required=False)
-@click.option("--adapter", "adapters", multiple=True, required=True, type=click.Path(),
-              help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors); repeatable.")
-@click.option("--weights", callback=_weights, default=None,
-              help="Comma-separated weight per adapter, scaling its delta [default: 1 each].")
-@click.option("--method", type=click.Choice(["linear", "ties"]), default="linear", show_default=True,
-              help="How several adapters combine: weighted sum of deltas, or TIES (trim, elect sign, disjoint mean).")
-@click.option("--density", type=FINITE, default=0.2, show_default=True,
-              help="TIES: fraction of each adapter's delta entries kept.")
-@click.option("--requantize", type=click.Choice(["recorded", "gptq", "rtn"]), default="recorded", show_default=True,
-              help="Quantized MODEL: re-quantize merged layers with the method its recipe recorded, or force one.")
+@config_options(LoraMergeConfig, skip=("allow_pickle",), names={"adapters": "adapter"},
+                helps={"adapters": "PEFT adapter directory (adapter_config.json + adapter_model.safetensors); "
+                                   "repeatable"})
 @click.option("--tune-steps", type=click.IntRange(min=0), default=32, show_default=True,
               help="Quantized base: steps of scale tuning after re-quantization (a scale_tune step), fitting the "
                    "re-quantized modules' scales so the model matches the exact float merge on the calibration "
@@ -44,8 +27,8 @@ def _weights(ctx, param, value: str | None) -> list[float] | None:
 @click.option("--allow-pickle", is_flag=True,
               help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
 @calib_options
-def command(model, adapters, weights, method, density, requantize, tune_steps, out, force, allow_pickle,
-            calib_source, calib_samples, calib_seq_len, seed) -> None:
+def command(model, tune_steps, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed,
+            **merge) -> None:
     """Merge LoRA ADAPTERs into MODEL and save the result.
 
     MODEL is a Hugging Face directory, a .gguf file or a quantized compress
@@ -64,11 +47,9 @@ def command(model, adapters, weights, method, density, requantize, tune_steps, o
     from compress.recipe import Recipe
     from compress.runner import compress_model
 
-    fields = {"adapters": list(adapters), "method": method, "density": density, "requantize": requantize,
-              "allow_pickle": allow_pickle}
-    if weights is not None:
-        fields["weights"] = weights
-    steps = [{"pass": "lora_merge", **fields}]
+    if not merge["adapters"]:
+        raise click.UsageError("give at least one --adapter")
+    steps = [{"pass": "lora_merge", **given(LoraMergeConfig, merge), "allow_pickle": allow_pickle}]
     if tune_steps:  # (nothing to tune, and no calibration, on a float base)
         steps.append({"pass": "scale_tune", "steps": tune_steps})
     recipe = Recipe.from_steps(steps)

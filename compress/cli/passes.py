@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
-
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        v = f.default
-    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
-        v = f.default_factory()  # type: ignore[misc]
-    else:
-        return "(required)"
-    return repr(list(v) if isinstance(v, tuple) else v)
+from compress.cli.options import default_of, field_comments, show_default
 
 
 @click.command("passes")
 def command() -> None:
-    """List every pass (built-in and plugin) with its config fields and defaults.
+    """List every pass (built-in and plugin) with its config fields, defaults and what they mean (the same
+    defaults and texts as the commands' --help: both come from the config dataclasses).
 
     \b
     Example:
@@ -32,8 +23,10 @@ def command() -> None:
         calib = (" [calibration: depends on the model]" if callable(spec.needs_calibration)
                  else " [needs calibration]" if spec.needs_calibration else "")
         click.echo(f"{spec.name}{calib}: {spec.summary}")
+        comments = field_comments(spec.config_cls)
         for f in spec.fields():
-            click.echo(f"    {f.name} = {_default(f)}")
+            note = f"  # {comments[f.name]}" if f.name in comments else ""
+            click.echo(f"    {f.name} = {show_default(default_of(f))}{note}")
     click.echo(f"exporters: {', '.join(EXPORTERS.names())}")
     click.echo(f"eval tasks: {', '.join(TASKS.names())}")
     click.echo(f"plugins: {', '.join(plugin_names())}")

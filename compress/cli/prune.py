@@ -6,12 +6,11 @@ import click
 
 from compress.cli._common import (
     FINITE,
-    calib_config,
-    calib_options,
     console,
     echo_json,
     progress_bar,
 )
+from compress.cli.options import calib_config, calib_options
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 STRUCTURES = {"channels": "prune_channels", "heads": "prune_heads", "layers": "prune_layers"}

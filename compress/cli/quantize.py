@@ -6,12 +6,11 @@ import click
 
 from compress.cli._common import (
     FINITE,
-    calib_config,
-    calib_options,
     console,
     echo_json,
     progress_bar,
 )
+from compress.cli.options import calib_config, calib_options
 
 
 @click.command("quantize")
@@ -20,7 +19,8 @@ from compress.cli._common import (
 @click.option("--group-size", type=int, default=None, help="Input columns per scale; -1 = per output channel.  [default: 128]")
 @click.option("--sym/--asym", "symmetric", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
 @click.option("--method", default=None,
-              help="A quantization pass (see `compress passes`) or awq+gptq (the default: AWQ scales, GPTQ rounding).")
+              help="A quantization pass (see `compress passes`) or a preset chain in recipes/ (awq+gptq, the "
+                   "default: AWQ scales, GPTQ rounding).")
 @click.option("--target-bits", type=FINITE, default=None,
               help="Average stored bits per weight: bits per layer chosen from measured sensitivity (GPTQ).")
 @click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
@@ -35,8 +35,8 @@ from compress.cli._common import (
               help="W8A8 static: keep in float every stage whose relative output error on calibration data exceeds E "
                    "(e.g. 0.01); the report lists each stage's error.")
 @click.option("--tune-steps", type=click.IntRange(min=0), default=0, show_default=True,
-              help="After rounding, train the packed group scales for N steps so the model's logits match the float "
-                   "model's (codes fixed; EfficientQAT's E2E-QP against the float model). 0 = off.")
+              help="After rounding, a scale_tune step: train the packed group scales for N steps so the model's "
+                   "logits match the input model's (codes fixed; EfficientQAT's E2E-QP). 0 = off.")
 @click.option("--ignore", multiple=True, help="Modules to keep in float (repeatable); default: lm_head.")
 @click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
@@ -67,9 +67,13 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
     echo_json(summary)
 
 
+DEFAULT_METHOD = "awq+gptq"  # the best W4 measured on the reference model (bench/results/quantize_vs_peers.json)
+
+
 def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
             smoothquant, ignore, fallback_error=None, tune_steps=0):
-    from compress.quantize.presets import quantize_recipe, w8a8_recipe
+    from compress.quantize.w8a8 import w8a8_recipe
+    from compress.recipe import Recipe
 
     if activations == "int8":
         given = [o for o, v in (("--group-size", group_size), ("--method", method), ("--target-bits", target_bits),
@@ -91,9 +95,10 @@ def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activ
                 sq = float(sq)
             except ValueError:
                 raise click.UsageError(f"--smoothquant takes an alpha in [0, 1] or 'search', got {sq!r}") from None
-        return w8a8_recipe(activations="dynamic" if dynamic else "static", observer=observer or "minmax",
-                           smoothquant=sq, ignore=list(ignore) or None,
-                           **({"fallback_error": fallback_error} if fallback_error is not None else {}))
+        return Recipe.from_steps(w8a8_recipe(
+            activations="dynamic" if dynamic else "static", observer=observer or "minmax", smoothquant=sq,
+            ignore=list(ignore) or None, **({"fallback_error": fallback_error} if fallback_error is not None else {})),
+            where="W8A8 options")
     w8a8_only = [o for o, v in (("--dynamic", dynamic), ("--observer", observer), ("--smoothquant", smoothquant),
                                 ("--fallback-error", fallback_error)) if v not in (None, False)]
     if w8a8_only:
@@ -102,4 +107,13 @@ def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activ
               "scale_dtype": scale_dtype}
     if ignore:
         fields["ignore"] = list(ignore)
-    return quantize_recipe(method, bits=int(bits), target_bits=target_bits, tune_steps=tune_steps, **fields)
+    if target_bits is not None:  # bits per layer under a budget: the mixed pass (GPTQ at each layer's width)
+        if method not in (None, "gptq", "mixed"):
+            raise click.UsageError(f"--target-bits chooses bits per layer with GPTQ; it does not combine with "
+                                   f"--method {method}")
+        steps = [{"pass": "mixed", "target_bits": target_bits, **fields}]
+    else:
+        steps = Recipe.for_method(method or DEFAULT_METHOD, bits=int(bits), **fields).to_list()
+    if tune_steps:
+        steps.append({"pass": "scale_tune", "steps": tune_steps})
+    return Recipe.from_steps(steps, where="quantize options")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import calib_config, calib_options, console, echo_json, progress_bar
+from compress.cli._common import console, echo_json, progress_bar
+from compress.cli.options import calib_config, calib_options
 
 
 @click.command("run")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -41,15 +42,15 @@ class DistillConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0  # clip the global gradient norm (0: no clipping)
     temperature: float = 1.0  # softmax temperature of the logit term (its loss is scaled by T^2)
-    divergence: str = "forward"  # forward KL (Hinton), reverse KL, or js (Jensen-Shannon)
+    divergence: Literal[DIVERGENCES] = "forward"  # forward KL (Hinton), reverse KL, or js (Jensen-Shannon)
     kd_weight: float = 1.0  # weight of the logit divergence
     ce_weight: float = 0.0  # weight of the next-token cross-entropy on the data (hard labels)
     hidden_weight: float = 0.0  # weight of the hidden-state loss, averaged over the paired layers
-    hidden_loss: str = "mse"  # mse (normalised by the teacher's mean square) or cosine
+    hidden_loss: Literal[HIDDEN_LOSSES] = "mse"  # mse (normalised by the teacher's mean square) or cosine
     layer_map: str | None = None  # "S:T,..." student:teacher block pairs; default: recorded origin or relative depth
     attention_weight: float = 0.0  # weight of the attention-map KL (eager attention: slower)
     train_embeddings: bool = False  # train the token embedding / output head too (large, and rarely worth it)
-    mixed_precision: str = "auto"  # auto: bf16 where the device multiplies it natively; no | bf16 | fp16
+    mixed_precision: Literal[PRECISIONS] = "auto"  # auto: bf16 where the device multiplies it natively; no | bf16 | fp16
     seed: int = 0  # initialisation of projections and the data order
     heldout: int = 8  # sequences at the end of the data held out for the periodic perplexity
     eval_every: int = 0  # held-out perplexity every N steps (0: only before and after)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -53,9 +54,9 @@ _GPTQ_FIELDS = ("batch_size", "forward_dtype", "block_size", "dampening", "act_o
 class LoraMergeConfig:
     adapters: tuple[str, ...] = ()  # PEFT adapter directories
     weights: tuple[float, ...] = ()  # one per adapter, scaling its delta; default 1 each
-    method: str = "linear"  # several adapters: "linear" (weighted sum of deltas) or "ties"
+    method: Literal[COMBINATIONS] = "linear"  # several adapters: "linear" (weighted sum of deltas) or "ties"
     density: float = 0.2  # ties: fraction of each delta's entries kept (the paper's top 20 %)
-    requantize: str = "recorded"  # quantized base: the method its recipe recorded, or force "gptq" / "rtn"
+    requantize: Literal[REQUANTIZE] = "recorded"  # quantized base: the method its recipe recorded, or force "gptq" / "rtn"
     allow_pickle: bool = False  # read adapter_model.bin (a pickle) when there is no safetensors file
 
     def __post_init__(self) -> None:

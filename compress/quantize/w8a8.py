@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -188,3 +189,21 @@ def stage_error(x: torch.Tensor, lins: list[nn.Linear], activations: str, scale=
         err += float((q(xf).float() - y).pow(2).sum())
         ref += float(y.pow(2).sum())
     return err / max(ref, 1e-30)
+
+
+def w8a8_recipe(*, activations: str = "static", observer: str = "minmax", smoothquant: float | str | None = None,
+                ignore: list[str] | None = None, **fields: Any) -> list[dict[str, Any]]:
+    """The recipe steps of W8A8 (`compress quantize --bits 8 --activations int8`): optional SmoothQuant, then
+    the `w8a8` pass.
+
+    `smoothquant` is an alpha in [0, 1], "search" (alpha chosen per block), or None (no smoothing).
+    """
+    sel = {"ignore": ignore} if ignore else {}
+    if observer in SYMMETRIC_ONLY:  # TensorRT's entropy calibration is defined for a symmetric grid
+        fields.setdefault("symmetric_activations", True)
+    steps: list[dict[str, Any]] = []
+    if smoothquant is not None:
+        sq = {"search": True, "search_observer": observer} if smoothquant == "search" else {"alpha": float(smoothquant)}
+        steps.append({"pass": "smoothquant", **sq, **sel})
+    steps.append({"pass": "w8a8", "activations": activations, "observer": observer, **sel, **fields})
+    return steps

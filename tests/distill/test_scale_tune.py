@@ -130,7 +130,7 @@ def test_a_scale_tune_step_after_a_quantizer(make_tiny, tiny_tokenizer, model_di
 
 
 def test_scale_tune_config_presets_and_nothing_to_tune(make_tiny, model_dirs):
-    from compress.quantize.presets import quantize_recipe
+    from compress.cli.quantize import _recipe
 
     with pytest.raises(ValueError, match="steps >= 1"):
         ScaleTuneConfig(steps=0)
@@ -140,10 +140,10 @@ def test_scale_tune_config_presets_and_nothing_to_tune(make_tiny, model_dirs):
         assert step.spec.streams(step.config)
     [tune] = Recipe.single("scale_tune").steps
     assert not tune.spec.streams(tune.config)  # the tuning runs the whole model
-    steps = quantize_recipe(None, tune_steps=16).steps
+    steps = _recipe("4", None, True, None, None, "float16", "none", False, None, None, (), tune_steps=16).steps
     assert [s.name for s in steps] == ["awq", "gptq", "scale_tune"] and steps[-1].config.steps == 16
-    with pytest.raises(ValueError, match="calibrated quantizer"):
-        quantize_recipe("rtn", tune_steps=16)
+    steps = _recipe("4", None, True, "rtn", None, "float16", "none", False, None, None, (), tune_steps=16).steps
+    assert [s.name for s in steps] == ["rtn", "scale_tune"]  # any quantizer may be followed by the tuning
     # a float model has nothing to tune: no calibration asked for, no reference loaded, nothing changed
     m = make_tiny("llama")
     assert not tune.spec.calibrates(tune.config, m)

@@ -95,14 +95,16 @@ def test_cli_target_bits(model_dir, tmp_path):
     assert r.exit_code != 0 and "does not combine" in r.output
 
 
-def test_quantize_presets():
-    from compress.quantize.presets import DEFAULT_METHOD, quantize_recipe
+def test_method_presets_are_the_recipes_files(tmp_path):
+    """--method resolves to recipes/METHOD.yaml (a chain) or a single pass; the options fill every step."""
+    from compress.cli.quantize import DEFAULT_METHOD
+    from compress.recipe import PRESETS
 
-    assert DEFAULT_METHOD == "awq+gptq" and [s.name for s in quantize_recipe(bits=4).steps] == ["awq", "gptq"]
-    assert [s.name for s in quantize_recipe("gptq", bits=4).steps] == ["gptq"]
-    chain = quantize_recipe("awq+gptq", bits=3, group_size=64, symmetric=False)
-    assert [s.name for s in chain.steps] == ["awq", "gptq"]
-    assert chain.steps[0].config.quantize is False and chain.steps[1].config.bits == 3
-    assert quantize_recipe(target_bits=3.5, group_size=64).steps[0].config.target_bits == 3.5
-    with pytest.raises(ValueError, match="does not combine"):
-        quantize_recipe("rtn", target_bits=3.5)
+    assert DEFAULT_METHOD == "awq+gptq" and (PRESETS / "awq+gptq.yaml").is_file()
+    assert [s.name for s in Recipe.for_method("awq+gptq").steps] == ["awq", "gptq"]
+    assert [s.name for s in Recipe.for_method("gptq", bits=4).steps] == ["gptq"]
+    chain = Recipe.for_method("awq+gptq", bits=3, group_size=64, symmetric=False)
+    assert chain.steps[0].config.quantize is False
+    assert all((s.config.bits, s.config.group_size, s.config.symmetric) == (3, 64, False) for s in chain.steps)
+    with pytest.raises(ValueError, match="unknown method 'nope'.*awq\\+gptq"):
+        Recipe.for_method("nope")

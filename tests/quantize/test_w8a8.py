@@ -223,11 +223,11 @@ def test_stages_over_the_fallback_error_stay_float(make_tiny, data):
 def test_kl_observer_runs_through_the_preset_and_the_search(make_tiny, data):
     """`--observer kl` (the preset) takes KL's symmetric grid, also in SmoothQuant's alpha search; a recipe that
     asks for KL on an asymmetric grid is refused before any calibration."""
-    from compress.quantize.presets import w8a8_recipe
+    from compress.quantize.w8a8 import w8a8_recipe
 
     calib, _ = data
     m = make_tiny("llama")
-    reps = apply(m, w8a8_recipe(observer="kl", smoothquant="search"), calib)
+    reps = apply(m, Recipe.from_steps(w8a8_recipe(observer="kl", smoothquant="search")), calib)
     assert reps[-1].config["symmetric_activations"] is True and reps[-1].modules > 0
     assert all(float(x.input_zero_point) == 0 for x in m.modules() if isinstance(x, W8A8Linear))
     with pytest.raises(ValueError, match="kl observer is symmetric only"):

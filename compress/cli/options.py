@@ -1,0 +1,165 @@
+"""CLI options generated from a config dataclass: type, default and help come from the field itself.
+
+A field `lr: float = 5e-5  # AdamW peak learning rate` becomes
+`--lr FLOAT  AdamW peak learning rate [default: 5e-05]`. The option's own
+default is None, so a command passes on only what was given and the config
+supplies the rest: `--help`, `compress passes` and a recipe step without the
+key all show and use the one default the dataclass declares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import io
+import re
+import tokenize
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from compress.cli._common import FINITE
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its comment in the class body, for `cls` and the dataclasses it inherits from: the comment
+    trailing its line with the comment lines right below it, or, for a field with no trailing comment, the
+    comment lines right above it."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        names = {f.name for f in dataclasses.fields(klass)}
+        rows = source.splitlines()
+        at = {i: m[1] for i, line in enumerate(rows, 1)
+              if (m := re.match(r"    (\w+)\s*:", line)) and m[1] in names}
+        trailing, alone = {}, {}
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                text = tok.string.lstrip("#").strip()
+                (alone if rows[tok.start[0] - 1].lstrip().startswith("#") else trailing)[tok.start[0]] = text
+        above: dict[str, list[str]] = {}
+        for row, name in sorted(at.items()):
+            block, j = [], row + 1
+            while j in alone:
+                block.append(alone[j])
+                j += 1
+            if block and j in at and j not in trailing:  # the comment of the field below it
+                above[at[j]] = block
+                block = []
+            parts = ([trailing[row]] if row in trailing else []) + (block if row in trailing else [])
+            if parts:
+                out[name] = " ".join(parts)
+        for name, block in above.items():
+            out.setdefault(name, " ".join(block))
+    return out
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return dataclasses.MISSING
+
+
+def show_default(value: Any) -> str:
+    """A default as the CLI and `compress passes` show it."""
+    if value is dataclasses.MISSING:
+        return "(required)"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value)) if value else "none"
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+class _CommaList(click.ParamType):
+    """A comma-separated list of one type (`--weights 0.7,0.3`)."""
+
+    def __init__(self, inner: click.ParamType) -> None:
+        self.inner, self.name = inner, f"{inner.name}[,...]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple | list):
+            return tuple(value)
+        try:
+            return tuple(self.inner.convert(v.strip(), param, ctx) for v in str(value).split(",") if v.strip())
+        except click.BadParameter as e:
+            self.fail(f"expected comma-separated numbers such as 0.7,0.3 ({e.message}), got {value!r}", param, ctx)
+
+
+def _click_type(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """(click type, extra option settings) for a field annotation."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _click_type(inner[0]) if len(inner) == 1 else (str, {})
+    if origin is typing.Literal:
+        return click.Choice([str(a) for a in args]), {}
+    if origin is tuple:
+        inner, _ = _click_type(args[0] if args else str)
+        if inner is str:
+            return str, {"multiple": True}
+        return _CommaList(inner if isinstance(inner, click.ParamType) else click.INT), {}
+    return {bool: bool, int: click.INT, float: FINITE, str: str}.get(tp, str), {}
+
+
+def config_options(cls: type, *, skip: tuple[str, ...] = (), names: dict[str, str] | None = None,
+                   helps: dict[str, str] | None = None, dests: dict[str, str] | None = None) -> Callable:
+    """Decorator adding one option per init field of config dataclass `cls` (except `skip`). `names` renames
+    options (field -> option name without dashes, e.g. {"seed": "train-seed"}); `helps` replaces a help text.
+    The command receives each as keyword `field` (or `dests[field]`), None when not given."""
+    names, helps, dests = names or {}, helps or {}, dests or {}
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+
+    def deco(fn: Callable) -> Callable:
+        for f in reversed([f for f in dataclasses.fields(cls) if f.init and f.name not in skip]):
+            flag = "--" + names.get(f.name, f.name.replace("_", "-"))
+            tp, extra = _click_type(hints[f.name])
+            text = helps.get(f.name, comments.get(f.name, "")).rstrip(".")
+            default = default_of(f)
+            text = f"{text} [default: {show_default(default)}]".strip()
+            dest = dests.get(f.name, f.name)
+            if tp is bool:
+                fn = click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, help=text)(fn)
+            else:
+                fn = click.option(flag, dest, type=tp, default=None, help=text, **extra)(fn)
+        return fn
+
+    return deco
+
+
+def given(cls: type, values: dict[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The config fields among a command's keyword `values` that were given (not None, not an empty list)."""
+    fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()
+            if k in fields and v is not None and v != ()}
+
+
+_CALIB = {"source": "calib", "samples": "calib-samples", "seq_len": "calib-seq-len", "seed": "seed"}
+
+
+def calib_options(fn: Callable) -> Callable:
+    """--calib, --calib-samples, --calib-seq-len, --seed: the `calibrate.data.CalibConfig` fields, for commands
+    that may run calibrated passes (keywords calib_source, calib_samples, calib_seq_len, seed)."""
+    from calibrate.data import CalibConfig
+
+    return config_options(CalibConfig, names=_CALIB, dests={"source": "calib_source", "samples": "calib_samples",
+                                                             "seq_len": "calib_seq_len"})(fn)
+
+
+def calib_config(source: str | None, samples: int | None, seq_len: int | None, seed: int | None):
+    """The CalibConfig of the given --calib* options (the rest at their defaults)."""
+    from calibrate.data import CalibConfig
+
+    given_ = {"source": source, "samples": samples, "seq_len": seq_len, "seed": seed}
+    return CalibConfig(**{k: v for k, v in given_.items() if v is not None})
