@@ -187,10 +187,10 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     from transformers import AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
 
+    import compress.quantize.qlinear  # noqa: F401  (the built-in packed kinds register when defined)
+    import compress.quantize.w8a8linear  # noqa: F401
     from compress.pipeline import RECIPE_ATTR
-    from compress.quantize.qlinear import QuantLinear
-    from compress.quantize.scheme import QuantScheme
-    from compress.quantize.w8a8linear import W8A8Linear
+    from compress.quantize.packed import from_layout
     from compress.targets import set_submodule
 
     files = sorted(p.glob("*.safetensors"))
@@ -206,12 +206,10 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
             old = model.get_submodule(name)
         except AttributeError:
             raise ValueError(f"{p}: quantized module {name} is not in the model") from None
-        if info.get("kind") == "w8a8":
-            new = W8A8Linear(info["in_features"], info["out_features"], activations=info["activations"],
-                             bias=info.get("bias", False), dtype=dtype)
-        else:
-            new = QuantLinear(info["in_features"], info["out_features"], QuantScheme(**info["scheme"]),
-                              bias=info.get("bias", False), dtype=dtype)
+        try:
+            new = from_layout(info, dtype)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{p}: quantized module {name} has a layout this version cannot build ({e})") from None
         set_submodule(model, name, new)
         del old
     state: dict[str, torch.Tensor] = {}
@@ -231,18 +229,10 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
 
 
 def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """name -> layout of every QuantLinear and W8A8Linear in `model` (what the loader needs to rebuild it)."""
-    from compress.quantize.qlinear import QuantLinear
-    from compress.quantize.w8a8linear import W8A8Linear
+    """name -> layout of every packed module in `model` (what the loader needs to rebuild it)."""
+    from compress.quantize.packed import PackedLinear
 
-    out: dict[str, dict[str, Any]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, QuantLinear):
-            out[name] = {"scheme": m.scheme.to_dict(), "in_features": m.in_features,
-                         "out_features": m.out_features, "bias": m.bias is not None}
-        elif isinstance(m, W8A8Linear):
-            out[name] = m.layout()
-    return out
+    return {name: m.layout() for name, m in model.named_modules() if isinstance(m, PackedLinear)}
 
 
 def save_model(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,

@@ -87,12 +87,12 @@ def untie_quantized_head(model: nn.Module) -> None:
     lazily loaded model the head's packed tensors are recorded in its store.
     """
     from compress.lazy import store_of
-    from compress.quantize.qlinear import QuantLinear
+    from compress.quantize.packed import PackedLinear
 
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head else None
     cfg = getattr(model, "config", None)
-    if not isinstance(head, QuantLinear) or not getattr(cfg, "tie_word_embeddings", False):
+    if not isinstance(head, PackedLinear) or not getattr(cfg, "tie_word_embeddings", False):
         return
     cfg.tie_word_embeddings = False
     head._parameters.pop("weight", None)  # a float alias tie_weights() may have hung on the module

@@ -31,12 +31,10 @@ METRICS = {"perplexity": "lower", "accuracy": "higher"}  # which direction is be
 def parameter_count(model) -> int:
     """Logical parameters: a quantized Linear counts its out x in weights (not its packed words), and
     tied weights count once."""
-    from compress.quantize.qlinear import QuantLinear
-    from compress.quantize.w8a8linear import W8A8Linear
+    from compress.quantize.packed import PackedLinear
 
     n = sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
-    return n + sum(m.in_features * m.out_features for m in model.modules()
-                   if isinstance(m, QuantLinear | W8A8Linear))
+    return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
 
 
 def model_identity(lm) -> dict[str, Any]:

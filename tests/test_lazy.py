@@ -57,9 +57,10 @@ def test_lazy_model_holds_no_block_weights(model_dir):
 
 
 def test_sharded_streaming_save_loads(model_dir, tmp_path, monkeypatch):
-    from compress import lazy
 
-    monkeypatch.setattr(lazy, "CHUNK_BYTES", 1000)  # every large tensor is written in several row slices
+    from compress import tensorfile
+
+    monkeypatch.setattr(tensorfile, "CHUNK_BYTES", 1000)  # every large tensor is written in several row slices
     lm = load_model(model_dir, lazy=True)
     apply(lm.model, Recipe.single("rtn", bits=4, group_size=32))
     store_of(lm.model).save(tmp_path, max_shard_bytes=20_000)

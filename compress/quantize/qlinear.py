@@ -24,12 +24,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from compress.quantize.grid import dequantize
+from compress.quantize.packed import PackedLinear
 from compress.quantize.packing import pack_int32, packed_len, unpack_int32
 from compress.quantize.scheme import QuantScheme
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(PackedLinear):
     """y = x @ dequant(W)^T + b with W held as packed integer codes."""
+
+    kind = "quant"
 
     def __init__(self, in_features: int, out_features: int, scheme: QuantScheme, *,
                  bias: bool = False, dtype: torch.dtype = torch.float32,
@@ -77,6 +80,16 @@ class QuantLinear(nn.Module):
         if bias is not None:
             m.bias.data.copy_(bias.detach().to(dtype))
         return m
+
+    @classmethod
+    def from_layout(cls, layout: dict, dtype: torch.dtype) -> QuantLinear:
+        return cls(layout["in_features"], layout["out_features"], QuantScheme(**layout["scheme"]),
+                   bias=layout.get("bias", False), dtype=dtype)
+
+    def layout(self) -> dict:
+        # no "kind": the default one, as artifacts recorded it before there were kinds
+        return {"scheme": self.scheme.to_dict(), "in_features": self.in_features,
+                "out_features": self.out_features, "bias": self.bias is not None}
 
     def codes(self) -> torch.Tensor:
         """Unsigned codes (out, in), int32."""

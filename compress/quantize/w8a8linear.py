@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from compress.quantize.packed import PackedLinear
+
 QMIN, QMAX = -128, 127
 ACTIVATIONS = ("static", "dynamic")
 
@@ -41,8 +43,10 @@ def int_matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return a.float() @ b_t.float()
 
 
-class W8A8Linear(nn.Module):
+class W8A8Linear(PackedLinear):
     """A Linear running int8 x int8 with per-channel weight scales and static or per-token activation scales."""
+
+    kind = "w8a8"
 
     def __init__(self, in_features: int, out_features: int, *, activations: str = "static", bias: bool = False,
                  dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -117,7 +121,12 @@ class W8A8Linear(nn.Module):
             n += 32 + 8
         return n
 
+    @classmethod
+    def from_layout(cls, layout: dict, dtype: torch.dtype) -> W8A8Linear:
+        return cls(layout["in_features"], layout["out_features"], activations=layout["activations"],
+                   bias=layout.get("bias", False), dtype=dtype)
+
     def layout(self) -> dict:
         """What the loader needs to rebuild this module (recorded in the artifact's provenance)."""
-        return {"kind": "w8a8", "activations": self.activations, "in_features": self.in_features,
+        return {"kind": self.kind, "activations": self.activations, "in_features": self.in_features,
                 "out_features": self.out_features, "bias": self.bias is not None}
