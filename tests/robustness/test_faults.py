@@ -26,9 +26,11 @@ def die(*args, **kwargs):
 import compress.lazy as lazy
 import compress.artifact as artifact
 if point == "spill":  # a block's quantized tensors written to the spill directory
+    assert lazy.save_file
     lazy.save_file = die
 elif point == "stream":  # the model's tensors streamed into the temporary artifact
-    lazy.TensorStore._write = die
+    assert lazy.write_streamed  # (the name the save calls: a stale patch point must fail, not pass)
+    lazy.write_streamed = die
 elif point == "provenance":  # the artifact's last file, compress.json
     real = artifact.write_json_atomic
     artifact.write_json_atomic = lambda path, data: die() if path.name == "compress.json" else real(path, data)
