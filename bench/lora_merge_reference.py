@@ -100,7 +100,7 @@ def exact_merge(artifact: Path, adapter: Path):
 
 def quantize(method: str):
     """What `compress quantize --bits 4 --method METHOD` runs (W4 g128 symmetric)."""
-    return _recipe("4", None, True, method, None, "float16", "none", False, None, None, ())
+    return _recipe({"bits": 4}, method)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:

@@ -86,7 +86,7 @@ def one(method: str, bits: int, group: int, symmetric: bool, windows: int, threa
     from compress.runner import compress_model, evaluate
 
     torch.set_num_threads(threads)
-    recipe = _recipe(str(bits), group, symmetric, method, None, "float16", "none", False, None, None, (),
+    recipe = _recipe({"bits": bits, "group_size": group, "symmetric": symmetric}, method,
                      tune_steps=tune_steps)  # what `compress quantize` runs
     with tempfile.TemporaryDirectory() as d:
         summary = compress_model(None, recipe, Path(d) / "a")

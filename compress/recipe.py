@@ -159,7 +159,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 errors.append(str(e))
         raise ValueError(errors[0] if errors else f"{where}: invalid value {value!r}")
     if origin is typing.Literal:
-        if value not in args:
+        if not any(value == a and type(value) is type(a) for a in args):  # (True == 1, but is not 1)
             raise ValueError(f"{where}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
     if origin in (tuple, list):

@@ -23,10 +23,12 @@ def test_unknown_pass_lists_known_ones():
 
 
 @pytest.mark.parametrize("text,msg", [
-    ("- pass: rtn\n  bits: '4'\n", "expected an integer"),
-    ("- pass: rtn\n  bits: true\n", "expected an integer"),
+    ("- pass: rtn\n  group_size: '128'\n", "expected an integer"),
+    ("- pass: rtn\n  group_size: true\n", "expected an integer"),
+    ("- pass: rtn\n  bits: '4'\n", "'4' is not one of 2, 3, 4, 8"),
+    ("- pass: rtn\n  bits: true\n", "True is not one of 2, 3, 4, 8"),
     ("- pass: rtn\n  symmetric: 1\n", "expected true or false"),
-    ("- pass: rtn\n  bits: 6\n", "bits must be one of 2, 3, 4, 8"),
+    ("- pass: rtn\n  bits: 6\n", "bits: 6 is not one of 2, 3, 4, 8"),
     ("- pass: rtn\n  ignore: ['re:(']\n", "bad regular expression"),
     ("[]", "non-empty YAML list"),
     ("pass: rtn", "non-empty YAML list"),

@@ -81,6 +81,13 @@ def show_default(value: Any) -> str:
     return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
+class _IntChoice(click.Choice):
+    """A choice among integers (`--bits 4`): shown and typed as text, given on as an int."""
+
+    def convert(self, value, param, ctx):
+        return int(super().convert(str(value), param, ctx))
+
+
 class _CommaList(click.ParamType):
     """A comma-separated list of one type (`--weights 0.7,0.3`)."""
 
@@ -103,7 +110,7 @@ def _click_type(tp: Any) -> tuple[Any, dict[str, Any]]:
         inner = [a for a in args if a is not type(None)]
         return _click_type(inner[0]) if len(inner) == 1 else (str, {})
     if origin is typing.Literal:
-        return click.Choice([str(a) for a in args]), {}
+        return (_IntChoice if all(isinstance(a, int) for a in args) else click.Choice)([str(a) for a in args]), {}
     if origin is tuple:
         inner, _ = _click_type(args[0] if args else str)
         if inner is str:
@@ -123,14 +130,15 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), names: dict[str, st
 
     def deco(fn: Callable) -> Callable:
         for f in reversed([f for f in dataclasses.fields(cls) if f.init and f.name not in skip]):
-            flag = "--" + names.get(f.name, f.name.replace("_", "-"))
+            flag = "--" + names.get(f.name, f.name.replace("_", "-"))  # a bool may be named "on/--off"
             tp, extra = _click_type(hints[f.name])
             text = helps.get(f.name, comments.get(f.name, "")).rstrip(".")
             default = default_of(f)
             text = f"{text} [default: {show_default(default)}]".strip()
             dest = dests.get(f.name, f.name)
             if tp is bool:
-                fn = click.option(f"{flag}/--no-{flag[2:]}", dest, default=None, help=text)(fn)
+                fn = click.option(flag if "/" in flag else f"{flag}/--no-{flag[2:]}", dest, default=None,
+                                  help=text)(fn)
             else:
                 fn = click.option(flag, dest, type=tp, default=None, help=text, **extra)(fn)
         return fn

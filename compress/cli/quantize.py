@@ -10,20 +10,18 @@ from compress.cli._common import (
     echo_json,
     progress_bar,
 )
-from compress.cli.options import calib_config, calib_options
+from compress.cli.options import calib_config, calib_options, config_options, given
+from compress.quantize.scheme import QuantScheme
 
 
 @click.command("quantize")
 @click.argument("model", required=False)
-@click.option("--bits", type=click.Choice(["2", "3", "4", "8"]), default="4", show_default=True)
-@click.option("--group-size", type=int, default=None, help="Input columns per scale; -1 = per output channel.  [default: 128]")
-@click.option("--sym/--asym", "symmetric", default=True, show_default=True, help="Symmetric (no zero point) or asymmetric.")
+@config_options(QuantScheme, names={"symmetric": "sym/--asym"})
 @click.option("--method", default=None,
               help="A quantization pass (see `compress passes`) or a preset chain in recipes/ (awq+gptq, the "
                    "default: AWQ scales, GPTQ rounding).")
 @click.option("--target-bits", type=FINITE, default=None,
               help="Average stored bits per weight: bits per layer chosen from measured sensitivity (GPTQ).")
-@click.option("--scale-dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True)
 @click.option("--activations", type=click.Choice(["none", "int8"]), default="none", show_default=True,
               help="int8: W8A8, int8 weights per channel and int8 activations (with --bits 8).")
 @click.option("--dynamic", is_flag=True, help="W8A8: per-token activation scales at run time instead of calibrated ones.")
@@ -42,9 +40,8 @@ from compress.cli.options import calib_config, calib_options
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 @calib_options
-def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-            smoothquant, fallback_error, tune_steps, ignore, out, force, allow_pickle, calib_source, calib_samples,
-            calib_seq_len, seed) -> None:
+def command(model, method, target_bits, activations, dynamic, observer, smoothquant, fallback_error, tune_steps, ignore,
+            out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed, **scheme) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -58,8 +55,9 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
     """
     from compress.runner import compress_model
 
-    recipe = _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-                     smoothquant, ignore, fallback_error, tune_steps)
+    recipe = _recipe(given(QuantScheme, scheme), method, target_bits, activations=activations, dynamic=dynamic,
+                     observer=observer, smoothquant=smoothquant, ignore=ignore, fallback_error=fallback_error,
+                     tune_steps=tune_steps)
     with progress_bar() as progress:
         summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
                                    calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
@@ -70,19 +68,22 @@ def command(model, bits, group_size, symmetric, method, target_bits, scale_dtype
 DEFAULT_METHOD = "awq+gptq"  # the best W4 measured on the reference model (bench/results/quantize_vs_peers.json)
 
 
-def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activations, dynamic, observer,
-            smoothquant, ignore, fallback_error=None, tune_steps=0):
+def _recipe(scheme: dict, method: str | None = None, target_bits: float | None = None, *, activations: str = "none",
+            dynamic: bool = False, observer: str | None = None, smoothquant: str | None = None, ignore=(),
+            fallback_error: float | None = None, tune_steps: int = 0):
+    """The recipe `compress quantize` runs; `scheme` holds the QuantScheme fields given on the command line."""
     from compress.quantize.w8a8 import w8a8_recipe
     from compress.recipe import Recipe
 
     if activations == "int8":
-        given = [o for o, v in (("--group-size", group_size), ("--method", method), ("--target-bits", target_bits),
-                                ("--asym", not symmetric), ("--scale-dtype", scale_dtype != "float16"),
-                                ("--tune-steps", tune_steps > 0)) if v not in (None, False)]
-        if bits != "8":
+        flags = {"group_size": "--group-size", "symmetric": "--sym/--asym", "scale_dtype": "--scale-dtype"}
+        given_ = [flags[k] for k in scheme if k in flags] + [
+            o for o, v in (("--method", method), ("--target-bits", target_bits), ("--tune-steps", tune_steps > 0))
+            if v not in (None, False)]
+        if scheme.get("bits") != 8:
             raise click.UsageError("--activations int8 quantizes weights to 8 bits too: pass --bits 8")
-        if given:
-            raise click.UsageError(f"{', '.join(given)} do not apply to W8A8 (int8 weights per output channel, "
+        if given_:
+            raise click.UsageError(f"{', '.join(given_)} do not apply to W8A8 (int8 weights per output channel, "
                                    "symmetric, float32 scales)")
         if dynamic and (observer or smoothquant is not None or fallback_error is not None):
             raise click.UsageError("--dynamic computes activation scales at run time: --observer, --smoothquant and "
@@ -103,8 +104,7 @@ def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activ
                                 ("--fallback-error", fallback_error)) if v not in (None, False)]
     if w8a8_only:
         raise click.UsageError(f"{', '.join(w8a8_only)} apply to activation quantization: add --activations int8")
-    fields = {"group_size": 128 if group_size is None else group_size, "symmetric": symmetric,
-              "scale_dtype": scale_dtype}
+    fields = {k: v for k, v in scheme.items() if k != "bits"}
     if ignore:
         fields["ignore"] = list(ignore)
     if target_bits is not None:  # bits per layer under a budget: the mixed pass (GPTQ at each layer's width)
@@ -113,7 +113,7 @@ def _recipe(bits, group_size, symmetric, method, target_bits, scale_dtype, activ
                                    f"--method {method}")
         steps = [{"pass": "mixed", "target_bits": target_bits, **fields}]
     else:
-        steps = Recipe.for_method(method or DEFAULT_METHOD, bits=int(bits), **fields).to_list()
+        steps = Recipe.for_method(method or DEFAULT_METHOD, **{**scheme, **fields}).to_list()
     if tune_steps:
         steps.append({"pass": "scale_tune", "steps": tune_steps})
     return Recipe.from_steps(steps, where="quantize options")

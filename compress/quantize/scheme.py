@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -27,10 +28,10 @@ class QuantScheme:
     no zero point.
     """
 
-    bits: int = 4
+    bits: Literal[SUPPORTED_BITS] = 4  # stored bits per weight
     group_size: int = 128  # input columns per scale; -1 = one group per output row
-    symmetric: bool = True
-    scale_dtype: str = "float16"  # dtype the scales are stored (and rounded) in
+    symmetric: bool = True  # a grid centred on zero (no zero point stored), or asymmetric with zero points
+    scale_dtype: Literal[tuple(SCALE_DTYPES)] = "float16"  # dtype the scales are stored (and rounded) in
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:

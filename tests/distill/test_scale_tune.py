@@ -140,9 +140,9 @@ def test_scale_tune_config_presets_and_nothing_to_tune(make_tiny, model_dirs):
         assert step.spec.streams(step.config)
     [tune] = Recipe.single("scale_tune").steps
     assert not tune.spec.streams(tune.config)  # the tuning runs the whole model
-    steps = _recipe("4", None, True, None, None, "float16", "none", False, None, None, (), tune_steps=16).steps
+    steps = _recipe({}, tune_steps=16).steps
     assert [s.name for s in steps] == ["awq", "gptq", "scale_tune"] and steps[-1].config.steps == 16
-    steps = _recipe("4", None, True, "rtn", None, "float16", "none", False, None, None, (), tune_steps=16).steps
+    steps = _recipe({"bits": 4}, "rtn", tune_steps=16).steps
     assert [s.name for s in steps] == ["rtn", "scale_tune"]  # any quantizer may be followed by the tuning
     # a float model has nothing to tune: no calibration asked for, no reference loaded, nothing changed
     m = make_tiny("llama")
