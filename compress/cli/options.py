@@ -134,7 +134,10 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), names: dict[str, st
             tp, extra = _click_type(hints[f.name])
             text = helps.get(f.name, comments.get(f.name, "")).rstrip(".")
             default = default_of(f)
-            text = f"{text} [default: {show_default(default)}]".strip()
+            shown = show_default(default)
+            if tp is bool and "/" in flag:  # "--sym/--asym": the default is the flag that means it
+                shown = flag.split("/")[0 if default else 1]
+            text = f"{text} [default: {shown}]".strip()
             dest = dests.get(f.name, f.name)
             if tp is bool:
                 fn = click.option(flag if "/" in flag else f"{flag}/--no-{flag[2:]}", dest, default=None,
