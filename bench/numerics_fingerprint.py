@@ -9,12 +9,14 @@ bits. Cases:
   config, no files), random calibration ids; every block-wise pass and the
   options that change its loop (true_sequential, act_order, bf16 forwards,
   N:M, search, fallback, scale tuning). In process, whole model in memory.
+- `lora`: a random LoRA adapter merged into a GPTQ artifact of the tiny Llama, with and without the
+  scale_tune step `compress merge-lora` adds.
 - `reference`: the reference model through `compress_model` (weights streamed
   block by block from disk, as `compress quantize` runs it), 16 windows x 256
   tokens of the WikiText-2 validation split; the hash is over the artifact's
   safetensors files.
 
-    .venv/bin/python bench/numerics_fingerprint.py [--part tiny|reference|all] [--out FILE]
+    .venv/bin/python bench/numerics_fingerprint.py [--part tiny|lora|reference|all] [--out FILE]
 
 Compare two runs with `diff` (or `--against FILE`: prints the cases that differ, exit 1 if any).
 """
@@ -72,15 +74,15 @@ REFERENCE_CASES: dict[str, list[dict]] = {
 }
 
 
-def tiny_model(arch: str):
+def tiny_model(arch: str, vocab: int = 512):
     from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
     if arch == "llama":
-        config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+        config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                              tie_word_embeddings=True)
     else:
-        config = OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+        config = OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
                            max_position_embeddings=256, word_embed_proj_dim=64)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
@@ -105,7 +107,7 @@ def metrics_of(reports) -> list:
                    if not k.endswith("seconds")) for r in reports]
 
 
-def save_tiny(arch: str, where: Path) -> str:
+def save_tiny(arch: str, where: Path, vocab: int = 512) -> str:
     """The tiny model saved as a model directory, with the reference model's tokenizer (never used, but every
     model directory needs one)."""
     import shutil
@@ -113,7 +115,7 @@ def save_tiny(arch: str, where: Path) -> str:
     from compress.models import TOKENIZER_FILES
     from compress.reference import reference_model_dir
 
-    tiny_model(arch).save_pretrained(where, safe_serialization=True)
+    tiny_model(arch, vocab).save_pretrained(where, safe_serialization=True)
     for name in TOKENIZER_FILES:
         if (reference_model_dir() / name).is_file():
             shutil.copy(reference_model_dir() / name, where / name)
@@ -170,9 +172,46 @@ def run_reference() -> dict:
     return out
 
 
+def run_lora() -> dict:
+    """A LoRA adapter (peft, random factors) merged into a GPTQ W4 artifact of the tiny Llama, without and with
+    the scale tuning `compress merge-lora` adds, through `compress_model`."""
+    from peft import LoraConfig, get_peft_model
+
+    from calibrate.data import CalibConfig
+    from compress.plugins import load_plugins
+    from compress.recipe import Recipe
+    from compress.runner import compress_model
+
+    load_plugins()
+    out = {}
+    calib = CalibConfig(samples=32, seq_len=64)
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        vocab = 49152  # the reference tokenizer's: calibration text is tokenized with it
+        save_tiny("llama", root / "base", vocab)
+        peft_model = get_peft_model(tiny_model("llama", vocab), LoraConfig(r=4, lora_alpha=8,
+                                                                     target_modules=["q_proj", "v_proj", "down_proj"]))
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for n, p in peft_model.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.05)
+        peft_model.save_pretrained(root / "adapter")
+        compress_model(root / "base", Recipe.from_steps([{"pass": "gptq", "bits": 4, "group_size": 32}]), root / "q",
+                       calib=calib)
+        merge = {"pass": "lora_merge", "adapters": [str(root / "adapter")]}
+        for case, steps in (("merge", [merge]), ("merge_tuned", [merge, {"pass": "scale_tune", "steps": 8}])):
+            summary = compress_model(root / "q", Recipe.from_steps(steps), root / case, calib=calib)
+            h = hashlib.sha256(b"".join(f.read_bytes() for f in sorted((root / case).glob("*.safetensors"))))
+            out[f"lora/{case}"] = {"state": h.hexdigest(), "metrics": hashlib.sha256(repr(metrics_of(
+                summary["reports"])).encode()).hexdigest()}
+            print(case, out[f"lora/{case}"], flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("tiny", "reference", "all"), default="all")
+    ap.add_argument("--part", choices=("tiny", "lora", "reference", "all"), default="all")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--against", type=Path, help="an earlier run's JSON: report the cases that differ")
     args = ap.parse_args()
@@ -180,6 +219,8 @@ def main() -> None:
     got = {}
     if args.part in ("tiny", "all"):
         got.update(run_tiny())
+    if args.part in ("lora", "all"):
+        got.update(run_lora())
     if args.part in ("reference", "all"):
         got.update(run_reference())
     if args.out:
