@@ -16,6 +16,7 @@ be finite, and the modules the tensors adapt must be the ones the config's
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from torch import nn
 
 from compress.checks import check_tensors
 from compress.files import load_pickled, load_safetensors, read_json_object
+
+log = logging.getLogger(__name__)
 
 PREFIX = "base_model.model."
 _LORA = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_magnitude_vector)(?:\.weight)?$")
@@ -226,3 +229,44 @@ def check_against(adapter: Adapter, model: nn.Module) -> None:
         if tuple(state[name].shape) != tuple(t.shape):
             raise ValueError(f"adapter {adapter.path}: tensor {name} is {tuple(t.shape)} but the model's is "
                              f"{tuple(state[name].shape)}")
+
+
+def check_combination(adapters: list[Adapter]) -> None:
+    if len(adapters) > 1 and any(a.dora for a in adapters):
+        raise ValueError("DoRA adapters rescale whole rows and do not add up: merge a DoRA adapter on its own")
+    seen: dict[str, str] = {}
+    for a in adapters:
+        for name in a.replaced:
+            if name in seen:
+                raise ValueError(f"adapters {seen[name]} and {a.path} both replace {name}: merge them separately")
+            seen[name] = str(a.path)
+
+
+def drop_sparsity_record(model: nn.Module, names: list[str]) -> None:
+    """A dense LoRA delta fills a pruned module's zeros: it is no longer sparse, so it leaves the record."""
+    from compress.prune.sparsity import CONFIG_KEY, pruned_modules
+
+    sparse = pruned_modules(model)
+    densified = sorted(set(sparse) & set(names))
+    if densified:
+        log.warning("lora_merge: merging dense deltas into %d pruned modules (%s, ...) removes their sparsity",
+                    len(densified), densified[0])
+        setattr(model.config, CONFIG_KEY, {"modules": {k: v for k, v in sparse.items() if k not in densified}})
+
+
+def replace_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Give tensor `name` the adapter's value; a tied one (an output head sharing the embedding) is untied first,
+    since the adapter trained a copy of it (PEFT's modules_to_save) and the other user keeps the base value."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    t = getattr(owner, attr)
+    shared = [n for n, p in model.named_parameters(remove_duplicate=False) if p is t and n != name]
+    if shared:
+        setattr(owner, attr, nn.Parameter(value.detach().to(t.dtype).clone(), requires_grad=t.requires_grad))
+        get_head = getattr(model, "get_output_embeddings", None)
+        if get_head is not None and get_head() is owner and getattr(model.config, "tie_word_embeddings", False):
+            model.config.tie_word_embeddings = False  # saved and loaded as two tensors from now on
+        log.info("lora_merge: %s was tied to %s; untied to take the adapter's value", name, shared[0])
+        return
+    with torch.no_grad():
+        t.copy_(value.to(t.dtype))

@@ -37,7 +37,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from compress.lora.adapter import Adapter, check_against, read_adapter
+from compress.lora.adapter import (
+    check_against,
+    check_combination,
+    drop_sparsity_record,
+    read_adapter,
+    replace_tensor,
+)
 from compress.lora.combine import COMBINATIONS, combine, dora_weight
 from compress.pipeline import PassReport, Progress, recipe_history
 from compress.quantize.qlinear import QuantLinear
@@ -72,17 +78,6 @@ class LoraMergeConfig:
             raise ValueError(f"requantize must be one of {', '.join(REQUANTIZE)}, got {self.requantize!r}")
 
 
-def _check_combination(adapters: list[Adapter]) -> None:
-    if len(adapters) > 1 and any(a.dora for a in adapters):
-        raise ValueError("DoRA adapters rescale whole rows and do not add up: merge a DoRA adapter on its own")
-    seen: dict[str, str] = {}
-    for a in adapters:
-        for name in a.replaced:
-            if name in seen:
-                raise ValueError(f"adapters {seen[name]} and {a.path} both replace {name}: merge them separately")
-            seen[name] = str(a.path)
-
-
 def _recorded(history: list[dict]) -> dict | None:
     """The last step of the model's recipe that produced quantized codes."""
     return next((s for s in reversed(history) if s.get("pass") in ("gptq", "mixed", "rtn")
@@ -111,41 +106,11 @@ def _requantize_steps(schemes: dict[str, dict], how: str, history: list[dict]) -
     return how, steps
 
 
-def _drop_sparsity_record(model: nn.Module, names: list[str]) -> None:
-    """A dense LoRA delta fills a pruned module's zeros: it is no longer sparse, so it leaves the record."""
-    from compress.prune.sparsity import CONFIG_KEY, pruned_modules
-
-    sparse = pruned_modules(model)
-    densified = sorted(set(sparse) & set(names))
-    if densified:
-        log.warning("lora_merge: merging dense deltas into %d pruned modules (%s, ...) removes their sparsity",
-                    len(densified), densified[0])
-        setattr(model.config, CONFIG_KEY, {"modules": {k: v for k, v in sparse.items() if k not in densified}})
-
-
 def _needs_calibration(cfg: LoraMergeConfig, model: nn.Module) -> bool:
     """Only a quantized base re-quantized with GPTQ runs calibration data."""
     if not any(isinstance(m, QuantLinear) for m in model.modules()):
         return False
     return _method(cfg.requantize, _recorded(recipe_history(model))) == "gptq"
-
-
-def _replace_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Give tensor `name` the adapter's value; a tied one (an output head sharing the embedding) is untied first,
-    since the adapter trained a copy of it (PEFT's modules_to_save) and the other user keeps the base value."""
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name) if owner_name else model
-    t = getattr(owner, attr)
-    shared = [n for n, p in model.named_parameters(remove_duplicate=False) if p is t and n != name]
-    if shared:
-        setattr(owner, attr, nn.Parameter(value.detach().to(t.dtype).clone(), requires_grad=t.requires_grad))
-        get_head = getattr(model, "get_output_embeddings", None)
-        if get_head is not None and get_head() is owner and getattr(model.config, "tie_word_embeddings", False):
-            model.config.tie_word_embeddings = False  # saved and loaded as two tensors from now on
-        log.info("lora_merge: %s was tied to %s; untied to take the adapter's value", name, shared[0])
-        return
-    with torch.no_grad():
-        t.copy_(value.to(t.dtype))
 
 
 @register_pass("lora_merge", LoraMergeConfig, needs_calibration=_needs_calibration)
@@ -169,7 +134,7 @@ def merge_in_float(model: nn.Module, cfg: LoraMergeConfig, *, progress: Progress
     adapters = [read_adapter(p, allow_pickle=cfg.allow_pickle) for p in cfg.adapters]
     for a in adapters:
         check_against(a, model)  # everything is checked before the first weight changes
-    _check_combination(adapters)
+    check_combination(adapters)
     weights = list(cfg.weights) or [1.0] * len(adapters)
     names = sorted({n for a in adapters for n in a.modules})
     merged: dict[str, torch.Tensor] = {}
@@ -202,8 +167,8 @@ def merge_in_float(model: nn.Module, cfg: LoraMergeConfig, *, progress: Progress
             progress("lora_merge", i + 1, len(names))
     for a in adapters:
         for name, t in a.replaced.items():
-            _replace_tensor(model, name, t)
-    _drop_sparsity_record(model, names)
+            replace_tensor(model, name, t)
+    drop_sparsity_record(model, names)
     config = {"adapters": list(cfg.adapters), "weights": weights, "method": cfg.method if len(adapters) > 1 else
               "single", "merged_modules": names, "replaced_tensors": sorted(n for a in adapters for n in a.replaced),
               "dora": any(a.dora for a in adapters)}
