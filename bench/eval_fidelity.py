@@ -64,4 +64,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from compress.plugins import load_plugins
+
+    load_plugins()  # passes, exporters and tasks, as the CLI registers them at start-up
     main()
