@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -13,6 +15,19 @@ def check_forward_options(batch_size: int, forward_dtype: str) -> None:
         raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {forward_dtype!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ForwardOptions:
+    """The fields of every config whose pass runs calibration forwards (a base class; cooperates with others)."""
+
+    batch_size: int = 8  # calibration samples per forward pass
+    # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
+    forward_dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_forward_options(self.batch_size, self.forward_dtype)
+        getattr(super(), "__post_init__", lambda: None)()
 
 
 def native_bf16(device_type: str) -> bool:

@@ -22,6 +22,11 @@ class HessianCollector:
         k = min(4, max(1, round(n / self.PANEL)))
         self._bounds = [round(i * n / k) for i in range(k + 1)]
 
+    @classmethod
+    def of(cls, linear: torch.nn.Module) -> tuple[HessianCollector]:
+        """The statistics `Block.observe` collects for a stage read by `linear`: its input Hessian."""
+        return (cls(linear.in_features, device=linear.weight.device),)
+
     def add_batch(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()  # (tokens, n)
         b = self._bounds

@@ -12,7 +12,7 @@ loaded model has only the current block in memory (`blocks_in_turn`).
 A pass never writes this loop; it says what it does to one block:
 
     def visit(block: Block) -> None:
-        for stage, (hessian,) in block.stagewise(lambda m: (HessianCollector(m.in_features),)):
+        for stage, (hessian,) in block.stagewise(HessianCollector.of):
             ...  # rewrite block.modules[n] for n in stage
 
 `Block.observe` collects statistics of several stages in one pass over the
@@ -40,6 +40,7 @@ from calibrate.blocks import (
 )
 from calibrate.forward import resolve_forward_dtype
 from calibrate.replay import BlockReplay
+from calibrate.stats import HessianCollector
 from calibrate.streaming import trim_memory
 
 Progress = Callable[[str, int, int], None]  # (label, done, total)
@@ -88,6 +89,14 @@ class Block:
                 yield st, stats.pop(st[0])
                 self.replay.freeze(st)  # final: later passes over the block may reuse what it computes
             trim_memory()  # the stage's statistics and the caller's temporaries, freed
+
+    def hessians(self, *, sequential: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """`stagewise` with each stage's input Hessian (GPTQ, SparseGPT): yield (module, H) for every module of
+        each stage in turn; the stage's last module gets the only reference to H, so it may free it early."""
+        for stage, (collected,) in self.stagewise(HessianCollector.of, sequential=sequential):
+            H = [collected.take()]
+            for n in stage:
+                yield n, H.pop() if n == stage[-1] else H[0]
 
     def run(self, on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """Replace the inputs by the block's outputs, the next block's inputs, calling `on_batch(input,

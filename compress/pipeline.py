@@ -27,10 +27,11 @@ def recipe_history(model: nn.Module) -> list[dict[str, Any]]:
 
 @dataclass(frozen=True)
 class PassReport:
-    """What one pass did: which modules, how long, and its error metrics."""
+    """What one pass did: which modules, how long, and its error metrics. `config` holds what the pass
+    decided or measured beyond its settings; `apply` adds the step's settings (and calibration_tokens)."""
 
     name: str
-    config: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     modules: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
@@ -51,7 +52,8 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
             raise ValueError(f"pass {step.name!r} needs calibration data; pass `calib`")
     reports = []
     for i, step in enumerate(recipe.steps):
-        if calib is None and step.spec.calibrates(step.config, model):  # one that needs it only sometimes
+        calibrated = step.spec.calibrates(step.config, model)
+        if calib is None and calibrated:  # one that needs it only sometimes
             raise ValueError(f"pass {step.name!r} needs calibration data here; pass `calib`")
         log.info("step %d/%d: %s", i + 1, len(recipe.steps), step.name)
         t0 = time.perf_counter()
@@ -62,7 +64,11 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
         _check_produced(model, f"step {i + 1} ({step.name})")
         untie_quantized_head(model)
         setattr(model, RECIPE_ATTR, [*recipe_history(model), step.to_dict()])
-        report = dataclasses.replace(report, seconds=round(time.perf_counter() - t0, 3))
+        settings = {k: v for k, v in step.to_dict().items() if k != "pass"}
+        if calibrated:
+            settings["calibration_tokens"] = int(calib.numel())
+        report = dataclasses.replace(report, config={**settings, **report.config},
+                                     seconds=round(time.perf_counter() - t0, 3))
         reports.append(report)
     return reports
 

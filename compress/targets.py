@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from torch import nn
 
@@ -31,6 +32,19 @@ def validate_patterns(patterns: Iterable[str], field: str) -> None:
                 re.compile(p[3:])
             except re.error as e:
                 raise ValueError(f"{field}: bad regular expression {p!r}: {e}") from None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Selection:
+    """The `targets` / `ignore` fields of a pass's config (a base class; cooperates with others)."""
+
+    targets: tuple[str, ...] = DEFAULT_TARGETS  # class names, exact names or 're:' regexes
+    ignore: tuple[str, ...] = DEFAULT_IGNORE  # replaces the default; lm_head is left alone by default
+
+    def __post_init__(self) -> None:
+        validate_patterns(self.targets, "targets")
+        validate_patterns(self.ignore, "ignore")
+        getattr(super(), "__post_init__", lambda: None)()
 
 
 def matches(name: str, module: nn.Module, pattern: str) -> bool:

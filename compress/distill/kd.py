@@ -135,6 +135,5 @@ def run(model: nn.Module, cfg: DistillConfig, calib=None, *, progress: Progress 
     teacher_id = (teacher_lm.source, teacher_lm.source_sha256()) if cfg.teacher_cache else None
     result = train(model, load_teacher if cfg.needs_teacher else None, teacher_lm.tokenizer, cfg, progress=progress,
                    teacher_id=teacher_id)
-    return PassReport(name="distill", config={**{k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-                                              "teacher_source": teacher_lm.source, **result["record"]},
+    return PassReport(name="distill", config={"teacher_source": teacher_lm.source, **result["record"]},
                       modules=result["trained_tensors"], metrics=result["metrics"])

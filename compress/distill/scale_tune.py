@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScaleTuneConfig:
+class ScaleTuneConfig(tg.Selection):
     steps: int = 64  # optimizer steps
     batch_size: int = 4  # calibration windows per step
     lr: float = 2e-3  # AdamW learning rate of the log-scales (cosine decay to 0 after a 10 % warm-up)
@@ -59,6 +59,7 @@ class ScaleTuneConfig:
     ignore: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("scale tuning needs steps >= 1 and batch_size >= 1")
         if not self.lr > 0:
@@ -67,8 +68,6 @@ class ScaleTuneConfig:
             raise ValueError(f"heldout must be in (0, 1), got {self.heldout}")
         if self.forward_dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"forward_dtype must be auto, float32 or bfloat16, got {self.forward_dtype!r}")
-        tg.validate_patterns(self.targets, "targets")
-        tg.validate_patterns(self.ignore, "ignore")
 
 
 class TunedScales(nn.Module):
@@ -218,27 +217,20 @@ def load_reference(model: nn.Module, cfg: ScaleTuneConfig) -> nn.Module:
 def run(model: nn.Module, cfg: ScaleTuneConfig, calib: torch.Tensor | None, *,
         progress: Progress | None = None) -> PassReport:
     """Train the group scales of the packed modules so the model's outputs match its float reference."""
-    config = dataclasses.asdict(cfg)
     selected = _tunable(model, cfg)
     if not selected:
         log.info("scale_tune: no packed module to tune")
-        return PassReport(name="scale_tune", config=config, modules=0)
+        return PassReport(name="scale_tune", modules=0)
     reference = load_reference(model, cfg)
-    names = [n for n in selected if not isinstance(_module_or_none(reference, n), QuantLinear)]
-    missing = [n for n in names if _module_or_none(reference, n) is None]
+    in_reference = dict(reference.named_modules())
+    missing = [n for n in selected if n not in in_reference]
     if missing:
         raise ValueError(f"scale_tune: the reference model has no module {missing[0]} (a reference must have the "
                          "tuned model's module names)")
+    names = [n for n in selected if not isinstance(in_reference[n], QuantLinear)]
     if not names:
         log.info("scale_tune: every selected module is packed in the reference too: nothing to tune")
-        return PassReport(name="scale_tune", config=config, modules=0)
+        return PassReport(name="scale_tune", modules=0)
     reference.to(next(iter(selected.values())).weight_packed.device)
     metrics = tune_scales(model, reference, names, calib, cfg, progress=progress)
-    return PassReport(name="scale_tune", config=config, modules=len(names), metrics=metrics)
-
-
-def _module_or_none(model: nn.Module, name: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(name)
-    except AttributeError:
-        return None
+    return PassReport(name="scale_tune", modules=len(names), metrics=metrics)

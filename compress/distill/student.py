@@ -67,9 +67,7 @@ def run(model: nn.Module, cfg: StudentConfig, calib: torch.Tensor) -> PassReport
         rep = run_channels(model, StructuredConfig(ratio=cfg.mlp_ratio, importance="magnitude", reconstruct=False),
                            calib[:1])
         changes.update(rep.config["config_changes"])
-    return PassReport(name="student", config={"layers": cfg.layers, "mlp_ratio": cfg.mlp_ratio,
-                                              "config_changes": changes,
-                                              "layer_origin": getattr(model.config, ORIGIN_KEY, None)},
+    return PassReport(name="student", config={"config_changes": changes, "layer_origin": getattr(model.config, ORIGIN_KEY, None)},
                       modules=0, metrics={"parameters_removed": float(before - sum(p.numel() for p in model.parameters()))})
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from calibrate.blocks import decoder_blocks
-from calibrate.forward import check_forward_options, resolve_forward_dtype
+from calibrate.forward import ForwardOptions, resolve_forward_dtype
 from calibrate.walk import Block, block_linears, walk
 from compress import lazy
 from compress.pipeline import PassReport, Progress
@@ -34,19 +34,17 @@ ORIGIN_KEY = "compress_layer_origin"  # config.json key: original block index of
 
 
 @dataclass(frozen=True, kw_only=True)
-class LayersConfig:
+class LayersConfig(ForwardOptions):
     ratio: float = 0.25  # fraction of the decoder blocks to remove (rounded to whole blocks)
     importance: str = "cosine"  # ShortGPT block influence, or "loss": greedy on the calibration loss
-    batch_size: int = 8  # calibration samples per forward pass
-    forward_dtype: str = "auto"  # calibration forwards: bfloat16 autocast where fast, else float32
     loss_samples: int = 4  # calibration windows scored per candidate with importance: loss (each a full forward)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.ratio < 1:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.importance not in LAYER_IMPORTANCE:
             raise ValueError(f"importance must be one of {', '.join(LAYER_IMPORTANCE)}, got {self.importance!r}")
-        check_forward_options(self.batch_size, self.forward_dtype)
         if self.loss_samples < 1:
             raise ValueError(f"loss_samples must be positive, got {self.loss_samples}")
 
@@ -146,7 +144,7 @@ def run(model: nn.Module, cfg: LayersConfig, calib: torch.Tensor, *, progress: P
     log.info("prune_layers: removed blocks %s", sorted(dropped))
     return PassReport(
         name="prune_layers",
-        config={"ratio": cfg.ratio, "importance": cfg.importance, "removed_blocks": sorted(dropped),
+        config={"removed_blocks": sorted(dropped),
                 **({"block_influence": [round(s, 6) for s in scores]} if scores else {}),
                 "config_changes": {"num_hidden_layers": [n, n - n_drop]}},
         modules=n_drop,

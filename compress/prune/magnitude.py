@@ -59,4 +59,4 @@ def run(model: nn.Module, cfg: MagnitudeConfig, calib=None, *, progress: Progres
                 progress("magnitude", len(zeros), len(modules))
     record_pruned(model, list(zeros), cfg.label)
     log.info("magnitude: pruned %d modules to %s", len(zeros), cfg.label)
-    return sparsity_report("magnitude", cfg, zeros, scope=cfg.scope)
+    return sparsity_report("magnitude", cfg, zeros)

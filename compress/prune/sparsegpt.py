@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.stats import HessianCollector, inverse_cholesky_
+from calibrate.stats import inverse_cholesky_
 from calibrate.walk import Block, walk
 from compress import targets as tg
 from compress.checks import about
@@ -109,22 +109,18 @@ def run(model: nn.Module, cfg: SparseGPTConfig, calib: torch.Tensor, *,
 
     def visit(block: Block) -> None:
         nonlocal total_loss
-        hessian = lambda m: (HessianCollector(m.in_features, device=m.weight.device),)  # noqa: E731
-        for stage, (collected,) in block.stagewise(hessian, sequential=cfg.true_sequential):
-            H = [collected.take()]  # the stage's last module gets the only reference and may free it early
-            for n in stage:
-                lin, name = block.modules[n], block.name(n)
-                with about(name):
-                    W, loss = prune_weight(lin.weight, H.pop() if n == stage[-1] else H[0], cfg.fraction, cfg.n_m,
-                                           block_size=cfg.block_size, dampening=cfg.dampening)
-                lin.weight.copy_(W.to(lin.weight.dtype))
-                zeros[name] = count_zeros(lin.weight)
-                total_loss += loss
+        for n, H in block.hessians(sequential=cfg.true_sequential):
+            lin, name = block.modules[n], block.name(n)
+            with about(name):
+                W, loss = prune_weight(lin.weight, H, cfg.fraction, cfg.n_m, block_size=cfg.block_size,
+                                       dampening=cfg.dampening)
+            del H  # the stage's last module held the only reference: freed before the next stage's
+            lin.weight.copy_(W.to(lin.weight.dtype))
+            zeros[name] = count_zeros(lin.weight)
+            total_loss += loss
 
     walk(model, selected, calib, visit, label="sparsegpt", batch_size=cfg.batch_size,
          forward_dtype=cfg.forward_dtype, progress=progress)
     record_pruned(model, list(zeros), cfg.label)
     log.info("sparsegpt: pruned %d modules to %s, loss %.4g", len(zeros), cfg.label, total_loss)
-    return sparsity_report("sparsegpt", cfg, zeros, metrics={"sparsegpt_loss": total_loss},
-                           block_size=cfg.block_size, dampening=cfg.dampening, true_sequential=cfg.true_sequential,
-                           calibration_tokens=int(calib.numel()))
+    return sparsity_report("sparsegpt", cfg, zeros, metrics={"sparsegpt_loss": total_loss})

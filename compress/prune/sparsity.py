@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.forward import check_forward_options
+from calibrate.forward import ForwardOptions
 from compress.pipeline import PassReport
-from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
+from compress.targets import Selection
 
 CONFIG_KEY = "compress_sparsity"  # config.json: {"modules": {name: "N:M" or fraction}}
 SCOPES = ("row", "layer")
@@ -35,17 +35,14 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparsityConfig:
+class SparsityConfig(Selection):
     """Fields every unstructured / N:M pruning pass shares."""
 
     sparsity: float | None = None  # fraction of each layer's weights set to zero; default 0.5 without `pattern`
     pattern: str | None = None  # "N:M", e.g. "2:4": N non-zeros in every M consecutive input weights
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # class names, exact names or 're:' regexes
-    ignore: tuple[str, ...] = DEFAULT_IGNORE  # replaces the default; lm_head stays dense by default
 
     def __post_init__(self) -> None:
-        validate_patterns(self.targets, "targets")
-        validate_patterns(self.ignore, "ignore")
+        super().__post_init__()
         if self.sparsity is not None and not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
         if self.pattern is not None:
@@ -127,16 +124,8 @@ def check_n_m(weight: torch.Tensor, n_m: tuple[int, int]) -> bool:
 
 
 @dataclass(frozen=True, kw_only=True)
-class CalibratedSparsityConfig(SparsityConfig):
+class CalibratedSparsityConfig(ForwardOptions, SparsityConfig):
     """Fields of the pruning passes that run calibration data through the blocks (Wanda, SparseGPT)."""
-
-    batch_size: int = 8  # calibration samples per forward pass
-    # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
-    forward_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_forward_options(self.batch_size, self.forward_dtype)
 
 
 def sparsity_report(name: str, cfg: SparsityConfig, zeros: dict[str, tuple[int, int]], *,
@@ -145,9 +134,7 @@ def sparsity_report(name: str, cfg: SparsityConfig, zeros: dict[str, tuple[int, 
     total = sum(n for _, n in zeros.values())
     return PassReport(
         name=name,
-        config={"sparsity": cfg.fraction, "pattern": cfg.pattern, "targets": list(cfg.targets),
-                "ignore": list(cfg.ignore), **config,
-                "zeros_per_module": {k: round(z / n, 6) for k, (z, n) in zeros.items()}},
+        config={"sparsity": cfg.fraction, **config, "zeros_per_module": {k: round(z / n, 6) for k, (z, n) in zeros.items()}},
         modules=len(zeros),
         metrics={"sparsity": sum(z for z, _ in zeros.values()) / max(total, 1), "weights": float(total),
                  **(metrics or {})},

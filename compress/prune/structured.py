@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from calibrate.blocks import decoder_blocks
-from calibrate.forward import check_forward_options
+from calibrate.forward import ForwardOptions
 from calibrate.stats import HessianCollector
 from calibrate.walk import Block, block_linears, walk
 from compress.pipeline import PassReport, Progress
@@ -43,15 +43,14 @@ MLP_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner")
 
 
 @dataclass(frozen=True, kw_only=True)
-class StructuredConfig:
+class StructuredConfig(ForwardOptions):
     ratio: float = 0.25  # fraction of the units (channels, heads) each block loses
     importance: str = "activation"  # output energy on calibration data, or "magnitude" (weight norms, no data)
     reconstruct: bool = True  # refit the consumer Linear on the kept inputs (needs importance: activation)
     dampening: float = 0.01  # fraction of mean diag(H) added before the least-squares solve
-    batch_size: int = 8  # calibration samples per forward pass
-    forward_dtype: str = "auto"  # calibration forwards: bfloat16 autocast where fast, else float32
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0 < self.ratio < 1:
             raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
         if self.importance not in IMPORTANCE:
@@ -59,7 +58,6 @@ class StructuredConfig:
         if self.reconstruct and self.importance != "activation":
             raise ValueError("reconstruct needs calibration statistics: use importance: activation, "
                              "or reconstruct: false")
-        check_forward_options(self.batch_size, self.forward_dtype)
         if not 0 <= self.dampening < 1:
             raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
 
@@ -136,8 +134,7 @@ def _run(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, label: st
         producers, consumer = _units(block, which)
         H = None
         if cfg.importance == "activation":
-            H = block.observe([[consumer]], lambda m: (HessianCollector(m.in_features, device=m.weight.device),)
-                              )[consumer][0].hessian
+            H = block.observe([[consumer]], HessianCollector.of)[consumer][0].hessian
         before = sum(p.numel() for p in block.module.parameters())
         prune_block(block.module, producers, consumer, block.modules, H)
         removed += before - sum(p.numel() for p in block.module.parameters())
@@ -249,8 +246,7 @@ def _head_plan(config, cfg: HeadsConfig) -> tuple[int, int, int, int, int]:
 def _report(name: str, cfg: StructuredConfig, model: nn.Module, removed: int, shape: dict, **extra) -> PassReport:
     return PassReport(
         name=name,
-        config={"ratio": cfg.ratio, "importance": cfg.importance, "reconstruct": cfg.reconstruct, **extra,
-                "config_changes": shape},
+        config={**extra, "config_changes": shape},
         modules=len(decoder_blocks(model)[1]),
         metrics={"parameters_removed": float(removed)},
     )

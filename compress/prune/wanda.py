@@ -65,4 +65,4 @@ def run(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor, *, progress: Pr
          progress=progress)
     record_pruned(model, list(zeros), cfg.label)
     log.info("wanda: pruned %d modules to %s", len(zeros), cfg.label)
-    return sparsity_report("wanda", cfg, zeros, calibration_tokens=int(calib.numel()))
+    return sparsity_report("wanda", cfg, zeros)

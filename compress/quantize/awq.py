@@ -162,19 +162,16 @@ def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Prog
     walk(model, selected, calib, visit, label="awq", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
          progress=progress, after=commit)
     log.info("awq: %d modules, %d scale folds", len(selected), totals["folded"])
-    return _report(cfg, totals, len(selected), calib)
+    return _report(cfg, totals, len(selected))
 
 
-def _report(cfg: AWQConfig, totals: dict, modules: int, calib: torch.Tensor) -> PassReport:
+def _report(cfg: AWQConfig, totals: dict, modules: int) -> PassReport:
     metrics = {"scale_error_ratio": totals["scale_after"] / max(totals["scale_before"], 1e-30),
                "clip_error_ratio": totals["clip_after"] / max(totals["clip_before"], 1e-30),
                "scaled_stages": totals["folded"]}
     if cfg.quantize:
         metrics["bits_per_weight"] = totals["bits"] / max(totals["weights"], 1)
-    config = {**cfg.scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore), "n_grid": cfg.n_grid,
-              "duo_scaling": cfg.duo_scaling, "clip": cfg.clip, "quantize": cfg.quantize,
-              "forward_dtype": cfg.forward_dtype, "calibration_tokens": int(calib.numel())}
-    return PassReport(name="awq", config=config, modules=modules, metrics=metrics)
+    return PassReport(name="awq", modules=modules, metrics=metrics)
 
 
 def _scale_stage(block: Block, stage: list[str], hc: HessianCollector, cs: ChannelStats, producer: str | None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.stats import HessianCollector, inverse_cholesky_
+from calibrate.stats import inverse_cholesky_
 from calibrate.walk import Block, walk
 from compress import targets as tg
 from compress.checks import about
@@ -140,19 +140,16 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
     total = {"loss": 0.0, "bits": 0, "weights": 0}
 
     def visit(block: Block) -> None:
-        hessian = lambda m: (HessianCollector(m.in_features, device=m.weight.device),)  # noqa: E731
-        for stage, (collected,) in block.stagewise(hessian, sequential=cfg.true_sequential):
-            H = [collected.take()]  # the stage's last module gets the only reference and may free it early
-            for n in stage:
-                lin, name = block.modules[n], block.name(n)
-                scheme, keep = scheme_for(name), (lin.weight == 0) if name in sparse else None
-                with about(name):
-                    q, scale, zero, loss = quantize_weight(
-                        lin.weight, H.pop() if n == stage[-1] else H[0], scheme, block_size=cfg.block_size,
-                        dampening=cfg.dampening, act_order=cfg.act_order, zeros=keep)
-                pending.add(n, lin, q, scale, zero, scheme)
-                total["loss"] += loss
-                total["weights"] += q.numel()
+        for n, H in block.hessians(sequential=cfg.true_sequential):
+            lin, name = block.modules[n], block.name(n)
+            scheme, keep = scheme_for(name), (lin.weight == 0) if name in sparse else None
+            with about(name):
+                q, scale, zero, loss = quantize_weight(lin.weight, H, scheme, block_size=cfg.block_size,
+                                                       dampening=cfg.dampening, act_order=cfg.act_order, zeros=keep)
+            del H  # the stage's last module held the only reference: freed before the next stage's
+            pending.add(n, lin, q, scale, zero, scheme)
+            total["loss"] += loss
+            total["weights"] += q.numel()
 
     def commit(module: nn.Module) -> None:
         total["bits"] += pending.commit(module)
@@ -168,12 +165,5 @@ def run(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor, *, progress: Pro
     """Quantize selected Linears block by block with GPTQ on calibration token windows `calib` (samples, seq_len)."""
     scheme = cfg.scheme
     done, total_loss, bits, weights = quantize_blocks(model, cfg, calib, lambda name: scheme, progress=progress)
-    return PassReport(
-        name="gptq",
-        config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore),
-                "block_size": cfg.block_size, "dampening": cfg.dampening, "act_order": cfg.act_order,
-                "true_sequential": cfg.true_sequential, "forward_dtype": cfg.forward_dtype,
-                "calibration_tokens": int(calib.numel())},
-        modules=done,
-        metrics={"gptq_loss": total_loss, "bits_per_weight": bits / max(weights, 1)},
-    )
+    return PassReport(name="gptq", modules=done,
+                      metrics={"gptq_loss": total_loss, "bits_per_weight": bits / max(weights, 1)})

@@ -125,7 +125,7 @@ def measure_sensitivity(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor,
     sparse = pruned_modules(model)
 
     def visit(block: Block) -> None:
-        hs = block.observe(block.stages, lambda m: (HessianCollector(m.in_features, device=m.weight.device),))
+        hs = block.observe(block.stages, HessianCollector.of)
         for st in block.stages:
             H = hs.pop(st[0])[0].hessian
             for n in st:
@@ -161,10 +161,7 @@ def run(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor, *, progress: Pr
     counts = {b: sum(1 for v in choice.values() if v == b) for b in cfg.candidates}
     return PassReport(
         name="mixed",
-        config={"target_bits": cfg.target_bits, "candidates": list(cfg.candidates), "group_size": cfg.group_size,
-                "symmetric": cfg.symmetric, "scale_dtype": cfg.scale_dtype, "targets": list(cfg.targets),
-                "ignore": list(cfg.ignore), "act_order": cfg.act_order, "calibration_tokens": int(calib.numel()),
-                "bits_per_module": choice},
+        config={"bits_per_module": choice},
         modules=done,
         metrics={"bits_per_weight": bits / max(weights, 1), "gptq_loss": loss,
                  "predicted_error": sum(errors[n][b] for n, b in choice.items()),

@@ -65,12 +65,5 @@ def run(model: nn.Module, cfg: RTNConfig, calib=None, *, progress: Progress | No
             if progress:
                 progress("rtn", done, len(modules))
     log.info("rtn: quantized %d modules to %d bits", len(modules), cfg.bits)
-    return PassReport(
-        name="rtn",
-        config={**scheme.to_dict(), "targets": list(cfg.targets), "ignore": list(cfg.ignore)},
-        modules=len(modules),
-        metrics={
-            "relative_weight_error": (err_sum / ref_sum) ** 0.5 if ref_sum else 0.0,
-            "bits_per_weight": bits / weights,
-        },
-    )
+    return PassReport(name="rtn", modules=len(modules), metrics={
+        "relative_weight_error": (err_sum / ref_sum) ** 0.5 if ref_sum else 0.0, "bits_per_weight": bits / weights})

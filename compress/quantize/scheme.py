@@ -9,9 +9,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from calibrate.forward import check_forward_options
+from calibrate.forward import ForwardOptions
 from compress import targets as tg
-from compress.targets import DEFAULT_IGNORE, DEFAULT_TARGETS, validate_patterns
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 MIN_STORED_GROUP = 8  # below this a non-dividing group size would cost >= 2 extra bits per weight in repeated scales
@@ -79,16 +78,8 @@ class QuantScheme:
 
 
 @dataclass(frozen=True, kw_only=True)
-class WeightQuantConfig(QuantScheme):
+class WeightQuantConfig(tg.Selection, QuantScheme):
     """Fields every weight-quantization pass shares: the scheme plus module selection."""
-
-    targets: tuple[str, ...] = DEFAULT_TARGETS  # class names, exact names or 're:' regexes
-    ignore: tuple[str, ...] = DEFAULT_IGNORE  # replaces the default; lm_head stays float by default
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        validate_patterns(self.targets, "targets")
-        validate_patterns(self.ignore, "ignore")
 
     def check_model(self, model: nn.Module) -> None:
         """Refuse, before any work, a group size that a selected Linear could not store (see `stored`)."""
@@ -105,13 +96,5 @@ class WeightQuantConfig(QuantScheme):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CalibratedQuantConfig(WeightQuantConfig):
+class CalibratedQuantConfig(ForwardOptions, WeightQuantConfig):
     """Fields of the weight quantizers that run calibration data through the blocks (GPTQ, AWQ, mixed)."""
-
-    batch_size: int = 8  # calibration samples per forward pass
-    # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
-    forward_dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_forward_options(self.batch_size, self.forward_dtype)

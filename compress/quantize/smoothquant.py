@@ -30,7 +30,7 @@ from torch import nn
 
 from calibrate.blocks import batches
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
-from calibrate.forward import check_forward_options
+from calibrate.forward import ForwardOptions
 from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, fake_quantize, make_observer
 from calibrate.stats import ChannelStats
 from calibrate.walk import Block, walk
@@ -42,18 +42,15 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class SmoothQuantConfig:
+class SmoothQuantConfig(ForwardOptions, tg.Selection):
     alpha: float = 0.5  # migration strength: 0 leaves activations alone, 1 moves all of their range into W
     search: bool = False  # choose alpha per stage from alpha_grid on the stage's simulated W8A8 output error
     alpha_grid: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     search_observer: str = "minmax"  # the activation grid the search simulates (use the w8a8 step's)
     search_tokens: int = 4096  # input rows per stage the search scores on
-    targets: tuple[str, ...] = tg.DEFAULT_TARGETS
-    ignore: tuple[str, ...] = tg.DEFAULT_IGNORE
-    batch_size: int = 8  # calibration samples per forward pass
-    forward_dtype: str = "auto"  # calibration forwards: "auto" = bfloat16 where the device has fast bf16
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for a in (self.alpha, *self.alpha_grid):
             if not 0.0 <= a <= 1.0:
                 raise ValueError(f"alpha values must lie in [0, 1], got {a}")
@@ -63,9 +60,6 @@ class SmoothQuantConfig:
             raise ValueError(f"search_observer must be one of {', '.join(OBSERVERS)}, got {self.search_observer!r}")
         if self.search_tokens < 1:
             raise ValueError(f"search_tokens must be positive, got {self.search_tokens}")
-        tg.validate_patterns(self.targets, "targets")
-        tg.validate_patterns(self.ignore, "ignore")
-        check_forward_options(self.batch_size, self.forward_dtype)
 
 
 def smoothing_factors(x_max: torch.Tensor, Ws: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -150,11 +144,10 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
 
     walk(model, selected, calib, visit, label="smoothquant", batch_size=cfg.batch_size,
          forward_dtype=cfg.forward_dtype, progress=progress)
-    return _report(cfg, totals, chosen, len(selected), calib)
+    return _report(cfg, totals, chosen, len(selected))
 
 
-def _report(cfg: SmoothQuantConfig, totals: dict, chosen: dict[str, list[float]], modules: int,
-            calib: torch.Tensor) -> PassReport:
+def _report(cfg: SmoothQuantConfig, totals: dict, chosen: dict[str, list[float]], modules: int) -> PassReport:
     smoothed = sum(len(v) for v in chosen.values())
     metrics = {"smoothed_stages": smoothed, "stages_without_producer": totals["skipped"],
                "outlier_ratio_before": totals["outlier_before"] / max(smoothed, 1),
@@ -164,14 +157,7 @@ def _report(cfg: SmoothQuantConfig, totals: dict, chosen: dict[str, list[float]]
         metrics["stages_left_unsmoothed"] = totals["unsmoothed"]
         metrics["search_error_ratio"] = totals["err_after"] / max(totals["err_before"], 1e-30)
     log.info("smoothquant: %d stages smoothed, %d without a foldable producer", smoothed, totals["skipped"])
-    return PassReport(
-        name="smoothquant",
-        config={"alpha": cfg.alpha, "search": cfg.search, "alpha_grid": list(cfg.alpha_grid),
-                "search_observer": cfg.search_observer, "targets": list(cfg.targets), "ignore": list(cfg.ignore),
-                "forward_dtype": cfg.forward_dtype, "calibration_tokens": int(calib.numel())},
-        modules=modules,
-        metrics=metrics,
-    )
+    return PassReport(name="smoothquant", modules=modules, metrics=metrics)
 
 
 def _smooth_stage(block: Block, stage: list[str], producer: str, stats: tuple, cfg: SmoothQuantConfig,

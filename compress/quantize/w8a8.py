@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from calibrate.blocks import batches, modules_in_turn
-from calibrate.forward import check_forward_options
+from calibrate.forward import ForwardOptions
 from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, make_observer
 from calibrate.walk import Block, walk
 from compress import targets as tg
@@ -43,19 +43,16 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class W8A8Config:
+class W8A8Config(ForwardOptions, tg.Selection):
     activations: str = "static"  # static: calibrated per-tensor grid; dynamic: per-token scales at run time
     observer: str = "minmax"  # static range: minmax | percentile | mse | kl
     percentile: float = 99.99  # the percentile observer's coverage
     symmetric_activations: bool = False  # False: a zero point fits one-sided ranges (SiLU outputs) better
-    targets: tuple[str, ...] = tg.DEFAULT_TARGETS
-    ignore: tuple[str, ...] = tg.DEFAULT_IGNORE  # lm_head stays float by default
-    batch_size: int = 8  # calibration samples per forward pass
-    forward_dtype: str = "auto"  # calibration forwards: "auto" = bfloat16 where the device has fast bf16
     fallback_error: float | None = None  # static: a stage whose relative output error exceeds this stays float
     error_tokens: int = 4096  # input rows per stage its output error is measured on
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.fallback_error is not None and not self.fallback_error > 0:
             raise ValueError(f"fallback_error must be positive, got {self.fallback_error}")
         if self.fallback_error is not None and self.activations != "static":
@@ -71,9 +68,6 @@ class W8A8Config:
                              f"set symmetric_activations: true (`--observer {self.observer}` does)")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        tg.validate_patterns(self.targets, "targets")
-        tg.validate_patterns(self.ignore, "ignore")
-        check_forward_options(self.batch_size, self.forward_dtype)
 
     def new_observer(self):
         kw = {"percentile": self.percentile} if self.observer == "percentile" else {}
@@ -95,7 +89,7 @@ def run(model: nn.Module, cfg: W8A8Config, calib: torch.Tensor | None = None, *,
             tally.swap(model, name, lin)
             if progress:
                 progress("w8a8", i + 1, len(selected))
-        return tally.report(len(selected), calib)
+        return tally.report(len(selected))
     if calib is None:
         raise ValueError("w8a8 with static activations needs calibration data")
     per_batch = max(1, cfg.error_tokens // batches(calib, cfg.batch_size))
@@ -107,7 +101,7 @@ def run(model: nn.Module, cfg: W8A8Config, calib: torch.Tensor | None = None, *,
 
     walk(model, selected, calib, visit, label="w8a8", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
          progress=progress)
-    return tally.report(len(selected), calib)
+    return tally.report(len(selected))
 
 
 @dataclass
@@ -152,7 +146,7 @@ class _Tally:
         for n in stage:
             self.swap(block.module, n, block.modules[n], scale, zero)
 
-    def report(self, selected: int, calib: torch.Tensor | None) -> PassReport:
+    def report(self, selected: int) -> PassReport:
         cfg, errors = self.cfg, self.errors
         log.info("w8a8: %d modules, %s activations", selected - len(self.fallback), cfg.activations)
         metrics = {"relative_weight_error": (self.weight_err / self.weight_ref) ** 0.5 if self.weight_ref else 0.0,
@@ -164,16 +158,10 @@ class _Tally:
             metrics["mean_stage_error"] = sum(errors.values()) / len(errors)
             metrics["max_stage_error"] = errors[max(errors, key=errors.get)]
             metrics["float_fallback_modules"] = len(self.fallback)
-        config = {"activations": cfg.activations, "observer": cfg.observer if cfg.activations == "static" else None,
-                  "symmetric_activations": cfg.symmetric_activations, "targets": list(cfg.targets),
-                  "ignore": list(cfg.ignore), "forward_dtype": cfg.forward_dtype, "fallback_error": cfg.fallback_error}
+        config: dict[str, Any] = {"observer": cfg.observer if cfg.activations == "static" else None}
         if errors:
             config["stage_errors"] = dict(errors)
             config["float_fallback"] = self.fallback
-        if cfg.observer == "percentile":
-            config["percentile"] = cfg.percentile
-        if calib is not None:
-            config["calibration_tokens"] = int(calib.numel())
         return PassReport(name="w8a8", config=config, modules=selected - len(self.fallback), metrics=metrics)
 
 
