@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import (
-    FINITE,
-    console,
-    echo_json,
-    progress_bar,
-)
-from compress.cli.options import calib_config, calib_options, config_options, given
+from compress.cli._common import FINITE, console, echo_json
+from compress.cli.options import config_options, given, output_options
 from compress.distill.kd import DistillConfig
 
 PRUNED = {"channels": "prune_channels", "heads": "prune_heads", "layers": "prune_layers"}
@@ -38,12 +33,8 @@ def _pruned_student(spec: str) -> dict:
 @config_options(DistillConfig, names={"seed": "train-seed"},
                 helps={"teacher": "teacher model directory or .gguf; default: the reference model (with STUDENT) "
                                   "or the model the student is made from"})
-@click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-@calib_options
-def command(student, pruned, student_layers, student_mlp_ratio, out, force, allow_pickle, calib_source, calib_samples,
-            calib_seq_len, seed, **distill) -> None:
+@output_options
+def command(student, pruned, student_layers, student_mlp_ratio, output, **distill) -> None:
     """Distill TEACHER into STUDENT (a model directory) or into a student made from the teacher.
 
     The student is trained on the text to match the teacher's next-token
@@ -59,7 +50,6 @@ def command(student, pruned, student_layers, student_mlp_ratio, out, force, allo
       accelerate launch --num_processes 2 --cpu -m compress distill --student-layers 20 --out out/l20
     """
     from compress.recipe import Recipe
-    from compress.runner import compress_model
 
     made = [o for o, v in (("STUDENT", student), ("--student-from-pruned", pruned),
                            ("--student-layers/--student-mlp-ratio", student_layers or student_mlp_ratio)) if v]
@@ -78,15 +68,13 @@ def command(student, pruned, student_layers, student_mlp_ratio, out, force, allo
     elif not student:
         steps_list.insert(0, {"pass": "student", "layers": student_layers, "mlp_ratio": student_mlp_ratio})
     recipe = Recipe.from_steps(steps_list, where="distill options")
-    with progress_bar() as progress:
-        summary = compress_model(student or teacher, recipe, out, force=force, allow_pickle=allow_pickle,
-                                 calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
+    summary = output.run(student or teacher, recipe)
     if not summary.get("written", True):
         return  # another process of a distributed run writes the artifact
     from compress.distill.curve import write_curve
 
     rep = summary["reports"][-1]
-    files = write_curve(rep, out)
+    files = write_curve(rep, output.out)
     m = rep["metrics"]
     console.print(f"wrote {summary['out']}: held-out perplexity {m['heldout_perplexity_before']:.3f} -> "
                   f"{m['heldout_perplexity_after']:.3f}; curve in {', '.join(str(f) for f in files)}")

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import (
-    console,
-    echo_json,
-    progress_bar,
-)
-from compress.cli.options import calib_config, calib_options, config_options, given
+from compress.cli._common import console, echo_json
+from compress.cli.options import config_options, given, output_options
 from compress.lora.merge import LoraMergeConfig
 
 
@@ -22,13 +18,8 @@ from compress.lora.merge import LoraMergeConfig
               help="Quantized base: steps of scale tuning after re-quantization (a scale_tune step), fitting the "
                    "re-quantized modules' scales so the model matches the exact float merge on the calibration "
                    "data; 0 turns it off.")
-@click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-@click.option("--allow-pickle", is_flag=True,
-              help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
-@calib_options
-def command(model, tune_steps, out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed,
-            **merge) -> None:
+@output_options(pickle_help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
+def command(model, tune_steps, output, **merge) -> None:
     """Merge LoRA ADAPTERs into MODEL and save the result.
 
     MODEL is a Hugging Face directory, a .gguf file or a quantized compress
@@ -45,17 +36,13 @@ def command(model, tune_steps, out, force, allow_pickle, calib_source, calib_sam
       compress merge-lora --adapter a --adapter b --weights 0.7,0.3 --method ties --out out/ab
     """
     from compress.recipe import Recipe
-    from compress.runner import compress_model
 
     if not merge["adapters"]:
         raise click.UsageError("give at least one --adapter")
-    steps = [{"pass": "lora_merge", **given(LoraMergeConfig, merge), "allow_pickle": allow_pickle}]
+    steps = [{"pass": "lora_merge", **given(LoraMergeConfig, merge), "allow_pickle": output.allow_pickle}]
     if tune_steps:  # (nothing to tune, and no calibration, on a float base)
         steps.append({"pass": "scale_tune", "steps": tune_steps})
-    recipe = Recipe.from_steps(steps)
-    with progress_bar() as progress:
-        summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
-                                 calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
+    summary = output.run(model, Recipe.from_steps(steps))
     rep, tune = summary["reports"][0], summary["reports"][1:]
     extra = ""
     if "requantization_relative_error" in rep["metrics"]:

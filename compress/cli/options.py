@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from compress.cli._common import FINITE
+from compress.cli._common import FINITE, progress_bar
 
 
 @functools.cache
@@ -32,35 +32,26 @@ def field_comments(cls: type) -> dict[str, str]:
     comment lines right above it."""
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
         try:
-            source = inspect.getsource(klass)
+            source = inspect.getsource(klass) if dataclasses.is_dataclass(klass) else ""
         except (OSError, TypeError):
             continue
-        names = {f.name for f in dataclasses.fields(klass)}
-        rows = source.splitlines()
-        at = {i: m[1] for i, line in enumerate(rows, 1)
-              if (m := re.match(r"    (\w+)\s*:", line)) and m[1] in names}
-        trailing, alone = {}, {}
-        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-            if tok.type == tokenize.COMMENT:
-                text = tok.string.lstrip("#").strip()
-                (alone if rows[tok.start[0] - 1].lstrip().startswith("#") else trailing)[tok.start[0]] = text
-        above: dict[str, list[str]] = {}
-        for row, name in sorted(at.items()):
-            block, j = [], row + 1
-            while j in alone:
-                block.append(alone[j])
-                j += 1
-            if block and j in at and j not in trailing:  # the comment of the field below it
-                above[at[j]] = block
-                block = []
-            parts = ([trailing[row]] if row in trailing else []) + (block if row in trailing else [])
-            if parts:
-                out[name] = " ".join(parts)
-        for name, block in above.items():
-            out.setdefault(name, " ".join(block))
+        names = {f.name for f in dataclasses.fields(klass)} if source else set()
+        notes = {t.start[0]: t.string.lstrip("#").strip()
+                 for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+        field, block = None, []  # the field whose trailing comment may go on; the comment lines since
+        for row, line in enumerate(source.splitlines(), 1):
+            if line.lstrip().startswith("#"):
+                block.append(notes[row])
+                continue
+            name = m[1] if (m := re.match(r"    (\w+)\s*:", line)) and m[1] in names else None
+            if name and row not in notes and block:
+                out[name] = " ".join(block)
+            elif field and block:
+                out[field] += " " + " ".join(block)
+            field, block = (name if name and row in notes else None), []
+            if field:
+                out[field] = notes[row]
     return out
 
 
@@ -157,20 +148,42 @@ def given(cls: type, values: dict[str, Any], *, skip: tuple[str, ...] = ()) -> d
 
 
 _CALIB = {"source": "calib", "samples": "calib-samples", "seq_len": "calib-seq-len", "seed": "seed"}
+PICKLE_HELP = "Allow pickled .bin checkpoints (loaded with weights_only=True)."
 
 
-def calib_options(fn: Callable) -> Callable:
-    """--calib, --calib-samples, --calib-seq-len, --seed: the `calibrate.data.CalibConfig` fields, for commands
-    that may run calibrated passes (keywords calib_source, calib_samples, calib_seq_len, seed)."""
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """A writing command's --out, --force, --allow-pickle and calibration (`calibrate.data.CalibConfig`)."""
+
+    out: str
+    force: bool
+    allow_pickle: bool
+    calib: Any
+
+    def run(self, model: str | None, recipe: Any, **kw: Any) -> dict[str, Any]:
+        """`compress_model` with a progress bar; returns the artifact's summary."""
+        from compress.runner import compress_model
+
+        with progress_bar() as progress:
+            return compress_model(model, recipe, self.out, force=self.force, allow_pickle=self.allow_pickle,
+                                  calib=self.calib, progress=progress, **kw)
+
+
+def output_options(fn: Callable | None = None, *, pickle_help: str = PICKLE_HELP) -> Callable:
+    """--out, --force, --allow-pickle and the `CalibConfig` fields (--calib, --calib-samples, --calib-seq-len,
+    --seed) for a command that writes a model; the command receives them as one keyword `output` (`Output`)."""
     from calibrate.data import CalibConfig
 
-    return config_options(CalibConfig, names=_CALIB, dests={"source": "calib_source", "samples": "calib_samples",
-                                                             "seq_len": "calib_seq_len"})(fn)
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def command(**kw: Any) -> Any:
+            calib = {f: v for f in _CALIB if (v := kw.pop(f"calib_{f}")) is not None}
+            output = Output(kw.pop("out"), kw.pop("force"), kw.pop("allow_pickle"), CalibConfig(**calib))
+            return fn(**kw, output=output)
 
+        command = config_options(CalibConfig, names=_CALIB, dests={f: f"calib_{f}" for f in _CALIB})(command)
+        command = click.option("--allow-pickle", is_flag=True, help=pickle_help)(command)
+        command = click.option("--force", is_flag=True, help="Overwrite --out if it exists.")(command)
+        return click.option("--out", required=True, type=click.Path(), help="Directory to write.")(command)
 
-def calib_config(source: str | None, samples: int | None, seq_len: int | None, seed: int | None):
-    """The CalibConfig of the given --calib* options (the rest at their defaults)."""
-    from calibrate.data import CalibConfig
-
-    given_ = {"source": source, "samples": samples, "seq_len": seq_len, "seed": seed}
-    return CalibConfig(**{k: v for k, v in given_.items() if v is not None})
+    return deco(fn) if fn is not None else deco

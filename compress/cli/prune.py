@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import (
-    FINITE,
-    console,
-    echo_json,
-    progress_bar,
-)
-from compress.cli.options import calib_config, calib_options
+from compress.cli._common import FINITE, console, echo_json
+from compress.cli.options import output_options
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 STRUCTURES = {"channels": "prune_channels", "heads": "prune_heads", "layers": "prune_layers"}
@@ -32,12 +27,8 @@ STRUCTURES = {"channels": "prune_channels", "heads": "prune_heads", "layers": "p
 @click.option("--unit", type=click.Choice(["query", "kv"]), default=None,
               help="With --structure heads: query heads in every KV group (default) or whole KV groups.")
 @click.option("--ignore", multiple=True, help="Modules to keep dense (repeatable); default: lm_head.")
-@click.option("--out", required=True, type=click.Path(), help="Model directory to write.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-@calib_options
-def command(model, method, sparsity, pattern, structure, ratio, importance, unit, ignore, out, force, allow_pickle,
-            calib_source, calib_samples, calib_seq_len, seed) -> None:
+@output_options
+def command(model, method, sparsity, pattern, structure, ratio, importance, unit, ignore, output) -> None:
     """Prune MODEL's Linear weights and save the sparse model (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -51,7 +42,6 @@ def command(model, method, sparsity, pattern, structure, ratio, importance, unit
       compress prune --structure channels --ratio 0.25 --out out/smollm2-mlp75
     """
     from compress.recipe import Recipe
-    from compress.runner import compress_model
 
     if structure is None:
         bad = [o for o, v in (("--ratio", ratio), ("--importance", importance), ("--unit", unit)) if v is not None]
@@ -71,9 +61,7 @@ def command(model, method, sparsity, pattern, structure, ratio, importance, unit
             fields["reconstruct"] = False  # the refit needs activation statistics
         name = STRUCTURES[structure]
     recipe = Recipe.single(name, **{k: v for k, v in fields.items() if v is not None})
-    with progress_bar() as progress:
-        summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
-                                 calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
+    summary = output.run(model, recipe)
     metrics = summary["reports"][0]["metrics"]
     what = (f"sparsity {metrics['sparsity']:.4f}" if "sparsity" in metrics
             else f"{metrics['parameters_removed'] / 1e6:.2f} M parameters removed")

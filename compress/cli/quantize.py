@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import (
-    FINITE,
-    console,
-    echo_json,
-    progress_bar,
-)
-from compress.cli.options import calib_config, calib_options, config_options, given
+from compress.cli._common import FINITE, console, echo_json
+from compress.cli.options import config_options, given, output_options
 from compress.quantize.scheme import QuantScheme
 
 
@@ -36,12 +31,9 @@ from compress.quantize.scheme import QuantScheme
               help="After rounding, a scale_tune step: train the packed group scales for N steps so the model's "
                    "logits match the input model's (codes fixed; EfficientQAT's E2E-QP). 0 = off.")
 @click.option("--ignore", multiple=True, help="Modules to keep in float (repeatable); default: lm_head.")
-@click.option("--out", required=True, type=click.Path(), help="Artifact directory to write.")
-@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-@calib_options
+@output_options
 def command(model, method, target_bits, activations, dynamic, observer, smoothquant, fallback_error, tune_steps, ignore,
-            out, force, allow_pickle, calib_source, calib_samples, calib_seq_len, seed, **scheme) -> None:
+            output, **scheme) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -53,14 +45,10 @@ def command(model, method, target_bits, activations, dynamic, observer, smoothqu
       compress quantize --target-bits 3.5 --group-size 64 --asym --out out/smollm2-mixed
       compress quantize --bits 8 --activations int8 --observer mse --smoothquant 0.5 --out out/smollm2-w8a8
     """
-    from compress.runner import compress_model
-
     recipe = _recipe(given(QuantScheme, scheme), method, target_bits, activations=activations, dynamic=dynamic,
                      observer=observer, smoothquant=smoothquant, ignore=ignore, fallback_error=fallback_error,
                      tune_steps=tune_steps)
-    with progress_bar() as progress:
-        summary = compress_model(model, recipe, out, force=force, allow_pickle=allow_pickle,
-                                   calib=calib_config(calib_source, calib_samples, calib_seq_len, seed), progress=progress)
+    summary = output.run(model, recipe)
     console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB)")
     echo_json(summary)
 
