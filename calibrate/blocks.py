@@ -68,14 +68,14 @@ def _split(path: str, name: str) -> tuple[int, str]:
     return int(b), rest
 
 
-def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[list[tuple[str, nn.Module]]]:
-    """Batches of `modules` (name -> module) whose tensors are in memory while the batch is processed.
+def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator[tuple[str, nn.Module]]:
+    """(name, module) for each of `modules`, its tensors in memory while the caller works on it.
 
-    In memory: one batch with everything. Lazily loaded: the modules outside
-    the decoder blocks first, then one batch per block, as in `blocks_in_turn`.
+    Lazily loaded: the modules outside the decoder blocks first, then those of
+    one block after another, each block loaded once (`blocks_in_turn`).
     """
     if streaming.store_of(model) is None:
-        yield list(modules.items())
+        yield from modules.items()
         return
     path, blocks = decoder_blocks(model)
     inside: dict[int, list[str]] = {}
@@ -87,10 +87,10 @@ def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator
             outside.append(n)
     if outside:
         with streaming.outside_blocks(model, path):
-            yield [(n, model.get_submodule(n)) for n in outside]
+            yield from [(n, model.get_submodule(n)) for n in outside]
     for b, _ in blocks_in_turn(model, blocks):
         if b in inside:
-            yield [(n, model.get_submodule(n)) for n in inside[b]]
+            yield from [(n, model.get_submodule(n)) for n in inside[b]]
 
 
 class _Stop(Exception):

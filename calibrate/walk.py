@@ -25,7 +25,7 @@ SparseGPT, W8A8), and lets the replay keep what no longer changes
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ from calibrate.blocks import (
     modules_by_block,
     run_block,
 )
+from calibrate.fold import find_producers
 from calibrate.forward import resolve_forward_dtype
 from calibrate.replay import BlockReplay
 from calibrate.stats import HessianCollector
@@ -59,6 +60,7 @@ class Block:
     dtype: torch.dtype | None  # autocast dtype of the forwards (None: as the weights are)
     replay: BlockReplay
     ran: bool = False  # the block has produced the next block's inputs
+    known_producers: dict[tuple, dict[str, str | None]] = field(default_factory=dict)  # shared by the walk
 
     def name(self, short: str) -> str:
         """'mlp.down_proj' -> 'model.layers.3.mlp.down_proj'."""
@@ -98,6 +100,15 @@ class Block:
             for n in stage:
                 yield n, H.pop() if n == stage[-1] else H[0]
 
+    def producers(self) -> dict[str, str | None]:
+        """Stage lead -> the block submodule that can absorb a per-channel scale of the stage's input, or None
+        (`calibrate.fold.find_producers`). A fact of the block's structure: tested on the first block of a
+        kind (class and stages), then reused for the blocks like it."""
+        kind = (type(self.module), tuple(map(tuple, self.stages)))
+        if kind not in self.known_producers:
+            self.known_producers[kind] = find_producers(self.module, self.inputs, self.stages, self.modules)
+        return self.known_producers[kind]
+
     def run(self, on_batch: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> None:
         """Replace the inputs by the block's outputs, the next block's inputs, calling `on_batch(input,
         output)` on each batch when given. The walk runs the block after `visit` unless `visit` did."""
@@ -118,10 +129,11 @@ def walk(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, 
     path, blocks, per_block = modules_by_block(model, selected, label)
     dtype = resolve_forward_dtype(forward_dtype, next(iter(selected.values())).weight)
     inputs = capture_first_block_inputs(model, calib, batch_size=batch_size)
+    known_producers: dict[tuple, dict[str, str | None]] = {}
     for b, module in blocks_in_turn(model, blocks):
         if per_block[b]:
             block = Block(b, f"{path}.{b}.", module, per_block[b], inputs, dtype,
-                          BlockReplay(module, inputs, per_block[b], dtype=dtype))
+                          BlockReplay(module, inputs, per_block[b], dtype=dtype), known_producers=known_producers)
             visit(block)
             if not block.ran:
                 block.run()  # the processed block feeds the next one

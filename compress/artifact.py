@@ -117,7 +117,7 @@ def json_text(data: Any) -> str:
     return json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
+def write_json_atomic(path: str | Path, data: Any) -> None:
     """`json_text(data)`, written atomically."""
     write_text_atomic(path, json_text(data))
 

@@ -16,6 +16,25 @@ from typing import Any
 
 import torch
 
+_RANGES = {"positive": (lambda v: v > 0, "positive"), "fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "share": (lambda v: 0 < v < 1, "in (0, 1)")}
+
+
+def check_fields(cfg: Any, *, choices: Mapping[str, Iterable] | None = None, **ranges: Iterable[str]) -> None:
+    """Refuse the first field of config `cfg` outside its range, in one line naming it: `choices` maps fields to
+    their valid values; fields named in `positive=` must be > 0, `fraction=` in [0, 1), `share=` in (0, 1)
+    (NaN fails every range). A None value is not checked (an optional field left unset)."""
+    for name, valid in (choices or {}).items():
+        v = getattr(cfg, name)
+        if v is not None and v not in valid:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, valid))}, got {v!r}")
+    for kind, names in ranges.items():
+        ok, says = _RANGES[kind]
+        for name in names:
+            v = getattr(cfg, name)
+            if v is not None and not ok(v):
+                raise ValueError(f"{name} must be {says}, got {v}")
+
 
 def nonfinite_summary(t: torch.Tensor) -> str | None:
     """'3 NaN, 1 inf of 4096' when floating tensor `t` holds non-finite values, else None."""

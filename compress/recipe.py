@@ -62,11 +62,14 @@ class Recipe:
         return cls(tuple(_parse_step(item, f"{where}: step {i + 1}") for i, item in enumerate(items)))
 
     @classmethod
-    def from_yaml(cls, text: str, *, where: str = "recipe") -> Recipe:
+    def from_yaml(cls, text: str, *, where: str = "recipe", **fields: Any) -> Recipe:
+        """The recipe in YAML `text`; `fields` are added to every step (a preset's scheme and selection)."""
         try:
             items = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ValueError(f"{where}: not valid YAML: {e}") from None
+        if fields and isinstance(items, list):
+            items = [{**s, **fields} if isinstance(s, dict) else s for s in items]
         return cls.from_steps(items, where=where)
 
     @classmethod
@@ -87,13 +90,7 @@ class Recipe:
         awq+gptq), else the pass METHOD alone; every step takes `fields` (the scheme and selection)."""
         preset = PRESETS / f"{method}.yaml"
         if preset.is_file():
-            try:
-                steps = yaml.safe_load(preset.read_text(encoding="utf-8"))
-            except yaml.YAMLError as e:
-                raise ValueError(f"{preset}: not valid YAML: {e}") from None
-            if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-                raise ValueError(f"{preset}: a recipe is a non-empty YAML list of steps, each with 'pass:'")
-            return cls.from_steps([{**s, **fields} for s in steps], where=f"--method {method} ({preset})")
+            return cls.from_yaml(preset.read_text(encoding="utf-8"), where=f"--method {method} ({preset})", **fields)
         if method not in PASSES:
             presets = sorted(p.stem for p in PRESETS.glob("*.yaml")) if PRESETS.is_dir() else []
             raise ValueError(f"unknown method {method!r}: not a pass ({', '.join(PASSES.names())}) nor a preset "
@@ -128,16 +125,12 @@ def _parse_step(item: Any, where: str) -> Step:
             raise ValueError(
                 f"{where} ({name}): unknown key {key!r}; valid keys: {', '.join(fields)}"
             )
-        kwargs[key] = _coerce(value, _field_types(spec.config_cls)[key], f"{where} ({name}).{key}")
+        kwargs[key] = _coerce(value, typing.get_type_hints(spec.config_cls)[key], f"{where} ({name}).{key}")
     try:
         cfg = spec.config_cls(**kwargs)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{where} ({name}): {e}") from None
     return Step(name, cfg)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:

@@ -33,8 +33,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from compress.checks import check_fields
 from compress.data import arc_easy_path
 from compress.registry import register_task
 from eval.backends import Request, generic_loglikelihoods
@@ -46,7 +47,7 @@ SCORINGS = ("letter", "cloze")
 
 @dataclass(frozen=True, kw_only=True)
 class MCConfig:
-    scoring: str = "letter"  # letter | cloze
+    scoring: Literal["letter", "cloze"] = "letter"  # compare answer letters, or answer texts (arc_easy's default)
     shots: int = 0  # few-shot examples before each question (MMLU: from the subject's dev file, at most 5)
     subjects: tuple[str, ...] = ()  # MMLU subjects to score; empty: all 57
     limit: int | None = None  # first N questions of each subject (of the file for other tasks)
@@ -54,12 +55,9 @@ class MCConfig:
     prepend_bos: bool | None = None
 
     def __post_init__(self) -> None:
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {', '.join(SCORINGS)}, got {self.scoring!r}")
+        check_fields(self, positive=("limit",), choices={"scoring": SCORINGS})
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0, got {self.shots}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be positive, got {self.limit}")
 
 
 def _letter_text(q: Question) -> str:

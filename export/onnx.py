@@ -44,7 +44,6 @@ moved the int8 artifact's logits by up to 3.0, so it is opt-in
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -258,17 +257,3 @@ def _check_layouts(lm: LoadedModel, graph: str) -> None:
                 block_size_for(m.scheme.group_len(m.in_features))
             except ValueError as e:
                 raise ValueError(f"{name} (in_features {m.in_features}): {e}") from None
-
-
-def exported_summary(path: str | Path) -> dict[str, Any]:
-    """What an ONNX artifact holds: MatMulNBits nodes by bits (for tests and reports)."""
-    import onnx
-
-    proto = onnx.load(str(Path(path) / "model.onnx"), load_external_data=False)
-    counts: dict[str, int] = {}
-    for n in proto.graph.node:
-        if n.op_type == "MatMulNBits":
-            bits = next(a.i for a in n.attribute if a.name == "bits")
-            counts[str(bits)] = counts.get(str(bits), 0) + 1
-    return {"matmulnbits_by_bits": counts, "nodes": len(proto.graph.node),
-            "provenance": json.loads((Path(path) / artifact.PROVENANCE_FILE).read_text())}

@@ -38,22 +38,11 @@ def cli(verbose: int) -> None:
 
 
 def _register_commands() -> None:
-    from compress.cli import (
-        demo,
-        distill,
-        evaluate,
-        export,
-        gate,
-        lora,
-        passes,
-        prune,
-        quantize,
-        report,
-        run,
-    )
+    import importlib
 
-    for mod in (passes, quantize, prune, distill, lora, run, export, evaluate, gate, report, demo):
-        cli.add_command(mod.command)
+    for name in ("passes", "quantize", "prune", "distill", "lora", "run", "export", "evaluate", "gate", "report",
+                 "demo"):  # one module per command, each defining `command`
+        cli.add_command(importlib.import_module(f"compress.cli.{name}").command)
 
 
 _register_commands()

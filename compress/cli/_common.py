@@ -45,6 +45,14 @@ class FiniteFloat(click.ParamType):
 FINITE = FiniteFloat()
 
 
+def refuse(options: dict[str, Any], why: str) -> None:
+    """A usage error naming the options that were given (option -> value; None, False and () mean not given):
+    "--ratio, --unit apply to --structure only"."""
+    given = [o for o, v in options.items() if v not in (None, False, ())]
+    if given:
+        raise click.UsageError(f"{', '.join(given)} {why}")
+
+
 @contextlib.contextmanager
 def progress_bar() -> Iterator[Any]:
     """Yield a (label, done, total[, info]) callback that drives one rich bar per label.
@@ -64,12 +72,6 @@ def progress_bar() -> Iterator[Any]:
                 tasks.pop(label)  # a later phase with the same label gets a new bar
 
         yield update
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    from compress.artifact import write_json_atomic
-
-    write_json_atomic(Path(path), data)
 
 
 def echo_json(data: Any) -> None:

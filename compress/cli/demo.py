@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import console, progress_bar, write_json
+from compress.cli._common import console, progress_bar
 
 
 @click.command("demo")
@@ -21,6 +21,7 @@ def command(out, windows, threads, output) -> None:
     """
     from rich.table import Table
 
+    from compress.artifact import write_json_atomic
     from compress.demo import run_demo
     from compress.runner import set_threads
 
@@ -37,4 +38,4 @@ def command(out, windows, threads, output) -> None:
     click.echo(f"fp32 perplexity {r['fp32']['perplexity']:.4f}, {r['fp32']['bytes']} bytes; "
                f"int4 perplexity {r['int4']['perplexity']:.4f}, {r['int4']['bytes']} bytes; artifact {r['artifact']}")
     if output:
-        write_json(output, r)
+        write_json_atomic(output, r)

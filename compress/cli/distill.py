@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from compress.cli._common import FINITE, console, echo_json
-from compress.cli.options import config_options, given, output_options
+from compress.cli.options import config_options, output_options
 from compress.distill.kd import DistillConfig
 
 PRUNED = {"channels": "prune_channels", "heads": "prune_heads", "layers": "prune_layers"}
@@ -30,11 +30,11 @@ def _pruned_student(spec: str) -> dict:
 @click.option("--student-layers", type=int, default=None, help="Student = the teacher with N evenly spaced blocks.")
 @click.option("--student-mlp-ratio", type=FINITE, default=None,
               help="... and/or this fraction of MLP channels removed (by weight magnitude).")
-@config_options(DistillConfig, names={"seed": "train-seed"},
+@config_options(DistillConfig, into="distill", names={"seed": "train-seed"},
                 helps={"teacher": "teacher model directory or .gguf; default: the reference model (with STUDENT) "
                                   "or the model the student is made from"})
 @output_options
-def command(student, pruned, student_layers, student_mlp_ratio, output, **distill) -> None:
+def command(student, pruned, student_layers, student_mlp_ratio, output, distill) -> None:
     """Distill TEACHER into STUDENT (a model directory) or into a student made from the teacher.
 
     The student is trained on the text to match the teacher's next-token
@@ -56,7 +56,7 @@ def command(student, pruned, student_layers, student_mlp_ratio, output, **distil
     if len(made) != 1:
         raise click.UsageError("give exactly one student: a STUDENT directory, --student-from-pruned, "
                                f"or --student-layers/--student-mlp-ratio (got {', '.join(made) or 'none'})")
-    fields = given(DistillConfig, distill)
+    fields = distill
     teacher = fields.get("teacher")
     if student and teacher is None:  # the default teacher is the reference model, not the student's own source
         from compress.reference import reference_model_dir

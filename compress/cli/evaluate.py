@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import echo_json, progress_bar, write_json
+from compress.cli._common import echo_json, progress_bar
+from compress.cli.options import PICKLE_HELP, config_options
+from eval.multiple_choice import MCConfig
+from eval.perplexity import PerplexityConfig
 
 
 @click.command("eval")
@@ -12,19 +15,15 @@ from compress.cli._common import echo_json, progress_bar, write_json
 @click.option("--task", "tasks", multiple=True, default=["wikitext2"], show_default=True,
               help="wikitext2; text:PATH (a text file, or FILE.jsonl:FIELD); mmlu; arc_easy; "
                    "mc:FILE.jsonl|.csv (your multiple-choice questions). Repeatable.")
-@click.option("--windows", type=int, help="Perplexity: first N windows; -1 = all.  [default: 64]")
-@click.option("--seq-len", type=int, help="Perplexity: tokens per window.  [default: 1024]")
+@config_options(PerplexityConfig, into="perplexity", skip=("prepend_bos", "batch_size"))
 @click.option("--prepend-bos/--no-prepend-bos", default=None,
               help="BOS before each perplexity window (unscored) or prompt.  [default: off for perplexity, the "
                    "pinned protocol; for multiple choice, on when the tokenizer adds BOS by default, as "
                    "lm-evaluation-harness]")
-@click.option("--scoring", type=click.Choice(["letter", "cloze"]),
-              help="Multiple choice: compare answer letters or answer texts.  [default: letter; arc_easy: cloze]")
-@click.option("--shots", type=int, help="Multiple choice: solved examples before each question.  [default: 0]")
+@config_options(MCConfig, into="multiple_choice", skip=("subjects", "prepend_bos"))
 @click.option("--subjects", help="MMLU: comma-separated subjects (default: all 57).")
-@click.option("--limit", type=int, help="Multiple choice: first N questions (per MMLU subject).")
 @click.option("--batch-size", type=int, help="Windows (perplexity) or contexts (multiple choice) per forward pass.")
-@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads (default: torch's choice).")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
               help="Precision the torch model computes in (recorded in each task's protocol). bfloat16 is about "
@@ -34,9 +33,9 @@ from compress.cli._common import echo_json, progress_bar, write_json
               help="What runs the model. auto: ONNX in ONNX Runtime, GGUF in llama.cpp when llama-cpp-python is "
                    "installed (else dequantized into torch), everything else in torch.")
 @click.option("--output", type=click.Path(), help="Write the results file (compress.eval/1 JSON) here.")
-@click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subjects, limit, batch_size, threads,
-            device, dtype, backend, output, allow_pickle) -> None:
+@click.option("--allow-pickle", is_flag=True, help=PICKLE_HELP)
+def command(model, tasks, prepend_bos, subjects, batch_size, threads, device, dtype, backend, output, allow_pickle,
+            perplexity, multiple_choice) -> None:
     """Evaluate MODEL (directory, artifact, .gguf, or ONNX; default: the reference model) and write a results file.
 
     The results file (model identity, metric with 95 % interval, protocol,
@@ -47,21 +46,18 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
       compress eval out/smollm2-w4 --task wikitext2 --task arc_easy --output w4.json
       compress eval --task mmlu --subjects anatomy,astronomy --shots 5
     """
-    from compress.artifact import package_versions
+    from compress.artifact import package_versions, write_json_atomic
     from compress.checks import check_device
     from compress.outputs import check_output_file
     from compress.runner import open_for_eval, plan_tasks, run_tasks, set_threads
     from eval import results as eval_results
 
-    opts = {"windows": windows, "seq_len": seq_len, "prepend_bos": prepend_bos, "batch_size": batch_size,
-            "scoring": scoring, "shots": shots, "limit": limit,
+    opts = {**perplexity, **multiple_choice, "prepend_bos": prepend_bos, "batch_size": batch_size,
             "subjects": tuple(s.strip() for s in subjects.split(",") if s.strip()) if subjects else None}
     plan_tasks(list(tasks), opts)  # validate tasks, their files and options before loading the model
     if output:
         check_output_file(output)
     check_device(device)
-    if threads is not None and threads < 1:
-        raise click.UsageError(f"--threads must be at least 1, got {threads}")
     set_threads(threads)
     backend, identity = open_for_eval(model, allow_pickle=allow_pickle, device=device, batch_size=batch_size,
                                       threads=threads, dtype=dtype, backend=backend)
@@ -78,6 +74,6 @@ def command(model, tasks, windows, seq_len, prepend_bos, scoring, shots, subject
         click.echo(f"{name}: {line}, {r['seconds']:.1f} s", err=not output)
     doc = eval_results.document(identity, results, package_versions())
     if output:
-        write_json(output, doc)
+        write_json_atomic(output, doc)
     else:
         echo_json(doc)

@@ -6,9 +6,6 @@ import click
 
 from compress.cli._common import FINITE, console, echo_json
 
-FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "graph": ("onnx",), "float_type": ("gguf",), "requantize": ("gguf",),
-                  "tolerance": ("onnx", "gguf"), "threads": ("onnx", "gguf")}
-
 
 @click.command("export")
 @click.argument("model", required=False)
@@ -31,7 +28,7 @@ FORMAT_OPTIONS = {"accuracy_level": ("onnx",), "graph": ("onnx",), "float_type":
                                               "[default 0.01, 0.5 with --accuracy-level 4]. GGUF in llama.cpp: "
                                               "largest KL divergence (nats) of its next-token distributions from "
                                               "the torch model's [default 0.1 for quantized files, 0.001 float].")
-@click.option("--threads", type=int, default=None, help="CPU threads for the check.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the check.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
 def command(model, fmt, out, force, accuracy_level, graph, float_type, requantize, tolerance, threads,
             allow_pickle) -> None:
@@ -51,6 +48,8 @@ def command(model, fmt, out, force, accuracy_level, graph, float_type, requantiz
       compress quantize --method rtn --bits 4 --group-size 32 --out out/w4g32
       compress export out/w4g32 --format gguf --out out/w4g32-gguf
     """
+    import inspect
+
     from compress.models import load_model
     from compress.outputs import claim_output
     from compress.registry import EXPORTERS
@@ -59,14 +58,13 @@ def command(model, fmt, out, force, accuracy_level, graph, float_type, requantiz
     exporter = EXPORTERS.get(fmt)  # a bad format fails before the model loads
     opts = {k: v for k, v in {"accuracy_level": accuracy_level, "graph": graph, "float_type": float_type, "requantize": requantize,
                               "tolerance": tolerance, "threads": threads}.items() if v is not None}
+    takes = inspect.signature(exporter.export).parameters
     for name in opts:
-        formats = FORMAT_OPTIONS[name]
-        if fmt not in formats:
+        if name not in takes:
+            formats = [e.name for e in EXPORTERS if name in inspect.signature(e.export).parameters]
             raise click.UsageError(f"--{name.replace('_', '-')} applies to --format {' or '.join(formats)} only")
     if tolerance is not None and not tolerance > 0:
         raise click.UsageError(f"--tolerance must be positive, got {tolerance}")
-    if threads is not None and threads < 1:
-        raise click.UsageError(f"--threads must be at least 1, got {threads}")
     set_threads(threads)
     with claim_output(out, force=force):  # an unwritable --out or a second writer fails before the model loads
         lm = load_model(model, allow_pickle=allow_pickle)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import click
 
 from compress.cli._common import console, echo_json
-from compress.cli.options import config_options, given, output_options
+from compress.cli.options import config_options, output_options
 from compress.lora.merge import LoraMergeConfig
 
 
 @click.command("merge-lora")
 @click.argument("model", required=False)
-@config_options(LoraMergeConfig, skip=("allow_pickle",), names={"adapters": "adapter"},
+@config_options(LoraMergeConfig, into="merge", skip=("allow_pickle",), names={"adapters": "adapter"},
                 helps={"adapters": "PEFT adapter directory (adapter_config.json + adapter_model.safetensors); "
                                    "repeatable"})
 @click.option("--tune-steps", type=click.IntRange(min=0), default=32, show_default=True,
@@ -19,7 +19,7 @@ from compress.lora.merge import LoraMergeConfig
                    "re-quantized modules' scales so the model matches the exact float merge on the calibration "
                    "data; 0 turns it off.")
 @output_options(pickle_help="Allow pickled checkpoints and adapter_model.bin (loaded with weights_only=True).")
-def command(model, tune_steps, output, **merge) -> None:
+def command(model, tune_steps, output, merge) -> None:
     """Merge LoRA ADAPTERs into MODEL and save the result.
 
     MODEL is a Hugging Face directory, a .gguf file or a quantized compress
@@ -37,9 +37,9 @@ def command(model, tune_steps, output, **merge) -> None:
     """
     from compress.recipe import Recipe
 
-    if not merge["adapters"]:
+    if not merge.get("adapters"):
         raise click.UsageError("give at least one --adapter")
-    steps = [{"pass": "lora_merge", **given(LoraMergeConfig, merge), "allow_pickle": output.allow_pickle}]
+    steps = [{"pass": "lora_merge", **merge, "allow_pickle": output.allow_pickle}]
     if tune_steps:  # (nothing to tune, and no calibration, on a float base)
         steps.append({"pass": "scale_tune", "steps": tune_steps})
     summary = output.run(model, Recipe.from_steps(steps))

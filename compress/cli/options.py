@@ -110,17 +110,24 @@ def _click_type(tp: Any) -> tuple[Any, dict[str, Any]]:
     return {bool: bool, int: click.INT, float: FINITE, str: str}.get(tp, str), {}
 
 
-def config_options(cls: type, *, skip: tuple[str, ...] = (), names: dict[str, str] | None = None,
-                   helps: dict[str, str] | None = None, dests: dict[str, str] | None = None) -> Callable:
+def config_options(cls: type, *, into: str, skip: tuple[str, ...] = (), names: dict[str, str] | None = None,
+                   helps: dict[str, str] | None = None) -> Callable:
     """Decorator adding one option per init field of config dataclass `cls` (except `skip`). `names` renames
     options (field -> option name without dashes, e.g. {"seed": "train-seed"}); `helps` replaces a help text.
-    The command receives each as keyword `field` (or `dests[field]`), None when not given."""
-    names, helps, dests = names or {}, helps or {}, dests or {}
+    The command receives the options given as one keyword `into`: a dict field -> value (tuples as lists)."""
+    names, helps = names or {}, helps or {}
     hints = typing.get_type_hints(cls)
     comments = field_comments(cls)
+    fields = [f for f in dataclasses.fields(cls) if f.init and f.name not in skip]
 
     def deco(fn: Callable) -> Callable:
-        for f in reversed([f for f in dataclasses.fields(cls) if f.init and f.name not in skip]):
+        @functools.wraps(fn)
+        def command(**kw: Any) -> Any:
+            mine = {f.name: kw.pop(f"{into}__{f.name}") for f in fields}
+            given = {k: list(v) if isinstance(v, tuple) else v for k, v in mine.items() if v is not None and v != ()}
+            return fn(**kw, **{into: given})
+
+        for f in reversed(fields):
             flag = "--" + names.get(f.name, f.name.replace("_", "-"))  # a bool may be named "on/--off"
             tp, extra = _click_type(hints[f.name])
             text = helps.get(f.name, comments.get(f.name, "")).rstrip(".")
@@ -129,22 +136,15 @@ def config_options(cls: type, *, skip: tuple[str, ...] = (), names: dict[str, st
             if tp is bool and "/" in flag:  # "--sym/--asym": the default is the flag that means it
                 shown = flag.split("/")[0 if default else 1]
             text = f"{text} [default: {shown}]".strip()
-            dest = dests.get(f.name, f.name)
+            dest = f"{into}__{f.name}"
             if tp is bool:
-                fn = click.option(flag if "/" in flag else f"{flag}/--no-{flag[2:]}", dest, default=None,
-                                  help=text)(fn)
+                command = click.option(flag if "/" in flag else f"{flag}/--no-{flag[2:]}", dest, default=None,
+                                       help=text)(command)
             else:
-                fn = click.option(flag, dest, type=tp, default=None, help=text, **extra)(fn)
-        return fn
+                command = click.option(flag, dest, type=tp, default=None, help=text, **extra)(command)
+        return command
 
     return deco
-
-
-def given(cls: type, values: dict[str, Any], *, skip: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The config fields among a command's keyword `values` that were given (not None, not an empty list)."""
-    fields = {f.name for f in dataclasses.fields(cls) if f.init and f.name not in skip}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()
-            if k in fields and v is not None and v != ()}
 
 
 _CALIB = {"source": "calib", "samples": "calib-samples", "seq_len": "calib-seq-len", "seed": "seed"}
@@ -177,11 +177,10 @@ def output_options(fn: Callable | None = None, *, pickle_help: str = PICKLE_HELP
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def command(**kw: Any) -> Any:
-            calib = {f: v for f in _CALIB if (v := kw.pop(f"calib_{f}")) is not None}
-            output = Output(kw.pop("out"), kw.pop("force"), kw.pop("allow_pickle"), CalibConfig(**calib))
+            output = Output(kw.pop("out"), kw.pop("force"), kw.pop("allow_pickle"), CalibConfig(**kw.pop("calib")))
             return fn(**kw, output=output)
 
-        command = config_options(CalibConfig, names=_CALIB, dests={f: f"calib_{f}" for f in _CALIB})(command)
+        command = config_options(CalibConfig, into="calib", names=_CALIB)(command)
         command = click.option("--allow-pickle", is_flag=True, help=pickle_help)(command)
         command = click.option("--force", is_flag=True, help="Overwrite --out if it exists.")(command)
         return click.option("--out", required=True, type=click.Path(), help="Directory to write.")(command)

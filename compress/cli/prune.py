@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import FINITE, console, echo_json
+from compress.cli._common import FINITE, console, echo_json, refuse
 from compress.cli.options import output_options
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
@@ -44,18 +44,12 @@ def command(model, method, sparsity, pattern, structure, ratio, importance, unit
     from compress.recipe import Recipe
 
     if structure is None:
-        bad = [o for o, v in (("--ratio", ratio), ("--importance", importance), ("--unit", unit)) if v is not None]
-        if bad:
-            raise click.UsageError(f"{', '.join(bad)} apply to --structure only")
+        refuse({"--ratio": ratio, "--importance": importance, "--unit": unit}, "apply to --structure only")
         fields = {"sparsity": sparsity, "pattern": pattern, "ignore": list(ignore) or None}
         name = method or "sparsegpt"
     else:
-        bad = [o for o, v in (("--method", method), ("--sparsity", sparsity), ("--pattern", pattern),
-                              ("--ignore", ignore or None)) if v is not None]
-        if unit is not None and structure != "heads":
-            bad.append("--unit")
-        if bad:
-            raise click.UsageError(f"{', '.join(bad)} do not apply to --structure {structure}")
+        refuse({"--method": method, "--sparsity": sparsity, "--pattern": pattern, "--ignore": ignore,
+                "--unit": unit if structure != "heads" else None}, f"do not apply to --structure {structure}")
         fields = {"ratio": ratio, "importance": importance, "unit": unit}
         if importance == "magnitude":
             fields["reconstruct"] = False  # the refit needs activation statistics

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from compress.cli._common import FINITE, console, echo_json
-from compress.cli.options import config_options, given, output_options
+from compress.cli._common import FINITE, console, echo_json, refuse
+from compress.cli.options import config_options, output_options
 from compress.quantize.scheme import QuantScheme
 
 
 @click.command("quantize")
 @click.argument("model", required=False)
-@config_options(QuantScheme, names={"symmetric": "sym/--asym"})
+@config_options(QuantScheme, into="scheme", names={"symmetric": "sym/--asym"})
 @click.option("--method", default=None,
               help="A quantization pass (see `compress passes`) or a preset chain in recipes/ (awq+gptq, the "
                    "default: AWQ scales, GPTQ rounding).")
@@ -33,7 +33,7 @@ from compress.quantize.scheme import QuantScheme
 @click.option("--ignore", multiple=True, help="Modules to keep in float (repeatable); default: lm_head.")
 @output_options
 def command(model, method, target_bits, activations, dynamic, observer, smoothquant, fallback_error, tune_steps, ignore,
-            output, **scheme) -> None:
+            output, scheme) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -45,7 +45,7 @@ def command(model, method, target_bits, activations, dynamic, observer, smoothqu
       compress quantize --target-bits 3.5 --group-size 64 --asym --out out/smollm2-mixed
       compress quantize --bits 8 --activations int8 --observer mse --smoothquant 0.5 --out out/smollm2-w8a8
     """
-    recipe = _recipe(given(QuantScheme, scheme), method, target_bits, activations=activations, dynamic=dynamic,
+    recipe = _recipe(scheme, method, target_bits, activations=activations, dynamic=dynamic,
                      observer=observer, smoothquant=smoothquant, ignore=ignore, fallback_error=fallback_error,
                      tune_steps=tune_steps)
     summary = output.run(model, recipe)
@@ -64,20 +64,15 @@ def _recipe(scheme: dict, method: str | None = None, target_bits: float | None =
     from compress.recipe import Recipe
 
     if activations == "int8":
-        flags = {"group_size": "--group-size", "symmetric": "--sym/--asym", "scale_dtype": "--scale-dtype"}
-        given_ = [flags[k] for k in scheme if k in flags] + [
-            o for o, v in (("--method", method), ("--target-bits", target_bits), ("--tune-steps", tune_steps > 0))
-            if v not in (None, False)]
         if scheme.get("bits") != 8:
             raise click.UsageError("--activations int8 quantizes weights to 8 bits too: pass --bits 8")
-        if given_:
-            raise click.UsageError(f"{', '.join(given_)} do not apply to W8A8 (int8 weights per output channel, "
-                                   "symmetric, float32 scales)")
-        if dynamic and (observer or smoothquant is not None or fallback_error is not None):
-            raise click.UsageError("--dynamic computes activation scales at run time: --observer, --smoothquant and "
-                                   "--fallback-error need calibrated (static) activations")
-        if fallback_error is not None and not fallback_error > 0:
-            raise click.UsageError(f"--fallback-error must be positive, got {fallback_error}")
+        refuse({"--group-size": scheme.get("group_size"), "--sym/--asym": "symmetric" in scheme,
+                "--scale-dtype": scheme.get("scale_dtype"), "--method": method, "--target-bits": target_bits,
+                "--tune-steps": tune_steps > 0},
+               "do not apply to W8A8 (int8 weights per output channel, symmetric, float32 scales)")
+        if dynamic:
+            refuse({"--observer": observer, "--smoothquant": smoothquant, "--fallback-error": fallback_error},
+                   "need calibrated (static) activations: --dynamic computes activation scales at run time")
         sq = smoothquant
         if sq is not None and sq != "search":
             try:
@@ -88,10 +83,8 @@ def _recipe(scheme: dict, method: str | None = None, target_bits: float | None =
             activations="dynamic" if dynamic else "static", observer=observer or "minmax", smoothquant=sq,
             ignore=list(ignore) or None, **({"fallback_error": fallback_error} if fallback_error is not None else {})),
             where="W8A8 options")
-    w8a8_only = [o for o, v in (("--dynamic", dynamic), ("--observer", observer), ("--smoothquant", smoothquant),
-                                ("--fallback-error", fallback_error)) if v not in (None, False)]
-    if w8a8_only:
-        raise click.UsageError(f"{', '.join(w8a8_only)} apply to activation quantization: add --activations int8")
+    refuse({"--dynamic": dynamic, "--observer": observer, "--smoothquant": smoothquant,
+            "--fallback-error": fallback_error}, "apply to activation quantization: add --activations int8")
     fields = {k: v for k, v in scheme.items() if k != "bits"}
     if ignore:
         fields["ignore"] = list(ignore)

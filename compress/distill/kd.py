@@ -20,6 +20,7 @@ from typing import Literal
 
 from torch import nn
 
+from compress.checks import check_fields
 from compress.distill.losses import DIVERGENCES, HIDDEN_LOSSES
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
@@ -61,34 +62,24 @@ class DistillConfig:
     cache_topk: int = 64  # tokens per position kept in the teacher cache (the logit loss uses them plus the rest)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "micro_batch_size", "seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        check_fields(self, positive=("steps", "batch_size", "micro_batch_size", "seq_len", "lr", "temperature",
+                                     "cache_topk"),
+                     choices={"divergence": DIVERGENCES, "hidden_loss": HIDDEN_LOSSES, "mixed_precision": PRECISIONS})
         if self.batch_size % self.micro_batch_size:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of micro_batch_size "
                              f"{self.micro_batch_size}")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise ValueError("lr and temperature must be positive")
         for name in ("warmup_steps", "weight_decay", "max_grad_norm", "kd_weight", "ce_weight", "hidden_weight",
                      "attention_weight", "heldout", "eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
         if self.kd_weight + self.ce_weight + self.hidden_weight + self.attention_weight == 0:
             raise ValueError("every loss weight is zero: set kd_weight, ce_weight, hidden_weight or attention_weight")
-        if self.divergence not in DIVERGENCES:
-            raise ValueError(f"divergence must be one of {', '.join(DIVERGENCES)}, got {self.divergence!r}")
-        if self.hidden_loss not in HIDDEN_LOSSES:
-            raise ValueError(f"hidden_loss must be one of {', '.join(HIDDEN_LOSSES)}, got {self.hidden_loss!r}")
-        if self.mixed_precision not in PRECISIONS:
-            raise ValueError(f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}")
         if (self.checkpoint_every or self.resume) and not self.checkpoint_dir:
             raise ValueError("checkpoint_every and resume need checkpoint_dir")
         if self.layer_map is not None and not (self.hidden_weight or self.attention_weight):
             raise ValueError(f"layer_map {self.layer_map!r} pairs blocks for the hidden-state and attention losses, "
                              "but both are off: set hidden_weight or attention_weight (--hidden-weight, "
                              "--attention-weight) or drop layer_map")
-        if self.cache_topk < 1:
-            raise ValueError(f"cache_topk must be positive, got {self.cache_topk}")
         if self.teacher_cache is not None:
             if self.kd_weight == 0:
                 raise ValueError("teacher_cache holds the teacher's logits for the kd term, but kd_weight is 0")

@@ -39,6 +39,7 @@ from torch import nn
 
 from calibrate.forward import native_bf16
 from compress import targets as tg
+from compress.checks import check_fields
 from compress.distill.losses import logit_divergence
 from compress.pipeline import PassReport, Progress, recipe_history
 from compress.quantize.qlinear import QuantLinear, dequantized_once
@@ -60,14 +61,8 @@ class ScaleTuneConfig(tg.Selection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("scale tuning needs steps >= 1 and batch_size >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"scale tuning lr must be positive, got {self.lr}")
-        if not 0 < self.heldout < 1:
-            raise ValueError(f"heldout must be in (0, 1), got {self.heldout}")
-        if self.forward_dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"forward_dtype must be auto, float32 or bfloat16, got {self.forward_dtype!r}")
+        check_fields(self, positive=("steps", "batch_size", "lr"), share=("heldout",),
+                     choices={"forward_dtype": ("auto", "float32", "bfloat16")})
 
 
 class TunedScales(nn.Module):

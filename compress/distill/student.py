@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from calibrate.blocks import decoder_blocks
+from compress.checks import check_fields
 from compress.pipeline import PassReport
 from compress.prune.layers import ORIGIN_KEY, remove_blocks
 from compress.prune.structured import StructuredConfig, run_channels
@@ -32,10 +33,7 @@ class StudentConfig:
     mlp_ratio: float | None = None  # fraction of every block's MLP channels to remove (by weight magnitude)
 
     def __post_init__(self) -> None:
-        if self.layers is not None and self.layers < 1:
-            raise ValueError(f"layers must be positive, got {self.layers}")
-        if self.mlp_ratio is not None and not 0 < self.mlp_ratio < 1:
-            raise ValueError(f"mlp_ratio must be in (0, 1), got {self.mlp_ratio}")
+        check_fields(self, positive=("layers",), share=("mlp_ratio",))
         if self.layers is None and self.mlp_ratio is None:
             raise ValueError("a student needs layers or mlp_ratio (or both): it would be the teacher itself")
 
@@ -67,7 +65,8 @@ def run(model: nn.Module, cfg: StudentConfig, calib: torch.Tensor) -> PassReport
         rep = run_channels(model, StructuredConfig(ratio=cfg.mlp_ratio, importance="magnitude", reconstruct=False),
                            calib[:1])
         changes.update(rep.config["config_changes"])
-    return PassReport(name="student", config={"config_changes": changes, "layer_origin": getattr(model.config, ORIGIN_KEY, None)},
+    return PassReport(name="student", config={"config_changes": changes,
+                                              "layer_origin": getattr(model.config, ORIGIN_KEY, None)},
                       modules=0, metrics={"parameters_removed": float(before - sum(p.numel() for p in model.parameters()))})
 
 

@@ -23,6 +23,7 @@ from calibrate.blocks import decoder_blocks
 from calibrate.forward import ForwardOptions, resolve_forward_dtype
 from calibrate.walk import Block, block_linears, walk
 from compress import lazy
+from compress.checks import check_fields
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import CONFIG_KEY, pruned_modules
 from compress.registry import register_pass
@@ -41,12 +42,7 @@ class LayersConfig(ForwardOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.ratio < 1:
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.importance not in LAYER_IMPORTANCE:
-            raise ValueError(f"importance must be one of {', '.join(LAYER_IMPORTANCE)}, got {self.importance!r}")
-        if self.loss_samples < 1:
-            raise ValueError(f"loss_samples must be positive, got {self.loss_samples}")
+        check_fields(self, share=("ratio",), positive=("loss_samples",), choices={"importance": LAYER_IMPORTANCE})
 
 
 @torch.no_grad()
@@ -142,14 +138,10 @@ def run(model: nn.Module, cfg: LayersConfig, calib: torch.Tensor, *, progress: P
     before = sum(p.numel() for p in model.parameters())
     remove_blocks(model, dropped)
     log.info("prune_layers: removed blocks %s", sorted(dropped))
-    return PassReport(
-        name="prune_layers",
-        config={"removed_blocks": sorted(dropped),
-                **({"block_influence": [round(s, 6) for s in scores]} if scores else {}),
-                "config_changes": {"num_hidden_layers": [n, n - n_drop]}},
-        modules=n_drop,
-        metrics={"parameters_removed": float(before - sum(p.numel() for p in model.parameters()))},
-    )
+    return PassReport(name="prune_layers", modules=n_drop, config={
+        "removed_blocks": sorted(dropped), **({"block_influence": [round(s, 6) for s in scores]} if scores else {}),
+        "config_changes": {"num_hidden_layers": [n, n - n_drop]}},
+        metrics={"parameters_removed": float(before - sum(p.numel() for p in model.parameters()))})
 
 
 def remove_blocks(model: nn.Module, drop: list[int]) -> None:

@@ -47,16 +47,15 @@ def run(model: nn.Module, cfg: MagnitudeConfig, calib=None, *, progress: Progres
     """Zero the smallest-magnitude weights of every selected Linear (a fraction, or N:M)."""
     modules = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
     zeros: dict[str, tuple[int, int]] = {}
-    for batch in modules_in_turn(model, modules):  # a lazily loaded model: one block in memory at a time
-        for name, lin in batch:
-            try:
-                mask = prune_mask(lin.weight.detach().float().abs(), cfg.fraction, cfg.n_m, scope=cfg.scope)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
-            lin.weight.masked_fill_(mask, 0)
-            zeros[name] = count_zeros(lin.weight)
-            if progress:
-                progress("magnitude", len(zeros), len(modules))
+    for name, lin in modules_in_turn(model, modules):  # a lazily loaded model: one block in memory at a time
+        try:
+            mask = prune_mask(lin.weight.detach().float().abs(), cfg.fraction, cfg.n_m, scope=cfg.scope)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        lin.weight.masked_fill_(mask, 0)
+        zeros[name] = count_zeros(lin.weight)
+        if progress:
+            progress("magnitude", len(zeros), len(modules))
     record_pruned(model, list(zeros), cfg.label)
     log.info("magnitude: pruned %d modules to %s", len(zeros), cfg.label)
     return sparsity_report("magnitude", cfg, zeros)

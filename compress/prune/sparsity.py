@@ -129,16 +129,13 @@ class CalibratedSparsityConfig(ForwardOptions, SparsityConfig):
 
 
 def sparsity_report(name: str, cfg: SparsityConfig, zeros: dict[str, tuple[int, int]], *,
-                    metrics: dict[str, float] | None = None, **config) -> PassReport:
+                    metrics: dict[str, float] | None = None) -> PassReport:
     """The PassReport of a pruning pass from name -> (zero weights, weights) of every pruned module."""
     total = sum(n for _, n in zeros.values())
-    return PassReport(
-        name=name,
-        config={"sparsity": cfg.fraction, **config, "zeros_per_module": {k: round(z / n, 6) for k, (z, n) in zeros.items()}},
-        modules=len(zeros),
-        metrics={"sparsity": sum(z for z, _ in zeros.values()) / max(total, 1), "weights": float(total),
-                 **(metrics or {})},
-    )
+    per_module = {k: round(z / n, 6) for k, (z, n) in zeros.items()}
+    return PassReport(name=name, modules=len(zeros), config={"sparsity": cfg.fraction, "zeros_per_module": per_module},
+                      metrics={"sparsity": sum(z for z, _ in zeros.values()) / max(total, 1), "weights": float(total),
+                               **(metrics or {})})
 
 
 def count_zeros(weight: torch.Tensor) -> tuple[int, int]:

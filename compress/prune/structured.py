@@ -31,6 +31,7 @@ from calibrate.blocks import decoder_blocks
 from calibrate.forward import ForwardOptions
 from calibrate.stats import HessianCollector
 from calibrate.walk import Block, block_linears, walk
+from compress.checks import check_fields
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
 
@@ -51,15 +52,10 @@ class StructuredConfig(ForwardOptions):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.ratio < 1:
-            raise ValueError(f"ratio must be in (0, 1), got {self.ratio}")
-        if self.importance not in IMPORTANCE:
-            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        check_fields(self, share=("ratio",), fraction=("dampening",), choices={"importance": IMPORTANCE})
         if self.reconstruct and self.importance != "activation":
             raise ValueError("reconstruct needs calibration statistics: use importance: activation, "
                              "or reconstruct: false")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,8 +64,7 @@ class HeadsConfig(StructuredConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.unit not in HEAD_UNITS:
-            raise ValueError(f"unit must be one of {', '.join(HEAD_UNITS)}, got {self.unit!r}")
+        check_fields(self, choices={"unit": HEAD_UNITS})
 
 
 def refit(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor, dampening: float = 0.01) -> torch.Tensor:
@@ -180,7 +175,7 @@ def run_channels(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, *
     removed = _run(model, cfg, calib, "prune_channels", "mlp", prune_block, progress)
     setattr(config, key, n_keep)
     log.info("prune_channels: %s %d -> %d", key, width, n_keep)
-    return _report("prune_channels", cfg, model, removed, {key: [width, n_keep]})
+    return _report("prune_channels", model, removed, {key: [width, n_keep]})
 
 
 @register_pass("prune_heads", HeadsConfig, needs_calibration=True, streams_blocks=True)
@@ -222,9 +217,8 @@ def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
     removed = _run(model, cfg, calib, "prune_heads", "attention", prune_block, progress)
     config.num_attention_heads, config.num_key_value_heads = new_kv * new_rep, new_kv
     log.info("prune_heads: heads %d -> %d, KV heads %d -> %d", n_h, new_kv * new_rep, n_kv, new_kv)
-    return _report("prune_heads", cfg, model, removed,
-                   {"num_attention_heads": [n_h, new_kv * new_rep], "num_key_value_heads": [n_kv, new_kv]},
-                   unit=cfg.unit)
+    return _report("prune_heads", model, removed,
+                   {"num_attention_heads": [n_h, new_kv * new_rep], "num_key_value_heads": [n_kv, new_kv]})
 
 
 def _head_plan(config, cfg: HeadsConfig) -> tuple[int, int, int, int, int]:
@@ -243,10 +237,6 @@ def _head_plan(config, cfg: HeadsConfig) -> tuple[int, int, int, int, int]:
     return (n_h, n_kv, hd, *((rep - drop, n_kv) if cfg.unit == "query" else (rep, n_kv - drop)))
 
 
-def _report(name: str, cfg: StructuredConfig, model: nn.Module, removed: int, shape: dict, **extra) -> PassReport:
-    return PassReport(
-        name=name,
-        config={**extra, "config_changes": shape},
-        modules=len(decoder_blocks(model)[1]),
-        metrics={"parameters_removed": float(removed)},
-    )
+def _report(name: str, model: nn.Module, removed: int, shape: dict) -> PassReport:
+    return PassReport(name=name, config={"config_changes": shape}, modules=len(decoder_blocks(model)[1]),
+                      metrics={"parameters_removed": float(removed)})

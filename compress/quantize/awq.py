@@ -25,10 +25,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.fold import find_producers, fold_into_producer, scale_consumer
+from calibrate.fold import fold_into_producer, scale_consumer
 from calibrate.stats import ChannelStats, HessianCollector
 from calibrate.walk import Block, walk
 from compress import targets as tg
+from compress.checks import check_fields
 from compress.pipeline import PassReport, Progress
 from compress.quantize.grid import fake_quantize, grouped, quantize_weight
 from compress.quantize.qlinear import PendingSwaps
@@ -49,10 +50,7 @@ class AWQConfig(CalibratedQuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.n_grid < 1 or self.clip_grid < 1:
-            raise ValueError(f"n_grid and clip_grid must be positive, got {self.n_grid}, {self.clip_grid}")
-        if not 0 <= self.max_shrink < 1:
-            raise ValueError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+        check_fields(self, positive=("n_grid", "clip_grid"), fraction=("max_shrink",))
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> float:
@@ -136,19 +134,14 @@ def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Prog
     totals = {"scale_before": 0.0, "scale_after": 0.0, "clip_before": 0.0, "clip_after": 0.0, "folded": 0,
               "bits": 0, "weights": 0}
     pending = PendingSwaps()
-    # where each stage's 1/s folds is a fact of the block's structure: tested on the first block of a
-    # kind (class and stages), then reused for the blocks like it
-    producers_of: dict[tuple, dict[str, str | None]] = {}
 
     def visit(block: Block) -> None:
         # statistics of every stage on the unmodified block, in one pass; AWQ changes the producers (norms)
         # too, so nothing of the block is reused between this pass and the one feeding the next block
         stats = block.observe(block.stages, lambda m: (HessianCollector(m.in_features, device=m.weight.device),
                                                        ChannelStats(m.in_features, device=m.weight.device)))
-        kind = (type(block.module), tuple(map(tuple, block.stages)))
-        if kind not in producers_of:
-            producers_of[kind] = find_producers(block.module, block.inputs, block.stages, block.modules)
-        hessians = {st[0]: _scale_stage(block, st, *stats.pop(st[0]), producers_of[kind][st[0]], cfg, totals)
+        producers = block.producers()
+        hessians = {st[0]: _scale_stage(block, st, *stats.pop(st[0]), producers[st[0]], cfg, totals)
                     for st in block.stages}  # all scales are searched and folded before any weight is rounded
         for st in block.stages:
             H = hessians.pop(st[0])

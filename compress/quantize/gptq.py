@@ -20,7 +20,7 @@ from torch import nn
 from calibrate.stats import inverse_cholesky_
 from calibrate.walk import Block, walk
 from compress import targets as tg
-from compress.checks import about
+from compress.checks import about, check_fields
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
 from compress.quantize.grid import qparams
@@ -40,10 +40,7 @@ class GPTQConfig(CalibratedQuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
+        check_fields(self, positive=("block_size",), fraction=("dampening",))
 
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,

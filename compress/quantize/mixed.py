@@ -22,6 +22,7 @@ from torch import nn
 from calibrate.stats import HessianCollector
 from calibrate.walk import Block, walk
 from compress import targets as tg
+from compress.checks import check_fields
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
 from compress.quantize.awq import output_error
@@ -46,8 +47,7 @@ class MixedConfig(GPTQConfig):
         bad = [b for b in self.candidates if b not in SUPPORTED_BITS]
         if not self.candidates or bad:
             raise ValueError(f"candidates must be a non-empty subset of {SUPPORTED_BITS}, got {self.candidates}")
-        if self.target_bits <= 0:
-            raise ValueError(f"target_bits must be positive, got {self.target_bits}")
+        check_fields(self, positive=("target_bits",))
 
     def check_model(self, model: nn.Module) -> None:
         """Before any work: the group size fits, and `target_bits` lies between the smallest and the largest
@@ -159,11 +159,7 @@ def run(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor, *, progress: Pr
     done, loss, bits, weights = quantize_blocks(model, cfg, calib, lambda name: _scheme(cfg, choice[name]),
                                                 label="mixed", progress=progress)
     counts = {b: sum(1 for v in choice.values() if v == b) for b in cfg.candidates}
-    return PassReport(
-        name="mixed",
-        config={"bits_per_module": choice},
-        modules=done,
-        metrics={"bits_per_weight": bits / max(weights, 1), "gptq_loss": loss,
-                 "predicted_error": sum(errors[n][b] for n, b in choice.items()),
-                 **{f"layers_at_{b}_bits": c for b, c in counts.items()}},
-    )
+    return PassReport(name="mixed", config={"bits_per_module": choice}, modules=done, metrics={
+        "bits_per_weight": bits / max(weights, 1), "gptq_loss": loss,
+        "predicted_error": sum(errors[n][b] for n, b in choice.items()),
+        **{f"layers_at_{b}_bits": c for b, c in counts.items()}})

@@ -53,17 +53,15 @@ def run(model: nn.Module, cfg: RTNConfig, calib=None, *, progress: Progress | No
     scheme = cfg.scheme
     err_sum = ref_sum = 0.0
     bits = weights = 0
-    done = 0
-    for batch in modules_in_turn(model, modules):  # a lazily loaded model: one block in memory at a time
-        for name, lin in batch:
-            bits_n, err, ref = _quantize_one(model, name, lin, scheme)
-            bits += bits_n
-            err_sum += err
-            ref_sum += ref
-            weights += lin.in_features * lin.out_features
-            done += 1
-            if progress:
-                progress("rtn", done, len(modules))
+    # a lazily loaded model: one block in memory at a time
+    for done, (name, lin) in enumerate(modules_in_turn(model, modules), 1):
+        bits_n, err, ref = _quantize_one(model, name, lin, scheme)
+        bits += bits_n
+        err_sum += err
+        ref_sum += ref
+        weights += lin.in_features * lin.out_features
+        if progress:
+            progress("rtn", done, len(modules))
     log.info("rtn: quantized %d modules to %d bits", len(modules), cfg.bits)
     return PassReport(name="rtn", modules=len(modules), metrics={
         "relative_weight_error": (err_sum / ref_sum) ** 0.5 if ref_sum else 0.0, "bits_per_weight": bits / weights})

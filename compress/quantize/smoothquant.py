@@ -29,12 +29,13 @@ import torch
 from torch import nn
 
 from calibrate.blocks import batches
-from calibrate.fold import find_producers, fold_into_producer, scale_consumer
+from calibrate.fold import fold_into_producer, scale_consumer
 from calibrate.forward import ForwardOptions
 from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, fake_quantize, make_observer
 from calibrate.stats import ChannelStats
 from calibrate.walk import Block, walk
 from compress import targets as tg
+from compress.checks import check_fields
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
 
@@ -56,10 +57,7 @@ class SmoothQuantConfig(ForwardOptions, tg.Selection):
                 raise ValueError(f"alpha values must lie in [0, 1], got {a}")
         if self.search and not self.alpha_grid:
             raise ValueError("search needs a non-empty alpha_grid")
-        if self.search_observer not in OBSERVERS:
-            raise ValueError(f"search_observer must be one of {', '.join(OBSERVERS)}, got {self.search_observer!r}")
-        if self.search_tokens < 1:
-            raise ValueError(f"search_tokens must be positive, got {self.search_tokens}")
+        check_fields(self, positive=("search_tokens",), choices={"search_observer": OBSERVERS})
 
 
 def smoothing_factors(x_max: torch.Tensor, Ws: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -121,7 +119,6 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
         progress: Progress | None = None) -> PassReport:
     """Fold SmoothQuant factors into every stage of selected Linears whose input has a foldable producer."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
-    producers_of: dict[tuple, dict[str, str | None]] = {}  # per kind of block (class, stages): see awq
     totals = {"skipped": 0, "unsmoothed": 0, "err_before": 0.0, "err_after": 0.0, "outlier_before": 0.0,
               "outlier_after": 0.0}
     chosen: dict[str, list[float]] = {}  # stage lead module (name inside the block) -> alpha per block
@@ -130,11 +127,8 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
     def visit(block: Block) -> None:
         stats = block.observe(block.stages, lambda m: (ChannelStats(m.in_features, device=m.weight.device),
                                                        *([TokenSample(per_batch)] if cfg.search else [])))
-        kind = (type(block.module), tuple(map(tuple, block.stages)))
-        if kind not in producers_of:
-            producers_of[kind] = find_producers(block.module, block.inputs, block.stages, block.modules)
         for st in block.stages:
-            producer, st_stats = producers_of[kind][st[0]], stats.pop(st[0])
+            producer, st_stats = block.producers()[st[0]], stats.pop(st[0])
             if producer is None or not st_stats[0].tokens:
                 totals["skipped"] += 1
                 continue

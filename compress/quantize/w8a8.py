@@ -34,6 +34,7 @@ from calibrate.forward import ForwardOptions
 from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, make_observer
 from calibrate.walk import Block, walk
 from compress import targets as tg
+from compress.checks import check_fields
 from compress.pipeline import PassReport, Progress
 from compress.quantize.smoothquant import TokenSample
 from compress.quantize.w8a8linear import ACTIVATIONS, W8A8Linear
@@ -53,16 +54,10 @@ class W8A8Config(ForwardOptions, tg.Selection):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.fallback_error is not None and not self.fallback_error > 0:
-            raise ValueError(f"fallback_error must be positive, got {self.fallback_error}")
+        check_fields(self, positive=("fallback_error", "error_tokens"),
+                     choices={"activations": ACTIVATIONS, "observer": OBSERVERS})
         if self.fallback_error is not None and self.activations != "static":
             raise ValueError("fallback_error needs static activations (it is decided on calibration data)")
-        if self.error_tokens < 1:
-            raise ValueError(f"error_tokens must be positive, got {self.error_tokens}")
-        if self.activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}")
-        if self.observer not in OBSERVERS:
-            raise ValueError(f"observer must be one of {', '.join(OBSERVERS)}, got {self.observer!r}")
         if self.observer in SYMMETRIC_ONLY and not self.symmetric_activations:
             raise ValueError(f"the {self.observer} observer is symmetric only (TensorRT's entropy calibration): "
                              f"set symmetric_activations: true (`--observer {self.observer}` does)")
@@ -74,24 +69,19 @@ class W8A8Config(ForwardOptions, tg.Selection):
         return make_observer(self.observer, symmetric=self.symmetric_activations, **kw)
 
 
-def _calibrates(cfg: W8A8Config, model) -> bool:
-    return cfg.activations == "static"
-
-
-@register_pass("w8a8", W8A8Config, needs_calibration=_calibrates, streams_blocks=True)
+@register_pass("w8a8", W8A8Config, needs_calibration=lambda cfg, model: cfg.activations == "static",
+               streams_blocks=True)
 def run(model: nn.Module, cfg: W8A8Config, calib: torch.Tensor | None = None, *,
         progress: Progress | None = None) -> PassReport:
     """Replace every selected Linear by a W8A8Linear (static: with calibrated activation grids)."""
     selected = tg.select(model, cfg.targets, cfg.ignore, kinds=(nn.Linear,))
     tally = _Tally(cfg)
     if cfg.activations == "dynamic":
-        for i, (name, lin) in enumerate(item for batch in modules_in_turn(model, selected) for item in batch):
+        for i, (name, lin) in enumerate(modules_in_turn(model, selected)):
             tally.swap(model, name, lin)
             if progress:
                 progress("w8a8", i + 1, len(selected))
         return tally.report(len(selected))
-    if calib is None:
-        raise ValueError("w8a8 with static activations needs calibration data")
     per_batch = max(1, cfg.error_tokens // batches(calib, cfg.batch_size))
 
     def visit(block: Block) -> None:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ from compress.cli import cli  # noqa: E402
 from compress.quantize.qlinear import QuantLinear  # noqa: E402
 from compress.quantize.scheme import QuantScheme  # noqa: E402
 from export.matmulnbits import block_size_for, matmulnbits_tensors  # noqa: E402
-from export.onnx import exported_summary  # noqa: E402
 
 
 def _run_matmulnbits(m: QuantLinear, x: np.ndarray, level: int) -> np.ndarray:
@@ -156,3 +156,17 @@ def test_fused_and_optimum_graphs_agree_and_the_fused_one_is_lean(model_dirs, tm
     r = runner.invoke(cli, ["export", str(model_dirs["opt"]), "--format", "onnx", "--graph", "fused",
                             "--out", str(tmp_path / "opt")])
     assert r.exit_code == 1 and "does not support model type 'opt'" in r.output
+
+
+def exported_summary(path) -> dict:
+    """What an ONNX artifact holds: MatMulNBits nodes by bits, node count, provenance."""
+    import onnx
+
+    proto = onnx.load(str(Path(path) / "model.onnx"), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            bits = next(a.i for a in n.attribute if a.name == "bits")
+            counts[str(bits)] = counts.get(str(bits), 0) + 1
+    return {"matmulnbits_by_bits": counts, "nodes": len(proto.graph.node),
+            "provenance": json.loads((Path(path) / "compress.json").read_text())}
