@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sysconfig
 import types
 import typing
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ import yaml
 
 from compress.registry import PASSES, PassSpec
 
-PRESETS = Path(__file__).resolve().parent.parent / "recipes"  # recipes/*.yaml: `--method` names the chains there
+# recipes/*.yaml, the chains `--method NAME` names: beside the source, else where a wheel puts them (data-files)
+PRESETS = Path(__file__).resolve().parent.parent / "recipes"
+PRESETS = PRESETS if PRESETS.is_dir() else Path(sysconfig.get_path("data")) / "share" / "compress" / "recipes"
 
 
 @dataclass(frozen=True)
