@@ -63,8 +63,9 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
         report = run(model, step.config, calib, **extra)
         _check_produced(model, f"step {i + 1} ({step.name})")
         untie_quantized_head(model)
-        setattr(model, RECIPE_ATTR, [*recipe_history(model), step.to_dict()])
-        settings = {k: v for k, v in step.to_dict().items() if k != "pass"}
+        recorded = step.to_dict()
+        setattr(model, RECIPE_ATTR, [*recipe_history(model), recorded])
+        settings = {k: v for k, v in recorded.items() if k != "pass"}
         if calibrated:
             settings["calibration_tokens"] = int(calib.numel())
         report = dataclasses.replace(report, config={**settings, **report.config},

@@ -32,11 +32,13 @@ def field_comments(cls: type) -> dict[str, str]:
     comment lines right above it."""
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
         try:
-            source = inspect.getsource(klass) if dataclasses.is_dataclass(klass) else ""
+            source = inspect.getsource(klass)
         except (OSError, TypeError):
             continue
-        names = {f.name for f in dataclasses.fields(klass)} if source else set()
+        names = {f.name for f in dataclasses.fields(klass)}
         notes = {t.start[0]: t.string.lstrip("#").strip()
                  for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
         field, block = None, []  # the field whose trailing comment may go on; the comment lines since
