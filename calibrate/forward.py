@@ -9,14 +9,6 @@ import torch
 FORWARD_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-def check_forward_options(batch_size: int, forward_dtype: str) -> None:
-    """Validate the `batch_size` and `forward_dtype` fields every calibrated pass's config has."""
-    if forward_dtype not in FORWARD_DTYPES:
-        raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {forward_dtype!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class ForwardOptions:
     """The fields of every config whose pass runs calibration forwards (a base class; cooperates with others)."""
@@ -26,7 +18,10 @@ class ForwardOptions:
     forward_dtype: str = "auto"
 
     def __post_init__(self) -> None:
-        check_forward_options(self.batch_size, self.forward_dtype)
+        if self.forward_dtype not in FORWARD_DTYPES:
+            raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
         getattr(super(), "__post_init__", lambda: None)()
 
 

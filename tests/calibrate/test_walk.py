@@ -86,3 +86,16 @@ def test_a_module_replaced_after_its_stage_is_what_later_passes_and_the_output_u
     assert block.ran and all(not block.current(n).weight.is_meta for n in swapped)
     for got, want in zip(inputs.hidden, expected.hidden, strict=True):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", 0, "batch_size must be positive, got 0"),
+    ("forward_dtype", "int8", "forward_dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
+])
+def test_every_calibrated_config_checks_its_forward_options(field, value, message):
+    from compress.prune.sparsity import CalibratedSparsityConfig
+    from compress.quantize.gptq import GPTQConfig
+
+    for cls in (GPTQConfig, CalibratedSparsityConfig):
+        with pytest.raises(ValueError, match=message):
+            cls(**{field: value})
