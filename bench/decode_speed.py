@@ -49,12 +49,12 @@ def torch_loop(model, prompt, new_tokens: int) -> tuple[float, float, list[int]]
         t = time.perf_counter()
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         prefill = time.perf_counter() - t
-        cache, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+        cache, nxt = out.cache, int(out.logits[0, -1].argmax())
         ids = [nxt]
         t = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
-            cache, nxt = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = model(input_ids=torch.tensor([[nxt]]), cache=cache, use_cache=True)
+            cache, nxt = out.cache, int(out.logits[0, -1].argmax())
             ids.append(nxt)
         return prefill, time.perf_counter() - t, ids
 

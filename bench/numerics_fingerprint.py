@@ -115,7 +115,7 @@ def save_tiny(arch: str, where: Path, vocab: int = 512) -> str:
     from compress.models import TOKENIZER_FILES
     from compress.reference import reference_model_dir
 
-    tiny_model(arch, vocab).save_pretrained(where, safe_serialization=True)
+    tiny_model(arch, vocab).save_pretrained(where)
     for name in TOKENIZER_FILES:
         if (reference_model_dir() / name).is_file():
             shutil.copy(reference_model_dir() / name, where / name)

@@ -122,7 +122,7 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
             hidden, args = args[0], args[1:]
         if args:
             raise ValueError("decoder blocks called with extra positional arguments are not supported")
-        for k in ("past_key_value", "past_key_values"):
+        for k in ("cache", "past_key_value", "past_key_values"):
             kw.pop(k, None)  # no KV cache while calibrating
         prev = got.kwargs[-1] if got.kwargs else {}
         for k, v in kw.items():  # batches share equal tensors (a 4-D causal mask is 2 MiB per batch of 8 x 512)

@@ -136,7 +136,7 @@ def sha256_files(files: Iterable[Path]) -> str:
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in ("compress", "torch", "transformers", "safetensors", "accelerate", "gguf",
-                 "optimum-onnx", "onnxruntime", "llama-cpp-python"):
+                 "onnxruntime", "llama-cpp-python"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             out[name] = metadata.version(name)
     return out

@@ -263,7 +263,7 @@ def load_lazy(path: Path, files: list[Path], dtype: torch.dtype) -> nn.Module:
     config = load_model_config(path)
     with init_empty_weights(include_buffers=False):  # buffers such as rotary inv_freq are computed, keep them
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tied = set(getattr(model, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings", False) else set()
+    tied = set(model.all_tied_weights_keys)  # target -> source of the weights the config ties
     store = TensorStore(model, files, tied=tied, spill_root=os.environ.get("COMPRESS_SPILL_DIR"),
                         what=f"model {path}")
     expected = set(model.state_dict())

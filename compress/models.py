@@ -109,8 +109,8 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
     if lazy and weights[0].suffix == ".safetensors":
         from compress.lazy import load_lazy
 
-        tok = load_tokenizer(p)
-        return LoadedModel(load_lazy(p, weights, dtype), tok, str(p), weights, prov)
+        model = load_lazy(p, weights, dtype)  # its config first: transformers 5's tokenizer loading reads it too
+        return LoadedModel(model, load_tokenizer(p), str(p), weights, prov)
 
     for f in weights:  # a damaged file is named here, not guessed at by transformers ("a TF 2.0 checkpoint?")
         check_weights_file(f)
@@ -173,9 +173,11 @@ def gguf_file(path: str | Path) -> Path | None:
 def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compress.reference import as_float_model
+
     check_gguf(p)
     log.info("dequantizing %s with transformers", p)
-    model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype)
+    model = as_float_model(AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype))
     check_module(model, what=f"model {p}")
     tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
     model.eval()
@@ -185,7 +187,7 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
 def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedModel:
     """Rebuild a quantized model: float skeleton, QuantLinear where recorded, saved tensors."""
     from transformers import AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
+    from transformers.initialization import no_init_weights
 
     import compress.quantize.qlinear  # noqa: F401  (the built-in packed kinds register when defined)
     import compress.quantize.w8a8linear  # noqa: F401
@@ -218,7 +220,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     check_tensors(state, what=f"model {p}")  # packed integer codes are skipped; scales and floats are not
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    tied = set(model.all_tied_weights_keys)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"{p}: tensors do not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
@@ -265,7 +267,7 @@ def save_model(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]]
     store = store_of(lm.model)
     with artifact.atomic_dir(out, force=force) as tmp:
         if store is None:
-            lm.model.save_pretrained(tmp, safe_serialization=True)
+            lm.model.save_pretrained(tmp)
         else:  # weights on disk: stream them tensor by tensor
             lm.model.config.save_pretrained(tmp)
             if getattr(lm.model, "generation_config", None) is not None:

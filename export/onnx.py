@@ -1,26 +1,19 @@
 """ONNX artifact: a KV-cache decoder graph, our integer weights in `MatMulNBits` nodes.
 
-Two graphs hold the same weights: for Llama-family models a lean graph of
-ONNX Runtime's fused operators (`export.onnx_fused`, the default there),
-and optimum's exported graph for any architecture optimum knows. How the
-optimum-graph artifact is written (the fused one replaces steps 2-3 by
-building the graph from the modules directly):
+The graph is built from the modules directly, out of ONNX Runtime's fused
+operators (`export.onnx_fused`); architectures it cannot express are
+refused with the reason. How the artifact is written:
 
 1. The model is saved as a compress artifact in a scratch directory and
    loaded back whole, so a model streamed from disk exports like any other.
-2. A float copy (each QuantLinear replaced by a Linear holding exactly the
-   weights it dequantizes to) goes through optimum's exporter, task
-   `text-generation-with-past`.
-3. Each quantized Linear's MatMul is found by its weight initializer (the
-   exporter writes W^T verbatim, so the bytes identify the module) and
-   replaced by an ONNX Runtime `com.microsoft.MatMulNBits` node whose
-   initializers hold *our* codes, scales and zero points, in MatMulNBits'
-   layout: codes packed along K, low bits first, into uint8
+2. Each quantized Linear becomes an ONNX Runtime `com.microsoft.MatMulNBits`
+   node whose initializers hold *our* codes, scales and zero points, in
+   MatMulNBits' layout: codes packed along K, low bits first, into uint8
    [N, n_blocks, block_size * bits / 8]; scales [N, n_blocks] in the graph's
    float type; zero points packed the same way per row (left out for
    symmetric schemes whose zero is MatMulNBits' default 2^(bits-1)).
    Nothing is re-quantized: (q - zero) * scale is the same number in both.
-4. The result is run in ONNX Runtime on a few prompts and its logits are
+3. The result is run in ONNX Runtime on a few prompts and its logits are
    compared with the torch model's; beyond the tolerance the export fails
    and nothing is written. Then the directory appears atomically.
 
@@ -57,7 +50,7 @@ from compress import artifact
 from compress.models import LoadedModel, load_model, save_model
 from compress.registry import register_exporter
 from export import VERIFY_PROMPTS, reference_logits
-from export.matmulnbits import ORT_BITS, block_size_for, replace_matmuls
+from export.matmulnbits import ORT_BITS, block_size_for
 
 # W8A8 graphs quantize activations at run time: a float difference upstream (ONNX Runtime's fused
 # norm and attention kernels against PyTorch's) can move a value across a rounding boundary, which
@@ -108,30 +101,6 @@ def _float_config(lm: LoadedModel):
             cfg.quantization_config = qcfg
 
 
-def _float_copy(lm: LoadedModel, dest: Path) -> dict[str, Any]:
-    """Save `lm` with every QuantLinear as a float Linear of its dequantized weight; return name -> QuantLinear."""
-    from compress.quantize.qlinear import QuantLinear
-    from compress.targets import set_submodule
-
-    quant = {n: m for n, m in lm.model.named_modules() if isinstance(m, QuantLinear)}
-    dtype = next(p.dtype for p in lm.model.parameters() if p.is_floating_point())
-    for name, m in quant.items():
-        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype)
-        with torch.no_grad():
-            lin.weight.copy_(m.dequantize_weight().to(dtype))
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-        set_submodule(lm.model, name, lin)
-    try:
-        with _float_config(lm):  # a plain float model for the exporter
-            lm.model.save_pretrained(dest, safe_serialization=True)
-        lm.tokenizer.save_pretrained(dest)
-    finally:
-        for name, m in quant.items():
-            set_submodule(lm.model, name, m)
-    return quant
-
-
 def _save_side_files(lm: LoadedModel, dest: Path) -> None:
     """config.json (float: no quantization_config), generation config and tokenizer beside the graph."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -154,23 +123,16 @@ def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None, refs:
     return worst
 
 
-GRAPHS = ("auto", "fused", "optimum")
-
-
 @register_exporter("onnx")
 def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
                 reports: list[Any] = (), force: bool = False, accuracy_level: int = 0,
-                tolerance: float | None = None, threads: int | None = None, graph: str = "auto") -> Path:
-    """ONNX Runtime directory: a KV-cache decoder graph with our integer weights as MatMulNBits nodes.
-
-    `graph`: "fused" (ONNX Runtime's fused operators, `export.onnx_fused`; Llama family), "optimum"
-    (optimum's exporter, any architecture it knows), or "auto" (fused where supported).
-    """
+                tolerance: float | None = None, threads: int | None = None) -> Path:
+    """ONNX Runtime directory: a KV-cache decoder graph with our integer weights as MatMulNBits nodes."""
     try:
         import onnx
-        from optimum.exporters.onnx import main_export
+        import onnxruntime  # noqa: F401  (the check runs the graph)
     except ImportError as e:
-        raise ValueError(f"the onnx exporter needs optimum-onnx and onnxruntime: pip install 'compress[onnx]' ({e})") \
+        raise ValueError(f"the onnx exporter needs onnx and onnxruntime: pip install 'compress[onnx]' ({e})") \
             from None
     from export.onnx_fused import build_fused_graph, fused_supported
 
@@ -179,31 +141,17 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
-    if graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {', '.join(GRAPHS)}, got {graph!r}")
     with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
         work = Path(tmp)
         save_model(lm, work / "artifact", recipe=recipe, reports=reports)  # whole, in our own format
         full = load_model(work / "artifact")
         why = fused_supported(full.model)
-        if graph == "fused" and why is not None:
-            raise ValueError(f"the fused ONNX graph does not support {why}; use graph='optimum'")
-        graph = graph if graph != "auto" else ("fused" if why is None else "optimum")
-        _check_layouts(full, graph)
+        if why is not None:
+            raise ValueError(f"ONNX export does not support {why}")
+        _check_layouts(full)
         graph_file = work / "onnx" / "model.onnx"
-        if graph == "fused":
-            proto, used = build_fused_graph(full.model, accuracy_level=accuracy_level)
-            _save_side_files(full, work / "onnx")
-        else:
-            quant = _float_copy(full, work / "float")
-            main_export(str(work / "float"), str(work / "onnx"), task="text-generation-with-past",
-                        do_validation=False)
-            if not graph_file.is_file():
-                raise ValueError(f"optimum wrote no model.onnx ({sorted(p.name for p in (work / 'onnx').iterdir())})")
-            proto = onnx.load(str(graph_file), load_external_data=True)
-            used = replace_matmuls(proto, quant, accuracy_level=accuracy_level)
-            for f in (work / "onnx").glob("model.onnx*"):
-                f.unlink()
+        proto, used = build_fused_graph(full.model, accuracy_level=accuracy_level)
+        _save_side_files(full, work / "onnx")
         big = proto.ByteSize() > 1.8 * 2**30  # protobuf's 2 GiB limit: weights go to a side file
         onnx.save(proto, str(graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
                   location="model.onnx_data")
@@ -228,7 +176,7 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
             raise ValueError(f"ONNX export check failed: logits differ from the torch model by up to {diff:.3g} "
                              f"(tolerance {tol:g}{why}); nothing was written")
         prov = artifact.read_provenance(work / "artifact")
-        prov["format_exported"] = {"format": "onnx", "graph": graph,
+        prov["format_exported"] = {"format": "onnx", "graph": "fused",
                                    "op": "com.microsoft.MatMulNBits" if used else None,
                                    "matmulnbits_by_bits": {str(k): v for k, v in sorted(used.items())},
                                    "w8a8_matmuls": w8a8,
@@ -242,14 +190,10 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
     return out
 
 
-def _check_layouts(lm: LoadedModel, graph: str) -> None:
+def _check_layouts(lm: LoadedModel) -> None:
     from compress.quantize.qlinear import QuantLinear
-    from compress.quantize.w8a8linear import W8A8Linear
 
     for name, m in lm.model.named_modules():
-        if isinstance(m, W8A8Linear) and graph == "optimum":
-            raise ValueError(f"{name}: W8A8 modules are written by the fused ONNX graph only "
-                             "(model types llama, mistral), not by optimum's graph")
         if isinstance(m, QuantLinear):
             if m.scheme.bits not in ORT_BITS:
                 raise ValueError(f"{name}: {m.scheme.bits}-bit weights have no MatMulNBits layout")

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from compress.archs import default_rope_theta
+
 FUSED_TYPES = ("llama", "mistral")
 
 
@@ -45,8 +47,8 @@ def fused_supported(model: nn.Module) -> str | None:
     cfg = model.config
     if getattr(cfg, "model_type", None) not in FUSED_TYPES:
         return f"model type {getattr(cfg, 'model_type', None)!r} (fused graphs: {', '.join(FUSED_TYPES)})"
-    if getattr(cfg, "rope_scaling", None):
-        return f"rope_scaling {cfg.rope_scaling}"
+    if isinstance(why := default_rope_theta(cfg), str):
+        return why
     if getattr(cfg, "hidden_act", "silu") != "silu":
         return f"activation {cfg.hidden_act}"
     if getattr(cfg, "sliding_window", None):
@@ -176,7 +178,7 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     node("Gather", ["mask_shape", init("idx_1", np.array(1, np.int64))], ["total_len_64"], axis=0)
     node("Cast", ["total_len_64"], ["total_len"], to=TensorProto.INT32)
     # rotary tables (max positions, head_dim / 2): HF's default rope, cos/sin of position * inv_freq
-    theta = float(getattr(cfg, "rope_theta", 10000.0))
+    theta = default_rope_theta(cfg)
     inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd / 2,)
     ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None]  # (max_pos, hd / 2)
     cos, sin = init("cos_cache", np.cos(ang).astype(np.float32)), init("sin_cache", np.sin(ang).astype(np.float32))

@@ -71,7 +71,7 @@ def model_dirs(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     out = {}
     for a in ("llama", "opt"):
         d = tmp_path_factory.mktemp(f"tiny-{a}")
-        make_model(a, tiny_tokenizer).save_pretrained(d, safe_serialization=True)
+        make_model(a, tiny_tokenizer).save_pretrained(d)
         tiny_tokenizer.save_pretrained(d)
         out[a] = d
     return out

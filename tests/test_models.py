@@ -62,7 +62,9 @@ def test_missing_path_and_pickle_refusal(model_dir, tmp_path):
         load_model(tmp_path / "nope")
     d = tmp_path / "pickled"
     lm = load_model(model_dir)
-    lm.model.save_pretrained(d, safe_serialization=False)
+    d.mkdir()  # a pickled checkpoint (transformers 5 saves only safetensors)
+    torch.save(lm.model.state_dict(), d / "pytorch_model.bin")
+    lm.model.config.save_pretrained(d)
     lm.tokenizer.save_pretrained(d)
     assert (d / "pytorch_model.bin").is_file()
     with pytest.raises(ValueError, match="--allow-pickle"):

@@ -15,10 +15,6 @@ from compress.cli._common import FINITE, console, echo_json
 @click.option("--accuracy-level", type=click.IntRange(0, 4),
               help="ONNX: MatMulNBits accuracy_level (0 float activations, exact; 4 int8 activations, the only "
                    "fast kernel for 2- and 8-bit weights, less accurate).  [default: 0]")
-@click.option("--graph", type=click.Choice(["auto", "fused", "optimum"]),
-              help="ONNX: decoder graph built from ONNX Runtime's fused operators (Llama family; ~12 nodes per "
-                   "layer, the fast one), optimum's exporter (any architecture it knows), or auto (fused where "
-                   "supported).  [default: auto]")
 @click.option("--float-type", type=click.Choice(["f32", "f16"]),
               help="GGUF: type of the float matrices (embeddings, layers left unquantized).  [default: f32]")
 @click.option("--requantize", is_flag=True, default=None,
@@ -30,11 +26,11 @@ from compress.cli._common import FINITE, console, echo_json
                                               "the torch model's [default 0.1 for quantized files, 0.001 float].")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for the check.")
 @click.option("--allow-pickle", is_flag=True, help="Allow pickled .bin checkpoints (loaded with weights_only=True).")
-def command(model, fmt, out, force, accuracy_level, graph, float_type, requantize, tolerance, threads,
+def command(model, fmt, out, force, accuracy_level, float_type, requantize, tolerance, threads,
             allow_pickle) -> None:
     """Export MODEL (a compress artifact or model directory; default: the reference model) as --format.
 
-    The ONNX exporter writes optimum's decoder graph (KV cache) with every
+    The ONNX exporter writes a decoder graph of ONNX Runtime's fused operators (KV cache) with every
     quantized Linear as an ONNX Runtime MatMulNBits node holding the
     artifact's own integer weights; the GGUF exporter writes a llama.cpp file
     (DIR/model.gguf) with them as Q8_0/Q4_0/Q4_1 blocks. Both check the result
@@ -56,7 +52,7 @@ def command(model, fmt, out, force, accuracy_level, graph, float_type, requantiz
     from compress.runner import set_threads, weights_bytes
 
     exporter = EXPORTERS.get(fmt)  # a bad format fails before the model loads
-    opts = {k: v for k, v in {"accuracy_level": accuracy_level, "graph": graph, "float_type": float_type, "requantize": requantize,
+    opts = {k: v for k, v in {"accuracy_level": accuracy_level, "float_type": float_type, "requantize": requantize,
                               "tolerance": tolerance, "threads": threads}.items() if v is not None}
     takes = inspect.signature(exporter.export).parameters
     for name in opts:

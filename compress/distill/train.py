@@ -169,7 +169,7 @@ def _train(acc, student: nn.Module, teacher: nn.Module | None, data, cfg: Distil
     attn = cfg.attention_weight > 0
     if attn:  # attention maps come only from the eager implementation
         for m in (student, teacher):
-            m.config._attn_implementation = "eager"
+            m.set_attn_implementation("eager")
     hidden = cfg.hidden_weight > 0
     pairs = layer_pairs(student, teacher.config.num_hidden_layers, cfg.layer_map) if hidden or attn else []
     widths = (student.config.hidden_size, teacher.config.hidden_size) if hidden else (0, 0)

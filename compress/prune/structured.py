@@ -21,6 +21,7 @@ two the attention (q/k/v, o).
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from calibrate.forward import ForwardOptions
 from calibrate.stats import HessianCollector
 from calibrate.walk import Block, block_linears, walk
 from compress.checks import check_fields
+from compress.files import brief
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
 
@@ -234,7 +236,15 @@ def _head_plan(config, cfg: HeadsConfig) -> tuple[int, int, int, int, int]:
     if not 0 < drop < per:
         raise ValueError(f"ratio {cfg.ratio} of {per} {units} removes {drop}: with unit {cfg.unit!r} the ratio "
                          f"moves in steps of 1/{per} ({', '.join(f'{k / per:.3f}' for k in range(1, per))})")
-    return (n_h, n_kv, hd, *((rep - drop, n_kv) if cfg.unit == "query" else (rep, n_kv - drop)))
+    new_rep, new_kv = (rep - drop, n_kv) if cfg.unit == "query" else (rep, n_kv - drop)
+    trial = copy.deepcopy(config)
+    trial.num_attention_heads, trial.num_key_value_heads = new_kv * new_rep, new_kv
+    try:
+        trial.validate()  # what transformers checks whenever the pruned model loads
+    except Exception as e:  # noqa: BLE001  (huggingface_hub's validation errors are not ValueErrors)
+        raise ValueError(f"{new_kv * new_rep} attention heads ({new_kv} KV) would not load as a "
+                         f"{type(config).__name__}: {brief(e.__cause__ or e)}") from None
+    return n_h, n_kv, hd, new_rep, new_kv
 
 
 def _report(name: str, model: nn.Module, removed: int, shape: dict) -> PassReport:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from compress.cli import cli
@@ -96,7 +97,9 @@ def test_bin_checkpoint_refused_in_one_line(runner, model_dir, tmp_path):
 
     lm = load_model(model_dir)
     d = tmp_path / "pickled"
-    lm.model.save_pretrained(d, safe_serialization=False)
+    d.mkdir()  # a pickled checkpoint (transformers 5 saves only safetensors)
+    torch.save(lm.model.state_dict(), d / "pytorch_model.bin")
+    lm.model.config.save_pretrained(d)
     lm.tokenizer.save_pretrained(d)
     r = runner.invoke(cli, ["eval", str(d), "--windows", "1", "--seq-len", "32"])
     assert r.exit_code == 1

@@ -95,7 +95,7 @@ def pair_dirs(tmp_path_factory, tiny_tokenizer, make_tiny) -> tuple[Path, Path]:
     dirs = []
     for seed in (0, 1):
         d = tmp_path_factory.mktemp(f"distill-{seed}")
-        make_tiny("llama", seed).save_pretrained(d, safe_serialization=True)
+        make_tiny("llama", seed).save_pretrained(d)
         tiny_tokenizer.save_pretrained(d)
         dirs.append(d)
     return dirs[0], dirs[1]

@@ -2,16 +2,14 @@ import pytest
 import torch
 
 pytest.importorskip("onnxruntime")
-pytest.importorskip("optimum.exporters.onnx")
 
 
 @pytest.fixture(scope="module")
 def onnx_dir(model_dirs, tmp_path_factory):
-    from optimum.exporters.onnx import main_export
+    from compress.models import load_model
+    from export.onnx import export_onnx
 
-    out = tmp_path_factory.mktemp("onnx-llama")
-    main_export(str(model_dirs["llama"]), out, task="text-generation", do_validation=False)
-    return out
+    return export_onnx(load_model(model_dirs["llama"]), tmp_path_factory.mktemp("onnx") / "llama")
 
 
 def test_onnx_backend_matches_torch(onnx_dir, model_dirs, tiny_tokenizer):

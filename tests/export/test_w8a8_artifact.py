@@ -110,9 +110,6 @@ def test_w8a8_refused_where_it_cannot_go(artifacts, model_dirs, tmp_path, make_a
     r = runner.invoke(cli, ["export", str(artifacts["static"]), "--format", "gguf", "--out", str(tmp_path / "g")])
     assert r.exit_code == 1 and "GGUF has no int8-activation format" in r.output
     assert not (tmp_path / "g").exists()
-    r = runner.invoke(cli, ["export", str(artifacts["static"]), "--format", "onnx", "--graph", "optimum",
-                            "--out", str(tmp_path / "o")])
-    assert r.exit_code == 1 and "fused ONNX graph only" in r.output
     base = load_model(model_dirs["llama"]).model
     make_adapter(base, tmp_path / "adapter")
     r = runner.invoke(cli, ["merge-lora", str(artifacts["static"]), "--adapter", str(tmp_path / "adapter"),
