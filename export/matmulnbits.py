@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
 ORT_BITS = {2: 2, 3: 4, 4: 4, 8: 8}  # our bits -> the MatMulNBits width that holds them exactly
 MAX_BLOCK = 256

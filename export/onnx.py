@@ -44,7 +44,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from compress import artifact
 from compress.models import LoadedModel, load_model, save_model

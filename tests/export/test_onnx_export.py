@@ -136,7 +136,7 @@ def greedy_with_cache(onnx_dir, ids: list[int], steps: int) -> list[int]:
         feeds = {"input_ids": np.array([new], np.int64), "attention_mask": np.ones((1, len(seq)), np.int64), **past}
         if "position_ids" in {i.name for i in sess.get_inputs()}:
             feeds["position_ids"] = np.arange(len(seq) - len(new), len(seq))[None]
-        got = dict(zip(outs, sess.run(outs, feeds)))
+        got = dict(zip(outs, sess.run(outs, feeds), strict=True))
         past = {k.replace("present", "past_key_values"): v for k, v in got.items() if k.startswith("present")}
         new = [int(got["logits"][0, -1].argmax())]
         seq += new
