@@ -99,9 +99,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 def load_model_config(model_dir: str | Path) -> Any:
     """transformers' AutoConfig of a model directory; a missing, non-JSON or unloadable config.json is named."""
-    from huggingface_hub.errors import (
-        StrictDataclassError,  # transformers 5 validates configs as they load
-    )
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     f = Path(model_dir) / "config.json"
@@ -111,7 +109,8 @@ def load_model_config(model_dir: str | Path) -> Any:
     read_json_object(f, what="model config")
     try:
         return AutoConfig.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, StrictDataclassError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError,
+            StrictDataclassError) as e:  # transformers 5 validates configs as they load
         raise ValueError(f"{f}: not a loadable model config ({brief(e)})") from None
 
 
