@@ -51,6 +51,10 @@ def modules_by_block(model: nn.Module, selected: dict[str, nn.Module], pass_name
     module outside (an embedding projection, lm_head) is an error naming it.
     """
     path, blocks = decoder_blocks(model)
+    if not selected:
+        kinds = sorted({type(m).__name__ for m in blocks[0].modules() if not list(m.children())})
+        raise ValueError(f"{pass_name.partition(':')[0]} found no nn.Linear to work on in the decoder blocks of "
+                         f"{type(model).__name__} (their layers: {', '.join(kinds)})")
     outside = [n for n in selected if not n.startswith(f"{path}.")]
     if outside:
         raise ValueError(f"{pass_name.partition(':')[0]} works inside the decoder blocks ({path}); "

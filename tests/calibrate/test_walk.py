@@ -99,3 +99,10 @@ def test_every_calibrated_config_checks_its_forward_options(field, value, messag
     for cls in (GPTQConfig, CalibratedSparsityConfig):
         with pytest.raises(ValueError, match=message):
             cls(**{field: value})
+
+
+def test_a_walk_over_nothing_names_what_the_blocks_hold(make_tiny, tiny_tokenizer):
+    """A model whose blocks hold no nn.Linear (GPT-2's Conv1D) is refused in one line, not a StopIteration."""
+    model = make_tiny("llama")
+    with pytest.raises(ValueError, match=r"prune_channels found no nn.Linear .* \(their layers: .*LlamaRMSNorm"):
+        walk(model, {}, _ids(tiny_tokenizer), lambda block: None, label="prune_channels")
