@@ -1,6 +1,7 @@
 """Calibration data, block-input capture with sequential replay, and statistics collectors."""
 
-from calibrate.blocks import BlockInputs, capture_first_block_inputs, decoder_blocks, run_block
+from calibrate.blocks import BlockInputs, decoder_blocks, run_block
+from calibrate.capture import capture_first_block_inputs
 from calibrate.data import CalibConfig, load_calibration
 from calibrate.stats import ChannelStats, HessianCollector
 

@@ -98,62 +98,30 @@ def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator
 
 
 class _Stop(Exception):
-    """Raised by the capture hook to end the forward pass at the first block."""
+    """Raised to end a forward pass early (capture, observation)."""
 
 
 @dataclass
 class BlockInputs:
-    """One entry per calibration batch: the block's hidden-state input and its other kwargs."""
+    """One entry per calibration batch: the current block's hidden-state input and its other kwargs.
+
+    `by_block[b]` holds block b's kwargs per batch: a model may pass each block what its layer type
+    needs (Gemma 2/3: a sliding-window or a full causal mask, local or global RoPE); `at(b)` makes
+    them current as the walk reaches block b.
+    """
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    by_block: list[list[dict]] | None = None
+
+    def at(self, b: int) -> None:
+        if self.by_block is not None:
+            self.kwargs = self.by_block[b]
 
 
 def batches(ids: torch.Tensor, batch_size: int) -> int:
     """How many calibration batches `capture_first_block_inputs` makes of `ids` (samples, seq_len)."""
     return max(1, -(-ids.shape[0] // batch_size))
-
-
-def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_size: int = 8) -> BlockInputs:
-    """Run `ids` (samples, seq_len) through the model up to block 0 and keep its inputs."""
-    path, blocks = decoder_blocks(model)
-    got = BlockInputs([], [])
-
-    def hook(module, args, kwargs):
-        kw = dict(kwargs)
-        hidden = kw.pop("hidden_states", None)
-        if hidden is None:
-            hidden, args = args[0], args[1:]
-        if args:
-            raise ValueError("decoder blocks called with extra positional arguments are not supported")
-        for k in ("cache", "past_key_value", "past_key_values"):
-            kw.pop(k, None)  # no KV cache while calibrating
-        prev = got.kwargs[-1] if got.kwargs else {}
-        for k, v in kw.items():  # batches share equal tensors (a 4-D causal mask is 2 MiB per batch of 8 x 512)
-            p = prev.get(k)
-            if (isinstance(v, torch.Tensor) and isinstance(p, torch.Tensor) and p.shape == v.shape
-                    and p.dtype == v.dtype and p.device == v.device and torch.equal(p, v)):
-                kw[k] = p
-        check_activations(hidden, f"the input of the first decoder block (calibration batch {len(got.hidden)})")
-        got.hidden.append(hidden.detach())
-        got.kwargs.append(kw)
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad(), streaming.outside_blocks(model, path, on_demand=True):
-            device = model.get_input_embeddings().weight.device
-            if device.type == "meta":  # lazily loaded, read on first call: the store loads onto the CPU
-                device = torch.device("cpu")
-            for i in range(0, ids.shape[0], batch_size):
-                try:
-                    model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        handle.remove()
-    streaming.trim_memory()  # the embedding forwards' temporaries
-    return got
 
 
 def _first(out):

@@ -33,11 +33,11 @@ from torch import nn
 from calibrate.blocks import (
     BlockInputs,
     blocks_in_turn,
-    capture_first_block_inputs,
     decoder_blocks,
     modules_by_block,
     run_block,
 )
+from calibrate.capture import capture_first_block_inputs
 from calibrate.fold import find_producers
 from calibrate.forward import resolve_forward_dtype
 from calibrate.replay import BlockReplay
@@ -131,6 +131,7 @@ def walk(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, 
     inputs = capture_first_block_inputs(model, calib, batch_size=batch_size)
     known_producers: dict[tuple, dict[str, str | None]] = {}
     for b, module in blocks_in_turn(model, blocks):
+        inputs.at(b)  # block b's own mask / RoPE arguments
         if per_block[b]:
             block = Block(b, f"{path}.{b}.", module, per_block[b], inputs, dtype,
                           BlockReplay(module, inputs, per_block[b], dtype=dtype), known_producers=known_producers)

@@ -87,7 +87,8 @@ def test_bfloat16_source_is_saved_like_a_full_load(model_dirs, tmp_path):
 
 
 def test_capture_reads_only_what_runs_before_the_first_block(model_dir):
-    from calibrate.blocks import capture_first_block_inputs, decoder_blocks
+    from calibrate.blocks import decoder_blocks
+    from calibrate.capture import capture_first_block_inputs
 
     lm = load_model(model_dir, lazy=True)
     store = store_of(lm.model)

@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from calibrate.blocks import BlockInputs, capture_first_block_inputs, decoder_blocks
+from calibrate.blocks import BlockInputs, decoder_blocks
+from calibrate.capture import capture_first_block_inputs
 from calibrate.fold import find_producers, fold_into_producer, scale_consumer
 from calibrate.replay import BlockReplay
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from calibrate.blocks import BlockInputs, capture_first_block_inputs, decoder_blocks, run_block
+from calibrate.blocks import BlockInputs, decoder_blocks, run_block
+from calibrate.capture import capture_first_block_inputs
 from calibrate.replay import BlockReplay
 from calibrate.stats import ChannelStats
 from calibrate.walk import Block, block_linears, walk
@@ -106,3 +107,28 @@ def test_a_walk_over_nothing_names_what_the_blocks_hold(make_tiny, tiny_tokenize
     model = make_tiny("llama")
     with pytest.raises(ValueError, match=r"prune_channels found no nn.Linear .* \(their layers: .*LlamaRMSNorm"):
         walk(model, {}, _ids(tiny_tokenizer), lambda block: None, label="prune_channels")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_every_block_gets_its_own_layer_types_mask_and_rope(arch, tiny_tokenizer):
+    """Gemma 2/3 alternate sliding-window and full attention (Gemma 3 with other RoPE too): the walk must hand
+    each block the arguments the model gives it, so every block sees the true model's hidden states."""
+    import transformers
+
+    torch.manual_seed(0)
+    cls = {"gemma2": transformers.Gemma2Config, "gemma3": transformers.Gemma3TextConfig}[arch]
+    cfg = cls(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+              sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = _ids(tiny_tokenizer, n=2, seq=32)  # longer than the window: the two masks differ
+    with torch.no_grad():
+        want = model(input_ids=ids, output_hidden_states=True).hidden_states
+    seen = []
+
+    def visit(block: Block) -> None:
+        assert torch.allclose(torch.cat(block.inputs.hidden), want[block.index], atol=1e-5), block.index
+        seen.append(block.index)
+
+    walk(model, block_linears(model), ids, visit, label="t", batch_size=2, forward_dtype="float32")
+    assert seen == [0, 1, 2, 3]

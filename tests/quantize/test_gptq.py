@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from calibrate.blocks import capture_first_block_inputs, decoder_blocks
+from calibrate.blocks import decoder_blocks
+from calibrate.capture import capture_first_block_inputs
 from calibrate.replay import BlockReplay
 from compress.pipeline import apply
 from compress.quantize.gptq import quantize_weight
