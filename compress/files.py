@@ -97,6 +97,12 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield i, row
 
 
+def checkpoint_mismatch(path: str | Path, names: list[str]) -> ValueError:
+    """The error for a checkpoint that lacks some of the model's tensors or holds them in another shape."""
+    return ValueError(f"{path}: the checkpoint lacks {len(names)} of the model's tensors or has them in another "
+                      f"shape ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})")
+
+
 def load_model_config(model_dir: str | Path) -> Any:
     """transformers' AutoConfig of a model directory; a missing, non-JSON or unloadable config.json is named."""
     from huggingface_hub.errors import StrictDataclassError

@@ -29,7 +29,12 @@ from torch import nn
 
 from calibrate.streaming import STORE_ATTR, store_of, trim_memory  # noqa: F401  (re-exported)
 from compress.checks import first_nonfinite
-from compress.files import check_safetensors, load_model_config
+from compress.files import (
+    check_safetensors,
+    checkpoint_mismatch,
+    load_model_config,
+    safetensors_header,
+)
 from compress.spill import SpillDir
 from compress.tensorfile import DTYPES, nbytes, scan_finite, write_streamed
 
@@ -266,11 +271,12 @@ def load_lazy(path: Path, files: list[Path], dtype: torch.dtype) -> nn.Module:
     tied = set(model.all_tied_weights_keys)  # target -> source of the weights the config ties
     store = TensorStore(model, files, tied=tied, spill_root=os.environ.get("COMPRESS_SPILL_DIR"),
                         what=f"model {path}")
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(store.where) - tied)
-    if missing:
+    shapes = {k: v["shape"] for f in files for k, v in safetensors_header(f).items()}
+    wrong = sorted(k for k, t in model.state_dict().items()
+                   if k not in tied and (k not in store.where or list(t.shape) != shapes.get(store.where[k][1])))
+    if wrong:  # found now, not by the block that would load them
         store.close()
-        raise ValueError(f"{path}: checkpoint names do not match the model (missing {missing[:3]})")
+        raise checkpoint_mismatch(path, wrong)
     setattr(model, STORE_ATTR, store)
     model.eval()
     return model

@@ -31,6 +31,7 @@ from compress.files import (
     check_gguf,
     check_safetensors,
     check_weights_file,
+    checkpoint_mismatch,
     load_model_config,
     load_safetensors,
     read_json_object,
@@ -115,9 +116,12 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
     for f in weights:  # a damaged file is named here, not guessed at by transformers ("a TF 2.0 checkpoint?")
         check_weights_file(f)
     config = load_model_config(p)
-    model = AutoModelForCausalLM.from_pretrained(
+    model, info = AutoModelForCausalLM.from_pretrained(
         p, config=config, dtype=dtype, use_safetensors=not allow_pickle or weights[0].suffix == ".safetensors",
-        weights_only=True)
+        weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True)  # reported: refused below
+    missing = sorted(set(info["missing_keys"]) | {k for k, *_ in info["mismatched_keys"]})
+    if missing:  # transformers would run them with freshly initialised (random) weights
+        raise checkpoint_mismatch(p, missing)
     check_module(model, what=f"model {p}")
     tok = load_tokenizer(p)
     model.eval()

@@ -185,6 +185,21 @@ def test_nonfinite_weight_eval(cli, copy_model, value, word):
     refused(cli("eval", m, *EVAL), PLANTED, "non-finite", word, str(m))
 
 
+@pytest.mark.parametrize("change", ["drop", "reshape"])
+def test_a_checkpoint_missing_a_tensor_is_refused_not_filled_with_random_weights(cli, copy_model, tmp_path, change):
+    m = copy_model()
+    tensors = load_file(m / "model.safetensors")
+    if change == "drop":
+        del tensors[PLANTED]
+    else:
+        tensors[PLANTED] = tensors[PLANTED][:, :-1].contiguous()
+    save_file(tensors, str(m / "model.safetensors"), metadata={"format": "pt"})
+    refused(cli("eval", m, *EVAL), PLANTED, str(m))
+    out = tmp_path / "out"
+    refused(cli("quantize", m, "--method", "gptq", *CALIB, "--out", out), PLANTED)
+    no_leftovers(out)
+
+
 def test_nonfinite_weight_refused_by_the_lazy_store(cli, copy_model, tmp_path):
     m = copy_model()
     plant(m / "model.safetensors", PLANTED, float("-inf"), (3, 7))
