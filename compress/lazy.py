@@ -260,14 +260,21 @@ def _tie(model: nn.Module) -> None:
         model.tie_weights()
 
 
-def load_lazy(path: Path, files: list[Path], dtype: torch.dtype) -> nn.Module:
-    """The model at `path` with every weight left on disk; see `store_of(model)`."""
+def load_lazy(path: Path, files: list[Path], dtype: torch.dtype) -> nn.Module | None:
+    """The model at `path` with every weight left on disk (see `store_of(model)`); None for a model whose
+    checkpoint transformers converts as it loads (renamed keys, per-expert tensors fused: GPT-NeoX, MoE),
+    which the caller loads whole."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.conversion_mapping import get_model_conversion_mapping
 
     config = load_model_config(path)
     with init_empty_weights(include_buffers=False):  # buffers such as rotary inv_freq are computed, keep them
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if get_model_conversion_mapping(model, add_legacy=False):
+        log.warning("%s: %s checkpoints are converted as they load; loading it whole instead of streaming it",
+                    path, config.model_type)
+        return None
     tied = set(model.all_tied_weights_keys)  # target -> source of the weights the config ties
     store = TensorStore(model, files, tied=tied, spill_root=os.environ.get("COMPRESS_SPILL_DIR"),
                         what=f"model {path}")

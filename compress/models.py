@@ -111,7 +111,8 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
         from compress.lazy import load_lazy
 
         model = load_lazy(p, weights, dtype)  # its config first: transformers 5's tokenizer loading reads it too
-        return LoadedModel(model, load_tokenizer(p), str(p), weights, prov)
+        if model is not None:
+            return LoadedModel(model, load_tokenizer(p), str(p), weights, prov)
 
     for f in weights:  # a damaged file is named here, not guessed at by transformers ("a TF 2.0 checkpoint?")
         check_weights_file(f)
