@@ -100,3 +100,21 @@ def test_capture_reads_only_what_runs_before_the_first_block(model_dir):
     assert not any("norm" in p or "lm_head" in p for p in read)  # after the blocks: never read
     path, _ = decoder_blocks(lm.model)
     assert all(t.is_meta for k, t in lm.model.state_dict().items() if not k.startswith(path))  # released
+
+
+def test_a_checkpoint_transformers_converts_on_load_is_loaded_whole(tmp_path, tiny_tokenizer):
+    """GPT-NeoX's head is stored as `embed_out` and renamed by transformers as it loads: no streaming, same model."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from compress.lazy import store_of
+    from compress.models import load_model
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPTNeoXConfig(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=128))
+    model.save_pretrained(tmp_path / "neox")
+    tiny_tokenizer.save_pretrained(tmp_path / "neox")
+    lm = load_model(tmp_path / "neox", lazy=True)
+    assert store_of(lm.model) is None
+    assert torch.equal(lm.model.get_output_embeddings().weight, model.get_output_embeddings().weight)
