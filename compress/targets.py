@@ -79,6 +79,12 @@ def select(
             elif name in targets:
                 kind_names = ", ".join(k.__name__ for k in kinds)
                 raise ValueError(f"target {name} is a {type(module).__name__}; this pass applies to {kind_names}")
+    fused = [n for n, m in model.named_modules()
+             if not isinstance(m, kinds) and any(p.dim() > 2 for p in m.parameters(recurse=False))]
+    if fused:  # the bulk of the model would silently stay float
+        raise ValueError(f"{type(model).__name__} keeps weights in fused 3-D tensors ({fused[0]}"
+                         f"{f' and {len(fused) - 1} more' if len(fused) > 1 else ''}: mixture-of-experts "
+                         "experts), which this pass does not compress yet")
     if not chosen:
         raise ValueError(
             f"targets {list(targets)} (ignore {list(ignore)}) matched no module of "

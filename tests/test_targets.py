@@ -46,3 +46,14 @@ def test_kinds_skip_regex_matches_but_reject_exact_names():
     assert list(tg.select(net, ["re:layers\\.0\\."], [], kinds=(nn.Linear,))) == ["layers.0.q_proj", "layers.0.k_proj"]
     with pytest.raises(ValueError, match="is a LayerNorm"):
         tg.select(net, ["layers.0.norm"], [], kinds=(nn.Linear,))
+
+
+def test_fused_expert_weights_are_refused_not_left_float():
+    """transformers 5 keeps MoE experts as 3-D parameters, invisible to a Linear selection: refuse, naming them."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    model = AutoModelForCausalLM.from_config(Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+        num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+    with pytest.raises(ValueError, match=r"fused 3-D tensors \(model.layers.0.mlp.experts and 1 more"):
+        tg.select(model, kinds=(nn.Linear,))
