@@ -26,7 +26,7 @@ must be all ones (no left padding): GroupQueryAttention takes each
 sequence's length from the mask's row sum.
 
 Supported: `model_type` llama / mistral (without sliding window), RMSNorm,
-SiLU MLP, default rope (no scaling). Anything else uses optimum's graph.
+SiLU MLP, default rope (no scaling), optional q/k/v biases (Qwen2). Other architectures are refused.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from torch import nn
 
 from compress.archs import default_rope_theta
 
-FUSED_TYPES = ("llama", "mistral")
+FUSED_TYPES = ("llama", "mistral", "qwen2")  # the Llama block (Qwen2: with q/k/v biases)
 
 
 def fused_supported(model: nn.Module) -> str | None:

@@ -155,3 +155,23 @@ def exported_summary(path) -> dict:
             counts[str(bits)] = counts.get(str(bits), 0) + 1
     return {"matmulnbits_by_bits": counts, "nodes": len(proto.graph.node),
             "provenance": json.loads((Path(path) / "compress.json").read_text())}
+
+
+def test_qwen2_with_its_qkv_biases_exports_and_matches_torch(tmp_path, tiny_tokenizer):
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from compress.models import load_model
+    from export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    with torch.no_grad():
+        for p in model.parameters():  # non-zero biases too (they start at zero)
+            p.normal_(0, 0.08)
+    model.save_pretrained(tmp_path / "qwen2")
+    tiny_tokenizer.save_pretrained(tmp_path / "qwen2")
+    out = export_onnx(load_model(tmp_path / "qwen2"), tmp_path / "onnx")
+    check = exported_summary(out)["provenance"]["format_exported"]
+    assert check["verify_max_abs_logit_diff"] < 1e-3
