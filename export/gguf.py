@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("f32", "f16")
 # Hugging Face model_type -> (llama.cpp architecture, q/k rows reordered for llama.cpp's rope)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True)}
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 # tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer name
 
 

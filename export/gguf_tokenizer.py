@@ -9,6 +9,11 @@ from typing import Any
 from compress.models import LoadedModel
 
 PRE_TOKENIZERS = {"bytelevel-regex": "gpt-2"}
+# a Split by one of these regexes, then byte-level without its own regex -> llama.cpp's pre-tokenizer name
+SPLIT_REGEXES = {
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""":
+        "qwen2",
+}
 
 
 def tokenizer_fields(lm: LoadedModel, n_vocab: int, tmp: Path) -> dict[str, Any]:
@@ -63,5 +68,12 @@ def _pre_tokenizer(pre: dict[str, Any] | None) -> str:
     """llama.cpp's name for the pre-tokenizer in tokenizer.json (those we can identify), else refuse."""
     if pre and pre.get("type") == "ByteLevel" and pre.get("use_regex", True) and not pre.get("add_prefix_space"):
         return PRE_TOKENIZERS["bytelevel-regex"]
+    parts = pre.get("pretokenizers", []) if pre and pre.get("type") == "Sequence" else []
+    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[0].get("behavior") == "Isolated"
+            and not parts[0].get("invert") and parts[1].get("type") == "ByteLevel"
+            and not parts[1].get("use_regex", True) and not parts[1].get("add_prefix_space")):
+        name = SPLIT_REGEXES.get(parts[0].get("pattern", {}).get("Regex"))
+        if name is not None:
+            return name
     raise ValueError(f"GGUF export: cannot name llama.cpp's pre-tokenizer for {json.dumps(pre)[:200]}; "
-                     "supported: byte-level with GPT-2's regex")
+                     "supported: byte-level with GPT-2's regex, Qwen2's split")

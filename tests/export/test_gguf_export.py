@@ -205,3 +205,28 @@ def test_quantized_head_exports_as_its_own_output_tensor(model_dirs, tmp_path):
     x = torch.tensor([[5, 9, 300, 41, 7, 7, 100]])
     with torch.inference_mode():
         assert (ours(input_ids=x).logits - theirs(input_ids=x).logits).abs().max() <= 1e-4
+
+
+def test_qwen2_exports_with_its_biases_and_pre_tokenizer_and_llama_cpp_agrees(tmp_path, tiny_tokenizer):
+    """Qwen2: llama.cpp's qwen2 architecture (NEOX rope: q/k rows not reordered, q/k/v biases) and Qwen2's
+    pre-tokenizer split, which transformers 5's Qwen2 tokenizer class puts in front of the byte-level BPE."""
+    pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(
+        vocab_size=len(tiny_tokenizer) + 8, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=0, eos_token_id=1))
+    with torch.no_grad():
+        for name, p in model.named_parameters():  # non-zero biases too (they start at zero); q and k large
+            p.normal_(0, 0.6 if ".q_proj." in name or ".k_proj." in name else 0.08)  # enough that a wrong rope
+    model.save_pretrained(tmp_path / "qwen2")  # layout in the file shows in llama.cpp's logits
+    tiny_tokenizer.save_pretrained(tmp_path / "qwen2")
+    r = CliRunner().invoke(cli, ["export", str(tmp_path / "qwen2"), "--format", "gguf", "--out", str(tmp_path / "gguf")])
+    assert r.exit_code == 0, r.output
+    prov = json.loads((tmp_path / "gguf" / "compress.json").read_text())["format_exported"]
+    # float weights: llama.cpp computes what torch does (q/k rows in llama.cpp's llama order instead: 9e-3)
+    assert prov["llama_cpp_max_abs_logit_diff"] < 1e-3
+    reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
+    assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= {t.name for t in reader.tensors}
+    assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "qwen2"
