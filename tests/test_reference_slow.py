@@ -16,6 +16,7 @@ from compress.models import load_model, save_model
 from compress.pipeline import apply
 from compress.quantize.qlinear import QuantLinear
 from compress.recipe import Recipe
+from compress.reference import CACHE_NAME
 from compress.runner import evaluate
 
 pytestmark = pytest.mark.slow
@@ -82,7 +83,7 @@ def test_concurrent_first_use_converts_once(tmp_path, monkeypatch):
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1]
     models = tmp_path / "home" / "models"
-    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["smollm2-135m-instruct-fp32"]
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == [CACHE_NAME]
     assert not list(models.glob(".*.tmp-*"))
     monkeypatch.setenv("COMPRESS_HOME", str(tmp_path / "home"))
     lm = load_model()  # the new cache holds a complete model
