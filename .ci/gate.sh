@@ -13,6 +13,11 @@
 # MKL's conditional numerical reproducibility on its AVX2 branch, oneDNN capped at AVX2 and a fixed
 # thread count, every Intel CPU with AVX2 builds the same bytes. The evals run unpinned (a fixed
 # artifact scores the same to the printed digits on either CPU: int8 29.2614 / 49.5 % on both).
+# Baselines re-recorded under transformers 5.25 (2026-12-07, AMD EPYC): the int8 artifact is the same bytes
+# (sha256 ab38a466...) and the int4 one is the same bytes this machine built under 4.57.6 (704dea56...; the
+# earlier baseline, 6b6ee2ad..., was built on an Intel CPU); the ARC protocol changed: transformers 5 converts
+# the reference GGUF's tokenizer as the file says (add_bos_token false, eos <|im_end|>), where 4.57 added BOS,
+# so multiple choice no longer prepends it (int8 47.5 %, int4 41.5 %; WikiText-2 has no BOS either way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
