@@ -4,14 +4,14 @@ Prompt processing (one forward of a 512-token prompt) and greedy decoding of
 128 tokens after it, 2 threads, one run, for:
 
 - torch fp32 (the Hugging Face model) and torch with our QuantLinear modules (int4 g128);
-- ONNX Runtime, our exporter's fused graph (`--graph fused`, the default for
-  Llama models) with the KV cache in preallocated buffers that every
+- ONNX Runtime, our exporter's fused graph with the KV cache in preallocated buffers that every
   GroupQueryAttention appends to in place (I/O binding; also run with the
   cache copied per step, as optimum's loop does): fp32; our int4 and int8 weights as MatMulNBits at accuracy
   level 0 (float activations, the default export) and 4 (int8 activations,
   exported with a loose --tolerance: the fast int8 kernel, less accurate);
   int4 with the lm_head quantized too ("int4 + head", like llama.cpp's Q4_0,
-  whose tied output matrix is Q4_0); and int4 in optimum's graph;
+  whose tied output matrix is Q4_0) (optimum's graph, measured in earlier
+  rows, left with optimum-onnx: it does not install beside transformers 5);
 - llama.cpp (llama-cpp-python): our GGUF exports (F32, Q8_0 from the int8
   artifact, Q4_0 from the int4 ones) and llama.cpp's own Q8_0 and Q4_0
   (`llama_model_quantize` of our F32 file).
@@ -92,7 +92,8 @@ class LlamaCppLoop:
 
 
 class OrtLoop:
-    """A lean greedy loop over an optimum-exported decoder with KV cache, run by an InferenceSession."""
+    """A lean greedy loop over a decoder graph with optimum's input/output names and a KV cache, the cache copied
+    into the feeds each step, run by an InferenceSession."""
 
     def __init__(self, onnx_dir: Path, threads: int) -> None:
         import onnxruntime as ort
@@ -207,16 +208,14 @@ def main() -> None:
                            stdout=subprocess.DEVNULL)
     onnx_dirs = {"fp32": work / "fp32-onnx", "int4": work / "w4-onnx", "int8": work / "w8-onnx",
                  "int4 + head": work / "w4h-onnx", "int4 acc4": work / "w4-onnx-acc4",
-                 "int8 acc4": work / "w8-onnx-acc4", "int4 + head acc4": work / "w4h-onnx-acc4",
-                 "int4 optimum": work / "w4-onnx-optimum"}
+                 "int8 acc4": work / "w8-onnx-acc4", "int4 + head acc4": work / "w4h-onnx-acc4"}
     for k, path in onnx_dirs.items():
         if not path.exists():
-            art = k.removesuffix(" acc4").removesuffix(" optimum")
+            art = k.removesuffix(" acc4")
             src = [] if k == "fp32" else [str(arts[art])]
             level = ["--accuracy-level", "4", "--tolerance", "10"] if k.endswith("acc4") else []
-            graph = ["--graph", "optimum"] if k.endswith("optimum") else []
             subprocess.run([*cli, "export", *src, "--format", "onnx", "--out", str(path), "--threads",
-                            str(args.threads), *level, *graph], check=True, stdout=subprocess.DEVNULL)
+                            str(args.threads), *level], check=True, stdout=subprocess.DEVNULL)
     try:
         import llama_cpp
     except ImportError:
@@ -249,16 +248,15 @@ def main() -> None:
     runs = {"torch fp32": lambda: torch_loop(lm.model, prompt, args.new_tokens)}
     q4 = load_model(arts["int4"])
     runs["torch int4 (QuantLinear)"] = lambda: torch_loop(q4.model, prompt, args.new_tokens)
-    # fused graphs run with the KV cache shared in place (SharedKvLoop); optimum's graph copies it each step
-    loops = {k: (OrtLoop if k.endswith("optimum") else SharedKvLoop)(p, args.threads) for k, p in onnx_dirs.items()}
+    # the fused graphs run with the KV cache shared in place (SharedKvLoop)
+    loops = {k: SharedKvLoop(p, args.threads) for k, p in onnx_dirs.items()}
     loops["int4 copy-kv"] = OrtLoop(onnx_dirs["int4"], args.threads)
     labels = {"fp32": "onnxruntime fp32", "int4": "onnxruntime int4 (MatMulNBits)",
               "int8": "onnxruntime int8 (MatMulNBits)", "int4 + head": "onnxruntime int4 + head (MatMulNBits)",
               "int4 acc4": "onnxruntime int4 (MatMulNBits, int8 act.)",
               "int8 acc4": "onnxruntime int8 (MatMulNBits, int8 act.)",
               "int4 + head acc4": "onnxruntime int4 + head (MatMulNBits, int8 act.)",
-              "int4 copy-kv": "onnxruntime int4 (MatMulNBits, KV cache copied per step)",
-              "int4 optimum": "onnxruntime int4 (MatMulNBits, optimum graph)"}
+              "int4 copy-kv": "onnxruntime int4 (MatMulNBits, KV cache copied per step)"}
     for k, label in labels.items():
         runs[label] = lambda k=k: loops[k].run(prompt, args.new_tokens)
     n_ctx = args.prompt_tokens + args.new_tokens + 8
