@@ -33,14 +33,12 @@ def main() -> None:
 
     from compress.artifact import package_versions, write_json_atomic
     from compress.models import load_model
-    from compress.reference import reference_model_dir
     from compress.runner import run_tasks
     from eval.backends import TorchBackend
     from eval.onnx_backend import OrtBackend
     from export.onnx import export_onnx
 
     torch.set_num_threads(args.threads)
-    model_dir = Path(args.model) if args.model else reference_model_dir()
     opts = {"windows": args.windows}
     lm = load_model(args.model)
     t = time.perf_counter()

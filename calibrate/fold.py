@@ -11,13 +11,15 @@ attention is linear in V, so v -> o when their shapes agree).
 Rather than a per-architecture table of such pairs, each candidate producer is
 tested on real block inputs: its parameters are divided by a random positive
 s, and the fold is accepted only if the stage's input becomes exactly x / s.
-Norms whose output is `(1 + weight) * x` (Gemma), nonlinear paths and residual
-adds are rejected by the same test.
+Nonlinear paths and residual adds are rejected by the same test. A norm whose
+output is `(1 + weight) * x` (Gemma's RMSNorm) fails the plain division and is
+tested again in that form: its weight w becomes (1 + w) / s - 1.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +27,17 @@ from torch import nn
 from calibrate.blocks import BlockInputs, check_activations, observe_block
 
 log = logging.getLogger(__name__)
+
+
+class Fold(NamedTuple):
+    """Where a stage's 1/s goes: the block submodule `name`, whose output channels are `offset + weight`
+    times the rest (offset 0: a Linear or a plain norm; 1: a Gemma norm)."""
+
+    name: str
+    offset: float = 0.0
+
+
+OFFSETS = (0.0, 1.0)  # the weight forms the fold test tries, in order: w, then (1 + w)
 
 
 def channel_params(module: nn.Module) -> list[torch.Tensor] | None:
@@ -39,11 +52,19 @@ def channel_params(module: nn.Module) -> list[torch.Tensor] | None:
 
 
 @torch.no_grad()
-def fold_into_producer(producer: nn.Module, s: torch.Tensor) -> None:
-    """Scale `producer`'s output channels by 1/s (s of shape (channels,))."""
-    for p in channel_params(producer):
+def fold_into_producer(producer: nn.Module, s: torch.Tensor, offset: float = 0.0) -> None:
+    """Scale `producer`'s output channels by 1/s (s of shape (channels,)); `offset` as in `Fold`."""
+    for i, p in enumerate(channel_params(producer)):
         shape = (-1,) + (1,) * (p.dim() - 1)  # weight rows (out, in) or a vector (out,)
-        p.div_(s.to(p.dtype).reshape(shape))
+        if i == 0 and offset:  # the weight of a (offset + w) norm; a bias is divided as it is
+            p.add_(offset).div_(s.to(p.dtype).reshape(shape)).sub_(offset)
+        else:
+            p.div_(s.to(p.dtype).reshape(shape))
+
+
+def fold(block: nn.Module, producer: Fold, s: torch.Tensor) -> None:
+    """Fold 1/s into `block`'s submodule `producer` (a `find_producers` result)."""
+    fold_into_producer(block.get_submodule(producer.name), s, producer.offset)
 
 
 @torch.no_grad()
@@ -71,7 +92,7 @@ def _run_order(block: nn.Module, inputs: BlockInputs) -> list[tuple[str, nn.Modu
 
 @torch.no_grad()
 def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]],
-                   modules: dict[str, nn.Module], *, rtol: float = 1e-3) -> dict[str, str | None]:
+                   modules: dict[str, nn.Module], *, rtol: float = 1e-3) -> dict[str, Fold | None]:
     """For each stage (keyed by its first module's name), the block submodule that can absorb 1/s, or None.
 
     Candidates are modules that run before the stage, produce as many channels
@@ -81,7 +102,7 @@ def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]
     one = BlockInputs(inputs.hidden[:1], inputs.kwargs[:1])  # one calibration batch is enough to tell
     order = _run_order(block, one)
     names = [n for n, _ in order]
-    result: dict[str, str | None] = {}
+    result: dict[str, Fold | None] = {}
     gen = torch.Generator().manual_seed(0)
     for stage in stages:
         lead = stage[0]
@@ -96,17 +117,20 @@ def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]
         x0 = _stage_input(block, one, lead, modules[lead])
         check_activations(x0, f"the input of {lead}")
         for name, mod in reversed(before):  # closest producer first
-            s = torch.rand(width, generator=gen) * 1.5 + 0.5  # (width,) in [0.5, 2)
-            saved = [p.detach().clone() for p in channel_params(mod)]
-            fold_into_producer(mod, s.to(saved[0].device))
-            try:
-                x1 = _stage_input(block, one, lead, modules[lead])
-            finally:
-                for p, v in zip(channel_params(mod), saved, strict=True):
-                    p.copy_(v)
-            want = x0 / s.to(x0.device, x0.dtype)
-            if torch.allclose(x1, want, rtol=rtol, atol=rtol * float(want.abs().max())):
-                result[lead] = name
+            for offset in OFFSETS if not isinstance(mod, nn.Linear) else (0.0,):
+                s = torch.rand(width, generator=gen) * 1.5 + 0.5  # (width,) in [0.5, 2)
+                saved = [p.detach().clone() for p in channel_params(mod)]
+                fold_into_producer(mod, s.to(saved[0].device), offset)
+                try:
+                    x1 = _stage_input(block, one, lead, modules[lead])
+                finally:
+                    for p, v in zip(channel_params(mod), saved, strict=True):
+                        p.copy_(v)
+                want = x0 / s.to(x0.device, x0.dtype)
+                if torch.allclose(x1, want, rtol=rtol, atol=rtol * float(want.abs().max())):
+                    result[lead] = Fold(name, offset)
+                    break
+            if result[lead] is not None:
                 break
         log.debug("fold target of %s: %s", lead, result[lead])
     return result

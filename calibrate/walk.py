@@ -38,7 +38,7 @@ from calibrate.blocks import (
     run_block,
 )
 from calibrate.capture import capture_first_block_inputs
-from calibrate.fold import find_producers
+from calibrate.fold import Fold, find_producers
 from calibrate.forward import resolve_forward_dtype
 from calibrate.replay import BlockReplay
 from calibrate.stats import HessianCollector
@@ -100,7 +100,7 @@ class Block:
             for n in stage:
                 yield n, H.pop() if n == stage[-1] else H[0]
 
-    def producers(self) -> dict[str, str | None]:
+    def producers(self) -> dict[str, Fold | None]:
         """Stage lead -> the block submodule that can absorb a per-channel scale of the stage's input, or None
         (`calibrate.fold.find_producers`). A fact of the block's structure: tested on the first block of a
         kind (class and stages), then reused for the blocks like it."""

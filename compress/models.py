@@ -223,6 +223,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     for f in files:
         state.update(load_safetensors(f))
     check_tensors(state, what=f"model {p}")  # packed integer codes are skipped; scales and floats are not
+    state = _renamed_as_transformers_loads(model, state, p)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = set(model.all_tied_weights_keys)
@@ -233,6 +234,21 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     setattr(model, RECIPE_ATTR, list(prov.get("recipe", [])))  # how it was quantized: LoRA merging re-does it
     tok = load_tokenizer(p)
     return LoadedModel(model, tok, str(p), files, prov)
+
+
+def _renamed_as_transformers_loads(model: nn.Module, state: dict[str, torch.Tensor],
+                                   p: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under the model's names: transformers 5 saves some architectures under their
+    original checkpoint names (GPT-NeoX's `embed_out` for `lm_head`) and renames them as it loads."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming, apply_renamings
+
+    transforms = get_model_conversion_mapping(model, add_legacy=False)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if len(renamings) != len(transforms):
+        raise ValueError(f"{p}: transformers converts the tensors of {model.config.model_type} checkpoints as they "
+                         "load (fused experts); a packed artifact of it cannot be rebuilt yet")
+    return {apply_renamings(k, renamings): v for k, v in state.items()} if renamings else state
 
 
 def quantized_modules(model: nn.Module) -> dict[str, dict[str, Any]]:

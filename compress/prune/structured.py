@@ -36,6 +36,7 @@ from compress.checks import check_fields
 from compress.files import brief
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
+from compress.targets import refuse_fused_experts
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,7 @@ def _energy(W: torch.Tensor, H: torch.Tensor | None, unit: int) -> torch.Tensor:
 def _run(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, label: str, which: str, prune_block,
          progress: Progress | None) -> int:
     """Per block: find the units, measure the consumer's input Hessian, prune; returns the parameters removed."""
+    refuse_fused_experts(model)
     removed = 0
 
     def visit(block: Block) -> None:
@@ -185,6 +187,7 @@ def run_channels(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, *
 def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
               progress: Progress | None = None) -> PassReport:
     """Remove query heads (evenly in every KV group) or whole KV groups from every block's attention."""
+    refuse_fused_experts(model)  # before the head plan: the experts are the first thing it cannot do
     config = model.config
     n_h, n_kv, hd, new_rep, new_kv = _head_plan(config, cfg)
     rep = n_h // n_kv
@@ -217,7 +220,8 @@ def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
             attn.num_key_value_groups = new_rep
 
     removed = _run(model, cfg, calib, "prune_heads", "attention", prune_block, progress)
-    config.num_attention_heads, config.num_key_value_heads = new_kv * new_rep, new_kv
+    # head_dim written out: a config that derived it from hidden_size / heads would derive another one now
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = new_kv * new_rep, new_kv, hd
     log.info("prune_heads: heads %d -> %d, KV heads %d -> %d", n_h, new_kv * new_rep, n_kv, new_kv)
     return _report("prune_heads", model, removed,
                    {"num_attention_heads": [n_h, new_kv * new_rep], "num_key_value_heads": [n_kv, new_kv]})
@@ -225,11 +229,17 @@ def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
 
 def _head_plan(config, cfg: HeadsConfig) -> tuple[int, int, int, int, int]:
     """(heads, KV heads, head size, query heads per KV group after, KV heads after) of the config and ratio."""
-    if getattr(config, "head_dim", None) is None or getattr(config, "num_key_value_heads", None) is None:
-        raise ValueError(f"{type(config).__name__} derives its head size from hidden_size: pruning heads would "
-                         "need custom code to load (supported: configs with head_dim and num_key_value_heads, "
-                         "e.g. Llama, Mistral, Qwen2)")
-    n_h, n_kv, hd = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    derives = f"{type(config).__name__} derives its head size from hidden_size: pruning heads would need custom " \
+              "code to load (supported: configs with num_key_value_heads whose model reads head_dim, e.g. Llama, " \
+              "Mistral, Qwen2)"
+    if getattr(config, "num_key_value_heads", None) is None:
+        raise ValueError(derives)
+    hd = getattr(config, "head_dim", None)
+    if hd is None:  # derived from hidden_size; kept after pruning only if the model reads an explicit head_dim
+        hd = config.hidden_size // config.num_attention_heads
+        if not _reads_head_dim(config, hd):
+            raise ValueError(derives)
+    n_h, n_kv = config.num_attention_heads, config.num_key_value_heads
     rep = n_h // n_kv
     per, units = (rep, "query heads per KV group") if cfg.unit == "query" else (n_kv, "KV groups")
     drop = round(cfg.ratio * per)
@@ -238,13 +248,33 @@ def _head_plan(config, cfg: HeadsConfig) -> tuple[int, int, int, int, int]:
                          f"moves in steps of 1/{per} ({', '.join(f'{k / per:.3f}' for k in range(1, per))})")
     new_rep, new_kv = (rep - drop, n_kv) if cfg.unit == "query" else (rep, n_kv - drop)
     trial = copy.deepcopy(config)
-    trial.num_attention_heads, trial.num_key_value_heads = new_kv * new_rep, new_kv
+    trial.num_attention_heads, trial.num_key_value_heads, trial.head_dim = new_kv * new_rep, new_kv, hd
     try:
         trial.validate()  # what transformers checks whenever the pruned model loads
     except Exception as e:  # noqa: BLE001  (huggingface_hub's validation errors are not ValueErrors)
         raise ValueError(f"{new_kv * new_rep} attention heads ({new_kv} KV) would not load as a "
                          f"{type(config).__name__}: {brief(e.__cause__ or e)}") from None
     return n_h, n_kv, hd, new_rep, new_kv
+
+
+def _reads_head_dim(config, hd: int) -> bool:
+    """Whether a model of `config` sizes its heads by `config.head_dim` (set to `hd`) rather than hidden_size /
+    heads: a copy with half the heads is built on the meta device and its attention projections are measured."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    trial = copy.deepcopy(config)
+    trial.num_hidden_layers, trial.num_attention_heads, trial.num_key_value_heads, trial.head_dim = (
+        1, max(1, config.num_attention_heads // 2), max(1, config.num_key_value_heads // 2), hd)
+    if getattr(trial, "layer_types", None) is not None:
+        trial.layer_types = trial.layer_types[:1]
+    try:
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(trial)
+    except Exception:  # noqa: BLE001  (a config that cannot take half the heads cannot take an explicit head size)
+        return False
+    outs = {m.out_features for m in decoder_blocks(model)[1][0].modules() if isinstance(m, nn.Linear)}
+    return trial.num_attention_heads * hd in outs and trial.num_key_value_heads * hd in outs
 
 
 def _report(name: str, model: nn.Module, removed: int, shape: dict) -> PassReport:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.fold import fold_into_producer, scale_consumer
+from calibrate.fold import Fold, fold, scale_consumer
 from calibrate.stats import ChannelStats, HessianCollector
 from calibrate.walk import Block, walk
 from compress import targets as tg
@@ -167,7 +167,7 @@ def _report(cfg: AWQConfig, totals: dict, modules: int) -> PassReport:
     return PassReport(name="awq", modules=modules, metrics=metrics)
 
 
-def _scale_stage(block: Block, stage: list[str], hc: HessianCollector, cs: ChannelStats, producer: str | None,
+def _scale_stage(block: Block, stage: list[str], hc: HessianCollector, cs: ChannelStats, producer: Fold | None,
                  cfg: AWQConfig, totals: dict) -> torch.Tensor | None:
     """Search the stage's scale s and fold it (1/s into the producer, s into the stage's weights); return the
     Hessian of the stage's new input x / s (None when no calibration token reached the stage)."""
@@ -176,7 +176,7 @@ def _scale_stage(block: Block, stage: list[str], hc: HessianCollector, cs: Chann
         return H
     s, after, before = search_scale([block.modules[n].weight for n in stage], H, cs.mean_abs, cfg.scheme,
                                     n_grid=cfg.n_grid, duo_scaling=cfg.duo_scaling)
-    fold_into_producer(block.module.get_submodule(producer), s)
+    fold(block.module, producer, s)
     for n in stage:
         scale_consumer(block.modules[n], s)
     totals["scale_before"] += before

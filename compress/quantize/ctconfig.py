@@ -16,14 +16,12 @@ def quantization_config(modules: dict[str, dict[str, Any]], ignore: list[str]) -
     max|x| / 127, a slightly different grid.
 
     `ignore` names the Linear modules left in float. Verified
-    (tests/export/test_compressed_tensors.py): transformers 4.57 with
-    compressed-tensors 0.20 loads our symmetric 4- and 8-bit artifacts, group
-    or per-channel, and computes the same logits. Not loadable there yet: a
-    group size that does not divide a layer's in_features (compressed-tensors
-    refuses; our last group is shorter), 3-bit codes (we pack 10 per word,
-    compressed-tensors 0.19+ packs densely), and asymmetric schemes under
-    transformers < 5 (it sizes the zero point unpacked; the layout itself is
-    compressed-tensors' packed one).
+    (tests/test_arch_matrix.py, tests/export/test_compressed_tensors.py):
+    transformers 5 with compressed-tensors 0.20 loads our symmetric 8/4/3/2-bit
+    artifacts, group or per-channel, and computes the same logits; its
+    decompressor reads our asymmetric ones as the same weights, but its meta
+    skeleton sizes an asymmetric zero point unpacked, so transformers refuses
+    those checkpoints (any writer's) until that is fixed upstream.
     """
     if not modules:
         return None

@@ -3,9 +3,9 @@
 Buffers follow compressed-tensors' pack-quantized naming, so the state dict of
 a quantized model is the artifact's tensor layout:
 
-- `weight_packed`     int32 (out, ceil(in / (32 // bits))): unsigned codes, see `packing`
+- `weight_packed`     int32 (out, ceil(in * bits / 32)): unsigned codes, see `packing`
 - `weight_scale`      (out, n_groups) in the scheme's scale dtype
-- `weight_zero_point` int32 (ceil(out / (32 // bits)), n_groups), asymmetric only:
+- `weight_zero_point` int32 (ceil(out * bits / 32), n_groups), asymmetric only:
                       unsigned zero points packed along the output dimension
 - `weight_shape`      int64 (2,): (out, in)
 
@@ -25,7 +25,7 @@ from torch import nn
 
 from compress.quantize.grid import dequantize
 from compress.quantize.packed import PackedLinear
-from compress.quantize.packing import pack_int32, packed_len, unpack_int32
+from compress.quantize.packing import pack_int32, packed_len, unpack_int32, unpack_int32_sparse
 from compress.quantize.scheme import QuantScheme
 
 
@@ -53,6 +53,21 @@ class QuantLinear(PackedLinear):
                                  requires_grad=False) if bias else None
         self.compute_dtype = dtype
         self.dequantized: torch.Tensor | None = None  # set inside `dequantized_once`
+        self.sparse_words = False  # set by from_layout for an artifact written before the dense layout
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # an artifact from before the dense layout (3 bits: ten codes per word) is repacked as it loads, so the
+        # module, and whatever is saved from it, holds compressed-tensors' layout
+        if self.sparse_words:
+            bits = self.scheme.bits
+            for key, n, flip in ((prefix + "weight_packed", self.in_features, False),
+                                 (prefix + "weight_zero_point", self.out_features, True)):
+                t = state_dict.get(key)
+                if t is not None and t.dtype == torch.int32:
+                    t = t.T if flip else t
+                    t = pack_int32(unpack_int32_sparse(t, bits, n), bits)
+                    state_dict[key] = t.T.contiguous() if flip else t
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -83,13 +98,17 @@ class QuantLinear(PackedLinear):
 
     @classmethod
     def from_layout(cls, layout: dict, dtype: torch.dtype) -> QuantLinear:
-        return cls(layout["in_features"], layout["out_features"], QuantScheme(**layout["scheme"]),
-                   bias=layout.get("bias", False), dtype=dtype)
+        m = cls(layout["in_features"], layout["out_features"], QuantScheme(**layout["scheme"]),
+                bias=layout.get("bias", False), dtype=dtype)
+        m.sparse_words = 32 % m.scheme.bits != 0 and layout.get("packing") != "dense"
+        return m
 
     def layout(self) -> dict:
-        # no "kind": the default one, as artifacts recorded it before there were kinds
+        # no "kind": the default one, as artifacts recorded it before there were kinds; "packing" only where
+        # the dense layout differs from the earlier one (widths that do not divide 32)
         return {"scheme": self.scheme.to_dict(), "in_features": self.in_features,
-                "out_features": self.out_features, "bias": self.bias is not None}
+                "out_features": self.out_features, "bias": self.bias is not None,
+                **({"packing": "dense"} if 32 % self.scheme.bits else {})}
 
     def codes(self) -> torch.Tensor:
         """Unsigned codes (out, in), int32."""

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from calibrate.blocks import batches
-from calibrate.fold import fold_into_producer, scale_consumer
+from calibrate.fold import Fold, fold, scale_consumer
 from calibrate.forward import ForwardOptions
 from calibrate.observers import OBSERVERS, SYMMETRIC_ONLY, fake_quantize, make_observer
 from calibrate.stats import ChannelStats
@@ -154,7 +154,7 @@ def _report(cfg: SmoothQuantConfig, totals: dict, chosen: dict[str, list[float]]
     return PassReport(name="smoothquant", modules=modules, metrics=metrics)
 
 
-def _smooth_stage(block: Block, stage: list[str], producer: str, stats: tuple, cfg: SmoothQuantConfig,
+def _smooth_stage(block: Block, stage: list[str], producer: Fold, stats: tuple, cfg: SmoothQuantConfig,
                   totals: dict) -> float | None:
     """Choose the stage's alpha (or take cfg.alpha) and fold its factors; the alpha, or None when smoothing
     made the stage worse and it was left alone."""
@@ -168,7 +168,7 @@ def _smooth_stage(block: Block, stage: list[str], producer: str, stats: tuple, c
         totals["unsmoothed"] += 1
         return None
     s = smoothing_factors(x_max, Ws, alpha)
-    fold_into_producer(block.module.get_submodule(producer), s)
+    fold(block.module, producer, s)
     for n in stage:
         scale_consumer(block.modules[n], s)
     # how far the largest channel stands out from the typical one, before and after

@@ -3,7 +3,7 @@ from torch import nn
 
 from calibrate.blocks import BlockInputs, decoder_blocks
 from calibrate.capture import capture_first_block_inputs
-from calibrate.fold import find_producers, fold_into_producer, scale_consumer
+from calibrate.fold import Fold, find_producers, fold, scale_consumer
 from calibrate.replay import BlockReplay
 
 EXPECTED = {
@@ -27,7 +27,12 @@ def _block(make_tiny, tiny_tokenizer, arch):
 
 def test_producers_found_by_testing_the_block(make_tiny, tiny_tokenizer, arch):
     block, inputs, mods, stages = _block(make_tiny, tiny_tokenizer, arch)
-    assert find_producers(block, inputs, stages, mods) == EXPECTED[arch]
+    assert _names(find_producers(block, inputs, stages, mods)) == EXPECTED[arch]
+
+
+def _names(found):
+    assert all(f is None or f.offset == 0 for f in found.values())  # plain norms and Linears
+    return {k: f and f.name for k, f in found.items()}
 
 
 def test_folding_a_scale_keeps_the_block_output(make_tiny, tiny_tokenizer, arch):
@@ -39,7 +44,7 @@ def test_folding_a_scale_keeps_the_block_output(make_tiny, tiny_tokenizer, arch)
             if producers[st[0]] is None:
                 continue
             s = torch.rand(mods[st[0]].in_features) * 3 + 0.25
-            fold_into_producer(block.get_submodule(producers[st[0]]), s)
+            fold(block, producers[st[0]], s)
             for n in st:
                 scale_consumer(mods[n], s)
         after = block(inputs.hidden[0], **inputs.kwargs[0])[0]
@@ -68,16 +73,23 @@ class _Toy(nn.Module):
         return (self.down(torch.tanh(self.gate(h)) * torch.tanh(self.up(h))),)
 
 
-def test_non_homogeneous_paths_are_rejected():
+def test_non_homogeneous_paths_are_rejected_and_one_plus_norms_fold_in_their_form():
     x = torch.randn(2, 5, 8)
-    for norm, want in ((nn.LayerNorm(8), "norm"), (_OnePlusNorm(8), None)):
+    for norm, want in ((nn.LayerNorm(8), Fold("norm", 0.0)), (_OnePlusNorm(8), Fold("norm", 1.0))):
         toy = _Toy(norm)
         with torch.no_grad():
-            norm.weight.uniform_(0.5, 1.5)
+            norm.weight.uniform_(-0.5, 0.5)
         mods = {"up": toy.up, "gate": toy.gate, "down": toy.down}
         got = find_producers(toy, BlockInputs([x], [{}]), [["gate", "up"], ["down"]], mods)
         # tanh(up) * tanh(gate) is not homogeneous in up's output: down has no producer
         assert got == {"gate": want, "down": None}
+        with torch.no_grad():
+            before = toy(x)[0]
+            s = torch.rand(8) * 3 + 0.25
+            fold(toy, got["gate"], s)
+            scale_consumer(toy.gate, s)
+            scale_consumer(toy.up, s)
+            assert torch.allclose(toy(x)[0], before, atol=1e-5)
 
 
 def test_blocks_of_one_kind_have_the_same_producers(make_tiny, tiny_tokenizer, arch):
@@ -92,4 +104,4 @@ def test_blocks_of_one_kind_have_the_same_producers(make_tiny, tiny_tokenizer, a
         mods = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         found.append(find_producers(block, inputs, BlockReplay(block, inputs, mods).stages, mods))
         run_block(block, inputs)
-    assert len(found) > 1 and all(f == EXPECTED[arch] for f in found)
+    assert len(found) > 1 and all(_names(f) == EXPECTED[arch] for f in found)

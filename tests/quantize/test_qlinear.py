@@ -99,3 +99,53 @@ def test_dequantized_once_gives_the_same_numbers_and_is_released(make_tiny, tiny
         assert once[task]["value"] == skipped[task]["value"]
         assert [it.get("nll", it.get("logprobs")) for it in once[task]["items"]] == \
             [it.get("nll", it.get("logprobs")) for it in skipped[task]["items"]]
+
+
+def test_three_bit_artifact_of_the_earlier_sparse_layout_loads_repacked(model_dirs, tmp_path):
+    """3-bit artifacts written before the dense layout (ten codes per word, no "packing" in the layout) still
+    load, with the same weights, and are held (and saved again) in compressed-tensors' layout."""
+    import json
+
+    from click.testing import CliRunner
+    from safetensors.torch import load_file, save_file
+
+    from compress.cli import cli
+    from compress.models import load_model, save_model
+
+    out = tmp_path / "w3"
+    r = CliRunner().invoke(cli, ["quantize", str(model_dirs["llama"]), "--method", "rtn", "--bits", "3",
+                                 "--group-size", "32", "--asym", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    new = load_model(out).model
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in out.iterdir():
+        (old / f.name).write_bytes(f.read_bytes())
+    prov = json.loads((old / "compress.json").read_text())
+    for info in prov["quantization"]["modules"].values():
+        assert info.pop("packing") == "dense"
+    (old / "compress.json").write_text(json.dumps(prov))
+
+    def sparse(codes, n):  # ten 3-bit codes per int32 word, as written before
+        words = torch.zeros(codes.shape[0], -(-n // 10), dtype=torch.int64)
+        for i in range(n):
+            words[:, i // 10] |= codes[:, i].to(torch.int64) << (3 * (i % 10))
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    f = next(old.glob("*.safetensors"))
+    state = load_file(f)
+    for name in prov["quantization"]["modules"]:
+        m = new.get_submodule(name)
+        state[f"{name}.weight_packed"] = sparse(m.codes(), m.in_features)
+        zp = torch.from_numpy(m.zero_point().numpy()).round().int().T  # (groups, out)
+        state[f"{name}.weight_zero_point"] = sparse(zp, m.out_features).T.contiguous()
+    save_file(state, f, metadata={"format": "pt"})
+    lm = load_model(old)
+    ids = torch.tensor([list(range(10, 50))])
+    with torch.inference_mode():
+        assert torch.equal(lm.model(input_ids=ids).logits, new(input_ids=ids).logits)
+    name = next(iter(prov["quantization"]["modules"]))
+    assert torch.equal(lm.model.get_submodule(name).weight_packed, new.get_submodule(name).weight_packed)
+    save_model(lm, tmp_path / "again")
+    again = json.loads((tmp_path / "again" / "compress.json").read_text())
+    assert again["quantization"]["modules"][name]["packing"] == "dense"
