@@ -92,7 +92,7 @@ _EXPERTS = "experts"
 REFUSED: dict[tuple[str, str], str] = {  # (architecture, column) -> what its one-line refusal says
     **{(a, "onnx"): "ONNX export does not support model type" for a in _NOT_EXPORTED},
     **{(a, "gguf"): "GGUF export supports model types" for a in _NOT_EXPORTED},
-    ("phi3", "prune_channels"): "gate_up_proj",
+    ("phi3", "prune_channels"): "fused projections",
     ("phi3", "prune_heads"): "derives its head size",
     ("opt", "prune_heads"): "derives its head size",
     ("gpt_neox", "prune_heads"): "derives its head size",
@@ -103,7 +103,7 @@ REFUSED: dict[tuple[str, str], str] = {  # (architecture, column) -> what its on
 WHY = {  # a refusal's words -> the README's short reason
     "ONNX export does not support model type": "not in the fused graph yet",
     "GGUF export supports model types": "not in the GGUF writer yet",
-    "gate_up_proj": "fused gate_up_proj",
+    "fused projections": "fused gate_up_proj",
     "derives its head size": "head size not in config",
     _CONV1D: "Conv1D weights",
     _EXPERTS: "fused 3-D experts",

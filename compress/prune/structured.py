@@ -165,6 +165,11 @@ def run_channels(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, *
 
     def prune_block(block, producers, consumer, lins, H):
         down = lins[consumer]
+        fused = [p for p in producers if lins[p].out_features > width and lins[p].out_features % width == 0]
+        if fused:
+            raise ValueError(f"{fused[0]} holds {lins[fused[0]].out_features // width} fused projections of the MLP "
+                             f"width {width} (Phi-3's gate_up_proj): channel pruning of fused projections is not "
+                             "supported yet")
         if down.in_features != width or any(lins[p].out_features != width for p in producers):
             raise ValueError(f"MLP Linears {producers} -> {consumer} do not have the config's width {width}")
         score = _energy(down.weight.detach(), H, 1)
