@@ -1,8 +1,34 @@
-"""Facts about a transformers architecture that the exporters read from its config."""
+"""Facts about a transformers architecture: which ones compress takes, and what the exporters read from a config."""
 
 from __future__ import annotations
 
 from typing import Any
+
+# Decoder-only model types run through every pass by tests/test_arch_matrix.py (the README's table says which
+# passes and exporters each takes). Other causal LMs transformers knows load and are tried; these are tested.
+TESTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox")
+
+
+class UnsupportedModel(ValueError):
+    """A model compress cannot take at all (not a decoder-only language model transformers knows); the CLI exits
+    with status 2 on it."""
+
+
+def check_causal_lm(config: Any, where: str) -> None:
+    """Refuse, in one line, a config that is not a decoder-only causal language model transformers can build:
+    an encoder (BERT), an encoder-decoder (T5) or a model type without a causal-LM class."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    kind = None
+    if getattr(config, "is_encoder_decoder", False):
+        kind = "an encoder-decoder model"
+    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
+        kind = "an encoder (masked language model)"
+    elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        kind = "not a causal language model transformers can build"
+    if kind:
+        raise UnsupportedModel(f"{where}: model type {config.model_type!r} ({type(config).__name__}) is {kind}; "
+                               f"compress takes decoder-only language models (tested: {', '.join(TESTED)})")
 
 
 def default_rope_theta(config: Any) -> float | str:

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from compress.archs import TESTED, UnsupportedModel, check_causal_lm
+
 HINT = "truncated or corrupted? re-download or re-create it"
 MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers too
 
@@ -112,12 +114,20 @@ def load_model_config(model_dir: str | Path) -> Any:
     if not f.is_file():
         raise ValueError(f"{model_dir}: no config.json (the model's architecture); save it with the weights "
                          "(config.save_pretrained)")
-    read_json_object(f, what="model config")
+    raw = read_json_object(f, what="model config")
+    from transformers import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type not in CONFIG_MAPPING:
+        raise UnsupportedModel(f"{f}: model type {model_type!r} is not one transformers knows; compress takes the "
+                               f"decoder-only language models transformers knows (tested: {', '.join(TESTED)})")
     try:
-        return AutoConfig.from_pretrained(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError, TypeError, AttributeError,
             StrictDataclassError) as e:  # transformers 5 validates configs as they load
         raise ValueError(f"{f}: not a loadable model config ({brief(e)})") from None
+    check_causal_lm(config, str(model_dir))
+    return config
 
 
 def safetensors_header(path: str | Path) -> dict[str, dict[str, Any]]:

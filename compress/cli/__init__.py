@@ -8,13 +8,18 @@ from compress import __version__
 
 
 class _Group(click.Group):
-    """Turns library user errors (ValueError) into one-line click errors with exit status 1."""
+    """Turns library user errors (ValueError) into one-line click errors with exit status 1; 2 for a model
+    compress does not take at all (`archs.UnsupportedModel`)."""
 
     def invoke(self, ctx: click.Context):
+        from compress.archs import UnsupportedModel
+
         try:
             return super().invoke(ctx)
         except (ValueError, FileNotFoundError, NotADirectoryError) as e:
-            raise click.ClickException(str(e)) from None
+            err = click.ClickException(str(e))
+            err.exit_code = 2 if isinstance(e, UnsupportedModel) else 1
+            raise err from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
