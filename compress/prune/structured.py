@@ -125,7 +125,6 @@ def _energy(W: torch.Tensor, H: torch.Tensor | None, unit: int) -> torch.Tensor:
 def _run(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, label: str, which: str, prune_block,
          progress: Progress | None) -> int:
     """Per block: find the units, measure the consumer's input Hessian, prune; returns the parameters removed."""
-    refuse_fused_experts(model)
     removed = 0
 
     def visit(block: Block) -> None:
@@ -153,6 +152,7 @@ def _refit_or_slice(block, consumer: str, lin: nn.Linear, H, keep: torch.Tensor,
 def run_channels(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, *,
                  progress: Progress | None = None) -> PassReport:
     """Remove a fraction of every block's MLP channels (intermediate size) by output energy."""
+    refuse_fused_experts(model)
     config = model.config
     key = next((k for k in MLP_WIDTH_KEYS if isinstance(getattr(config, k, None), int)), None)
     if key is None:
