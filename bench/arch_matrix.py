@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from test_arch_matrix import ARCHS, CELLS, REFUSED, WHY, make_arch_model  # noqa: E402
+from test_arch_matrix import ARCHS, CELLS, REFUSED, WHY, cell_args, make_arch_model  # noqa: E402
 
 
 def expected(arch: str, column: str) -> str:
@@ -80,7 +80,7 @@ def run(archs: list[str], output: str) -> int:
                 if cmd[0] == "export" and rows[arch].get("rtn") == "ok":
                     model = root / f"{arch}-rtn"
                 out = root / f"{arch}-{column.replace(' ', '_')}"
-                got = rows[arch][column] = outcome(runner.invoke(cli, [cmd[0], str(model), *cmd[1:], "--out", str(out)]))
+                got = rows[arch][column] = outcome(runner.invoke(cli, cell_args(column, model, out)))
                 want = REFUSED.get((arch, column))
                 if (got == "ok") != (want is None) or (want is not None and want not in got):
                     wrong.append(f"{arch} / {column}: table says {expected(arch, column)!r}, got {got!r}")

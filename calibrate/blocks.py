@@ -204,7 +204,8 @@ def _watching(watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tens
     seen: set[str] = set()
 
     def hook(mod, args, n):
-        on_input(n, args[0])
+        if args[0].numel():  # (an expert the router sent no token to runs on an empty batch)
+            on_input(n, args[0])
         seen.add(n)
         if stop_early and len(seen) == len(watched):
             raise _Stop

@@ -11,7 +11,10 @@ attention is linear in V, so v -> o when their shapes agree).
 Rather than a per-architecture table of such pairs, each candidate producer is
 tested on real block inputs: its parameters are divided by a random positive
 s, and the fold is accepted only if the stage's input becomes exactly x / s.
-Nonlinear paths and residual adds are rejected by the same test. A norm whose
+Nonlinear paths and residual adds are rejected by the same test, and so is a
+producer something else reads too (a mixture-of-experts router, the other
+experts): the whole fold, 1/s into the producer and s into the stage, must
+leave the block's output unchanged. A norm whose
 output is `(1 + weight) * x` (Gemma's RMSNorm) fails the plain division and is
 tested again in that form: its weight w becomes (1 + w) / s - 1.
 """
@@ -24,7 +27,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from calibrate.blocks import BlockInputs, check_activations, observe_block
+from calibrate.blocks import BlockInputs, _first, check_activations, observe_block
 
 log = logging.getLogger(__name__)
 
@@ -115,19 +118,31 @@ def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]
         if not before:
             continue
         x0 = _stage_input(block, one, lead, modules[lead])
+        if x0 is None:  # a mixture-of-experts expert the first batch routes no token to
+            continue
         check_activations(x0, f"the input of {lead}")
+        y0 = _first(block(one.hidden[0], **one.kwargs[0]))
+        check_activations(y0, "the block's output")
         for name, mod in reversed(before):  # closest producer first
             for offset in OFFSETS if not isinstance(mod, nn.Linear) else (0.0,):
                 s = torch.rand(width, generator=gen) * 1.5 + 0.5  # (width,) in [0.5, 2)
-                saved = [p.detach().clone() for p in channel_params(mod)]
+                saved = [p.detach().clone() for p in channel_params(mod)] + [modules[n].weight.detach().clone()
+                                                                             for n in stage]
                 fold_into_producer(mod, s.to(saved[0].device), offset)
                 try:
                     x1 = _stage_input(block, one, lead, modules[lead])
+                    for n in stage:
+                        scale_consumer(modules[n], s.to(saved[0].device))
+                    y1 = _first(block(one.hidden[0], **one.kwargs[0]))  # the whole fold: the block computes the same
                 finally:
-                    for p, v in zip(channel_params(mod), saved, strict=True):
+                    for p, v in zip(channel_params(mod) + [modules[n].weight for n in stage], saved, strict=True):
                         p.copy_(v)
+                if x1 is None or x1.shape != x0.shape:  # the producer feeds a router too: the routing changed
+                    continue
                 want = x0 / s.to(x0.device, x0.dtype)
-                if torch.allclose(x1, want, rtol=rtol, atol=rtol * float(want.abs().max())):
+                # the stage reads x / s, and nothing else reads the producer (a MoE router, another expert)
+                if (torch.allclose(x1, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+                        and torch.allclose(y1, y0, rtol=rtol, atol=rtol * float(y0.abs().max()))):
                     result[lead] = Fold(name, offset)
                     break
             if result[lead] is not None:
@@ -143,7 +158,8 @@ def _out_channels(m: nn.Module) -> int | None:
     return w.shape[0] if isinstance(w, torch.Tensor) and w.dim() == 1 else None
 
 
-def _stage_input(block: nn.Module, inputs: BlockInputs, name: str, module: nn.Module) -> torch.Tensor:
+def _stage_input(block: nn.Module, inputs: BlockInputs, name: str, module: nn.Module) -> torch.Tensor | None:
+    """The input of `module` on the first batch; None when it ran on no token (an expert nothing was routed to)."""
     got: list[torch.Tensor] = []
     observe_block(block, inputs, {name: module}, lambda n, x: got.append(x.detach().clone()), stop_early=True)
-    return got[0]
+    return got[0] if got else None

@@ -16,12 +16,16 @@ class ForwardOptions:
     batch_size: int = 8  # calibration samples per forward pass
     # calibration forwards: "auto" = bfloat16 autocast where the device has fast bf16, else float32
     forward_dtype: str = "auto"
+    # a mixture-of-experts expert routed fewer calibration tokens than this is calibrated on all the layer's tokens
+    min_expert_tokens: int = 64
 
     def __post_init__(self) -> None:
         if self.forward_dtype not in FORWARD_DTYPES:
             raise ValueError(f"forward_dtype must be one of {', '.join(FORWARD_DTYPES)}, got {self.forward_dtype!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.min_expert_tokens < 0:
+            raise ValueError(f"min_expert_tokens must be >= 0, got {self.min_expert_tokens}")
         getattr(super(), "__post_init__", lambda: None)()
 
 

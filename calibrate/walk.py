@@ -24,6 +24,7 @@ SparseGPT, W8A8), and lets the replay keep what no longer changes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -32,12 +33,14 @@ from torch import nn
 
 from calibrate.blocks import (
     BlockInputs,
+    _autocast,
     blocks_in_turn,
     decoder_blocks,
     modules_by_block,
     run_block,
 )
 from calibrate.capture import capture_first_block_inputs
+from calibrate.experts import count_routes
 from calibrate.fold import Fold, find_producers
 from calibrate.forward import resolve_forward_dtype
 from calibrate.replay import BlockReplay
@@ -122,10 +125,12 @@ class Block:
 
 def walk(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, visit: Callable[[Block], None], *,
          label: str, batch_size: int = 8, forward_dtype: str = "auto", progress: Progress | None = None,
-         after: Callable[[nn.Module], None] | None = None) -> None:
+         after: Callable[[nn.Module], None] | None = None, min_expert_tokens: int = 0) -> None:
     """Call `visit(block)` on every decoder block holding a selected module, in order, on calibration windows
     `calib` (samples, seq_len); each block then runs to feed the next, and `after(block module)` is called
-    (before a lazily loaded block is written back and freed). Selected modules must lie inside the blocks."""
+    (before a lazily loaded block is written back and freed). Selected modules must lie inside the blocks.
+    A block with mixture-of-experts layers first counts each expert's routed tokens; an expert routed fewer
+    than `min_expert_tokens` is calibrated on all of the layer's tokens (`calibrate.experts`)."""
     path, blocks, per_block = modules_by_block(model, selected, label)
     dtype = resolve_forward_dtype(forward_dtype, next(iter(selected.values())).weight)
     inputs = capture_first_block_inputs(model, calib, batch_size=batch_size)
@@ -133,6 +138,8 @@ def walk(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, 
     for b, module in blocks_in_turn(model, blocks):
         inputs.at(b)  # block b's own mask / RoPE arguments
         if per_block[b]:
+            count_routes(module, functools.partial(_forward, module, inputs, dtype=dtype), len(inputs.hidden),
+                         min_expert_tokens, f"{path}.{b}.")
             block = Block(b, f"{path}.{b}.", module, per_block[b], inputs, dtype,
                           BlockReplay(module, inputs, per_block[b], dtype=dtype), known_producers=known_producers)
             visit(block)
@@ -144,6 +151,11 @@ def walk(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, 
             after(module)
         if progress:
             progress(label, b + 1, len(blocks))
+
+
+def _forward(module: nn.Module, inputs: BlockInputs, i: int, *, dtype: torch.dtype | None):
+    with _autocast(inputs.hidden[i].device, dtype):
+        return module(inputs.hidden[i], **inputs.kwargs[i])
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:

@@ -6,7 +6,8 @@ from typing import Any
 
 # Decoder-only model types run through every pass by tests/test_arch_matrix.py (the README's table says which
 # passes and exporters each takes). Other causal LMs transformers knows load and are tried; these are tested.
-TESTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox")
+TESTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox", "qwen3_moe",
+          "mixtral")
 
 
 class UnsupportedModel(ValueError):
@@ -43,5 +44,7 @@ def default_rope_theta(config: Any) -> float | str:
         return f"RoPE per layer type ({', '.join(sorted(params))})"
     if params.get("rope_type", "default") != "default":
         return f"RoPE scaling {params}"
+    if float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0) != 1.0:
+        return "partial rotary embedding (partial_rotary_factor)"
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     return float(theta) if theta is not None else "no rope_theta in the config"

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from calibrate.experts import Experts, fused_experts, unfuse_experts
 from compress import artifact
 from compress.checks import check_module, check_tensors
 from compress.files import (
@@ -124,6 +125,7 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
     if missing:  # transformers would run them with freshly initialised (random) weights
         raise checkpoint_mismatch(p, missing)
     check_module(model, what=f"model {p}")
+    unfuse_experts(model)  # one Linear per expert projection: what every pass works on
     tok = load_tokenizer(p)
     model.eval()
     return LoadedModel(model, tok, str(p), weights, prov)
@@ -208,6 +210,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
         del config.quantization_config  # ours to interpret, not transformers'
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    unfuse_experts(model, copy_weights=False)  # saved per expert, as every pass sees them
     for name, info in prov["quantization"]["modules"].items():
         try:
             old = model.get_submodule(name)
@@ -245,9 +248,11 @@ def _renamed_as_transformers_loads(model: nn.Module, state: dict[str, torch.Tens
 
     transforms = get_model_conversion_mapping(model, add_legacy=False)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    if len(renamings) != len(transforms):
+    if fused_experts(model) or len(renamings) != len(transforms) and not any(isinstance(m, Experts)
+                                                                             for m in model.modules()):
         raise ValueError(f"{p}: transformers converts the tensors of {model.config.model_type} checkpoints as they "
-                         "load (fused experts); a packed artifact of it cannot be rebuilt yet")
+                         "load (fused experts in a layout compress does not split); a packed artifact of it "
+                         "cannot be rebuilt")
     return {apply_renamings(k, renamings): v for k, v in state.items()} if renamings else state
 
 

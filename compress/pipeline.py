@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from calibrate.experts import routing_report
 from compress.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ def apply(model: nn.Module, recipe: Recipe, calib: Any = None, *,
         settings = {k: v for k, v in recorded.items() if k != "pass"}
         if calibrated:
             settings["calibration_tokens"] = int(calib.numel())
+            settings |= routing_report(model, getattr(step.config, "min_expert_tokens", 0))
         report = dataclasses.replace(report, config={**settings, **report.config},
                                      seconds=round(time.perf_counter() - t0, 3))
         reports.append(report)

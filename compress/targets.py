@@ -79,12 +79,7 @@ def select(
             elif name in targets:
                 kind_names = ", ".join(k.__name__ for k in kinds)
                 raise ValueError(f"target {name} is a {type(module).__name__}; this pass applies to {kind_names}")
-    refuse_fused_experts(model, kinds)
-    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and not isinstance(m, kinds)]
-    if conv1d and nn.Module not in kinds:  # GPT-2's transformers.pytorch_utils.Conv1D: x @ W + b, W (in, out)
-        raise ValueError(f"{type(model).__name__} keeps its projections in GPT-2-style Conv1D modules ({conv1d[0]}"
-                         f"{f' and {len(conv1d) - 1} more' if len(conv1d) > 1 else ''}: weights stored "
-                         "transposed), which this pass does not compress yet")
+    refuse_uncompressible(model, kinds)
     if not chosen:
         raise ValueError(
             f"targets {list(targets)} (ignore {list(ignore)}) matched no module of "
@@ -94,15 +89,21 @@ def select(
     return chosen
 
 
-def refuse_fused_experts(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)) -> None:
-    """Refuse a model that keeps weights in fused 3-D tensors outside modules of `kinds` (transformers 5's
-    mixture-of-experts experts): the bulk of it would silently stay float."""
-    fused = [n for n, m in model.named_modules()
+def refuse_uncompressible(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)) -> None:
+    """Refuse a model that keeps projection weights outside modules of `kinds`, where the bulk of it would
+    silently stay float: fused 3-D tensors (mixture-of-experts experts in a layout `calibrate.experts` does
+    not split) or GPT-2's `transformers.pytorch_utils.Conv1D` (x @ W + b, W stored (in, out))."""
+    if nn.Module in kinds:
+        return
+    found = [(n, "fused 3-D tensors", "mixture-of-experts experts") for n, m in model.named_modules()
              if not isinstance(m, kinds) and any(p.dim() > 2 for p in m.parameters(recurse=False))]
-    if fused:
-        raise ValueError(f"{type(model).__name__} keeps weights in fused 3-D tensors ({fused[0]}"
-                         f"{f' and {len(fused) - 1} more' if len(fused) > 1 else ''}: mixture-of-experts "
-                         "experts), which this pass does not compress yet")
+    found += [(n, "GPT-2-style Conv1D modules", "weights stored transposed") for n, m in model.named_modules()
+              if type(m).__name__ == "Conv1D" and not isinstance(m, kinds)]
+    if found:
+        name, what, why = found[0]
+        more = sum(f[1] == what for f in found) - 1
+        raise ValueError(f"{type(model).__name__} keeps weights in {what} ({name}{f' and {more} more' if more else ''}"
+                         f": {why}), which this pass does not compress yet")
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:

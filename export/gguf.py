@@ -59,7 +59,10 @@ log = logging.getLogger(__name__)
 GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("f32", "f16")
 # Hugging Face model_type -> (llama.cpp architecture, q/k rows reordered for llama.cpp's rope)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+# (llama.cpp runs qwen2/qwen3/phi3 with NeoX-style rope, HF's own layout; Phi-3 keeps its fused qkv_proj and
+# gate_up_proj as llama.cpp's attn_qkv and ffn_up, whose first half its SwiGLU activates, as HF's chunk does)
+ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+                 "qwen3": ("qwen3", False), "phi3": ("phi3", False)}
 # tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer name
 
 
@@ -141,7 +144,7 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
 
     cfg = lm.model.config
     w = gguf.GGUFWriter(str(path), arch=arch)
-    w.add_name(Path(str(provenance["source"]["path"])).name or "model")
+    w.add_name(_model_name(Path(str(provenance["source"]["path"])).name or "model", tok["tokens"]))
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -186,6 +189,18 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def _model_name(name: str, tokens: list[str]) -> str:
+    """general.name: the source directory's name, unless llama.cpp would act on it and fail. llama.cpp picks
+    Phi-3's token fix-ups by the model *name* ("phi3" / "phi-3" in it) and aborts loading ("unordered_map::at")
+    when the vocabulary lacks one of the tokens they touch."""
+    phi3_tokens = {"</s>", "<unk>", "<s>", "<|endoftext|>"}
+    if any(k in name.lower() for k in ("phi3", "phi-3")) and not phi3_tokens <= set(tokens):
+        log.warning("GGUF: model name %r would make llama.cpp apply Phi-3 vocabulary fix-ups to a vocabulary "
+                    "without %s; the file is named 'model'", name, sorted(phi3_tokens - set(tokens)))
+        return "model"
+    return name
 
 
 def check_file(path: Path, tensors: dict[str, Encoded]) -> float:

@@ -25,8 +25,12 @@ that drives an optimum export drives this one. Rows of the attention mask
 must be all ones (no left padding): GroupQueryAttention takes each
 sequence's length from the mask's row sum.
 
-Supported: `model_type` llama / mistral (without sliding window), RMSNorm,
-SiLU MLP, default rope (no scaling), optional q/k/v biases (Qwen2). Other architectures are refused.
+Supported: `model_type` llama / mistral (without sliding window), qwen2 (q/k/v
+biases), qwen3 (RMSNorm of each query and key head before the rotary
+embedding: one SimplifiedLayerNormalization over a (batch, seq, heads, head
+dim) view), phi3 (fused `qkv_proj` and `gate_up_proj`: one MatMul or
+MatMulNBits each, then a Split); RMSNorm, SiLU MLP, default rope (no scaling,
+full rotary). Other architectures are refused.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import nn
 
 from compress.archs import default_rope_theta
 
-FUSED_TYPES = ("llama", "mistral", "qwen2")  # the Llama block (Qwen2: with q/k/v biases)
+FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # the Llama block and its variants (module docstring)
 
 
 def fused_supported(model: nn.Module) -> str | None:
@@ -75,6 +79,7 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     nkv = getattr(cfg, "num_key_value_heads", None) or nh
     hd = getattr(cfg, "head_dim", None) or H // nh
     eps = float(cfg.rms_norm_eps)
+    I = cfg.intermediate_size  # noqa: E741 (the MLP width, as in the papers)
     max_pos = int(cfg.max_position_embeddings)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     nodes: list[Any] = []
@@ -201,13 +206,29 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         resid, pending = out[3], None
         return out[0]
 
+    def head_norm(x: str, weight: torch.Tensor, heads: int, name: str) -> str:
+        """RMSNorm of each head of x (batch, seq, heads * hd): over a (batch, seq, heads, hd) view."""
+        node("Reshape", [x, const(f"heads_{heads}", np.array([0, 0, heads, hd], np.int64))], [f"{name}_in"])
+        node("SimplifiedLayerNormalization", [f"{name}_in", init(f"{name}.weight", f32(weight))], [f"{name}_h"],
+             axis=-1, epsilon=eps, stash_type=1)
+        return node("Reshape", [f"{name}_h", const(f"flat_{heads}", np.array([0, 0, heads * hd], np.int64))],
+                    [f"{name}_out"])[0]
+
     for i, layer in enumerate(base.layers):
         p = f"model.layers.{i}"
         x = norm(layer.input_layernorm.weight, f"{p}.input_layernorm")
         att = layer.self_attn
-        q = linear(x, att.q_proj, f"{p}.self_attn.q_proj")
-        k = linear(x, att.k_proj, f"{p}.self_attn.k_proj")
-        v = linear(x, att.v_proj, f"{p}.self_attn.v_proj")
+        if hasattr(att, "qkv_proj"):  # Phi-3: rows [q; k; v]
+            qkv = linear(x, att.qkv_proj, f"{p}.self_attn.qkv_proj")
+            q, k, v = node("Split", [qkv, const("split_qkv", np.array([nh * hd, nkv * hd, nkv * hd], np.int64))],
+                           [f"{p}.self_attn.q", f"{p}.self_attn.k", f"{p}.self_attn.v"], axis=-1)
+        else:
+            q = linear(x, att.q_proj, f"{p}.self_attn.q_proj")
+            k = linear(x, att.k_proj, f"{p}.self_attn.k_proj")
+            v = linear(x, att.v_proj, f"{p}.self_attn.v_proj")
+        if hasattr(att, "q_norm"):  # Qwen3: RMSNorm over each head's dims, before the rotary embedding
+            q = head_norm(q, att.q_norm.weight, nh, f"{p}.self_attn.q_norm")
+            k = head_norm(k, att.k_norm.weight, nkv, f"{p}.self_attn.k_norm")
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         ok, ov = f"present.{i}.key", f"present.{i}.value"
         node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_len", cos, sin],
@@ -220,8 +241,13 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         pending = linear(f"{p}.attn_out", att.o_proj, f"{p}.self_attn.o_proj")
         x = norm(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
         mlp = layer.mlp
-        g = linear(x, mlp.gate_proj, f"{p}.mlp.gate_proj")
-        u = linear(x, mlp.up_proj, f"{p}.mlp.up_proj")
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate; up]
+            gu = linear(x, mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")
+            g, u = node("Split", [gu, const("split_gate_up", np.array([I, I], np.int64))],
+                        [f"{p}.mlp.gate", f"{p}.mlp.up"], axis=-1)
+        else:
+            g = linear(x, mlp.gate_proj, f"{p}.mlp.gate_proj")
+            u = linear(x, mlp.up_proj, f"{p}.mlp.up_proj")
         node("Sigmoid", [g], [f"{p}.mlp.sig"])
         node("Mul", [g, f"{p}.mlp.sig"], [f"{p}.mlp.silu"])
         node("Mul", [f"{p}.mlp.silu", u], [f"{p}.mlp.act"])

@@ -6,6 +6,7 @@ writes the README's table from `REFUSED` and `CELLS` (a test checks that the REA
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from torch import nn
 
+from calibrate.experts import Experts
 from compress.cli import cli
 from compress.models import load_model
 
@@ -80,25 +82,26 @@ CELLS = {  # column -> the command's arguments after the model (exporters take t
     "prune_channels": ["prune", "--structure", "channels", "--ratio", "0.25", *CAL],
     "prune_heads": ["prune", "--structure", "heads", "--ratio", "0.5", *CAL],
     "prune_layers": ["prune", "--structure", "layers", "--ratio", "0.5", *CAL],
+    "lora_merge": ["merge-lora"],  # an adapter on every Linear but lm_head (`make_lora_adapter`)
+    "distill": ["distill", "--student-layers", "1", "--steps", "3", "--seq-len", "32", "--batch-size", "2"],
     "onnx": ["export", "--format", "onnx"],
     "gguf": ["export", "--format", "gguf"],
 }
 _QUANTIZERS = ("rtn", "gptq", "awq", "awq+gptq", "w8a8")
 
-_FUSED_ONLY = ("llama", "mistral", "qwen2")  # what export/onnx_fused.py and export/gguf.py write
-_NOT_EXPORTED = ("qwen3", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")
+_NO_ONNX = ("gemma2", "gemma3_text", "opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # export/onnx_fused.py
+_NO_GGUF = ("gemma2", "gemma3_text", "opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # gguf.py
 _CONV1D = "Conv1D"
-_EXPERTS = "experts"
+_EXPERTS = "mixture-of-experts experts"
 REFUSED: dict[tuple[str, str], str] = {  # (architecture, column) -> what its one-line refusal says
-    **{(a, "onnx"): "ONNX export does not support model type" for a in _NOT_EXPORTED},
-    **{(a, "gguf"): "GGUF export supports model types" for a in _NOT_EXPORTED},
+    **{(a, "onnx"): "ONNX export does not support model type" for a in _NO_ONNX},
+    **{(a, "gguf"): "GGUF export supports model types" for a in _NO_GGUF},
     ("phi3", "prune_channels"): "fused projections",
     ("phi3", "prune_heads"): "derives its head size",
     ("opt", "prune_heads"): "derives its head size",
     ("gpt_neox", "prune_heads"): "derives its head size",
-    **{("gpt2", c): _CONV1D for c in CELLS if c not in ("prune_heads", "onnx", "gguf")},
-    ("gpt2", "prune_heads"): "derives its head size",
-    **{(a, c): _EXPERTS for a in ("qwen3_moe", "mixtral") for c in CELLS if c not in ("prune_layers", "onnx", "gguf")},
+    **{("gpt2", c): _CONV1D for c in CELLS if c not in ("distill", "onnx", "gguf")},  # (distill trains them all)
+    **{(a, "prune_channels"): _EXPERTS for a in ("qwen3_moe", "mixtral")},
 }
 WHY = {  # a refusal's words -> the README's short reason
     "ONNX export does not support model type": "not in the fused graph yet",
@@ -106,7 +109,7 @@ WHY = {  # a refusal's words -> the README's short reason
     "fused projections": "fused gate_up_proj",
     "derives its head size": "head size not in config",
     _CONV1D: "Conv1D weights",
-    _EXPERTS: "fused 3-D experts",
+    _EXPERTS: "one width per expert",
 }
 SAME = 1e-4  # logits that must be equal: max |difference| / max(1, max |logit|)
 
@@ -148,15 +151,53 @@ def _run(args: list[str]):
     return r
 
 
+def make_lora_adapter(src: Path, path: Path) -> nn.Module:
+    """Save a PEFT LoRA adapter on every Linear of the model at `src` but lm_head, with random non-zero factors
+    (a MoE model's fused experts are not Linears in transformers: its adapter covers attention);
+    return peft's own merge of it (what `compress merge-lora` must compute)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(1)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    # every Linear by name: PEFT's "all-linear" also adapts transformers 5's fused experts and routers as
+    # parameters (target_parameters), which merge-lora refuses (tests/lora)
+    linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
+                      if (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D") and "lm_head" not in n})
+    peft_model = get_peft_model(model, LoraConfig(target_modules=linears, r=4, lora_alpha=8))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.save_pretrained(path)
+    return peft_model.merge_and_unload().eval()
+
+
+def cell_args(column: str, src: Path, out: Path) -> list[str]:
+    """The command line of one cell on the model at `src` (exporters: its rtn artifact) writing `out`; what the
+    cell needs first (lora_merge: an adapter) is made beside `out`."""
+    cmd = CELLS[column]
+    if column == "distill":  # the student is made from the teacher
+        return [cmd[0], "--teacher", str(src), *cmd[1:], "--out", str(out)]
+    if column == "lora_merge":
+        adapter = out.with_name(f"{out.name}-adapter")
+        if not adapter.exists():
+            make_lora_adapter(src, adapter)
+        return [cmd[0], str(src), "--adapter", str(adapter), "--out", str(out)]
+    return [cmd[0], str(src), *cmd[1:], "--out", str(out)]
+
+
 def _cell(arch_dir, tmp_path, arch: str, column: str):
     """Run one cell's command; assert it worked or refused as REFUSED says; the output path (None: refused)."""
     src, out = arch_dir(arch), tmp_path / column.replace(" ", "_").replace(":", "")
     cmd = CELLS[column]
     if cmd[0] == "export":
         art = tmp_path / "rtn-for-export"
-        r = _run(["quantize", str(src), *CELLS["rtn"], "--out", str(art)])
-        src = art if r.exit_code == 0 else src  # (an architecture with no rtn artifact exports its float model)
-    r = _run([cmd[0], str(src), *cmd[1:], "--out", str(out)])
+        r = _run(["quantize", str(src), *CELLS["rtn"][1:], "--out", str(art)])
+        if (arch, "rtn") not in REFUSED:
+            assert r.exit_code == 0, r.output
+            src = art  # (an architecture with no rtn artifact exports its float model)
+    r = _run(cell_args(column, src, out))
     want = REFUSED.get((arch, column))
     if want is None:
         assert r.exit_code == 0, r.output
@@ -187,7 +228,8 @@ def test_pass(arch_dir, tmp_path, ids, arch, column):
         f = _logits(load_model(arch_dir(arch)).model, ids)
         cos = torch.nn.functional.cosine_similarity((a - a.mean(-1, keepdim=True)).flatten(),
                                                     (f - f.mean(-1, keepdim=True)).flatten(), dim=0)
-        assert cos > (0.99 if column == "w8a8" else 0.75), float(cos)  # measured: 0.994-0.999; 0.83-0.97
+        # measured: 0.994-0.999 (MoE 0.988: int8 activations flip the router's near ties); 0.83-0.97
+        assert cos > (0.98 if column == "w8a8" else 0.75), float(cos)
     elif column == "wanda":
         for name, m in ours.named_modules():
             if isinstance(m, nn.Linear) and "lm_head" not in name:
@@ -198,6 +240,18 @@ def test_pass(arch_dir, tmp_path, ids, arch, column):
             if isinstance(m, nn.Linear) and "lm_head" not in name:
                 w = m.weight.reshape(m.out_features, -1, 4)
                 assert torch.all((w == 0).sum(-1) >= 2), name
+    elif column == "lora_merge":  # peft's own merge of the adapter, and transformers loads ours as it
+        want = _logits(make_lora_adapter(arch_dir(arch), tmp_path / "again"), ids)
+        assert _rel(a, want) <= SAME and _rel(a, _logits(load_model(arch_dir(arch)).model, ids)) > 1e-3
+        assert _rel(_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids), a) <= SAME
+    elif column == "distill":  # a one-block student, trained (finite losses), that transformers loads as ours
+        import json
+
+        assert ours.config.num_hidden_layers == 1
+        curve = json.loads((out / "distill_curve.json").read_text())
+        losses = [row["loss"] for row in curve["curve"]]
+        assert len(losses) == 3 and all(map(math.isfinite, losses)), curve
+        assert _rel(_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids), a) <= SAME
     else:  # structured pruning: a smaller model that plain transformers loads as the same model
         src = load_model(arch_dir(arch)).model
         assert sum(p.numel() for p in ours.parameters()) < sum(p.numel() for p in src.parameters())
@@ -222,6 +276,7 @@ def _check_compressed_tensors(out: Path, ours: torch.Tensor, ids: torch.Tensor, 
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     model, packed, asym = source(), 0, False
     state = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    state = _renamed_as_transformers_loads(model, state, out)  # (Mixtral's checkpoint names: block_sparse_moe)
     with torch.no_grad():
         for scheme in qc.config_groups.values():
             if scheme.format != "pack-quantized":
@@ -235,7 +290,7 @@ def _check_compressed_tensors(out: Path, ours: torch.Tensor, ids: torch.Tensor, 
                 packed += 1
         params = dict(model.named_parameters())
         quantized = {t for scheme in qc.config_groups.values() for t in scheme.targets}
-        for k, v in _renamed_as_transformers_loads(model, state, out).items():
+        for k, v in state.items():
             module, _, leaf = k.rpartition(".")
             if module not in quantized or leaf == "bias":  # norms, embeddings, biases (AWQ folds scales into them)
                 params[k].copy_(v)
@@ -243,7 +298,13 @@ def _check_compressed_tensors(out: Path, ours: torch.Tensor, ids: torch.Tensor, 
         assert _rel(_logits(model, ids), ours) <= SAME
     try:
         theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    except RuntimeError:
+    except RuntimeError as e:
+        # transformers 5.25 fuses a mixture-of-experts checkpoint's per-expert `weight`s as it loads, and with
+        # compressed-tensors' int-quantized (W8A8) format it finds none to fuse (its "Concatenate ... Ckpt
+        # contains: 0"): no W8A8 MoE checkpoint loads there, llm-compressor's included. Ours load in compress.
+        if qc.format == "int-quantized" and any(isinstance(m, Experts) for m in model.modules()):
+            assert "conversion of the weights" in str(e)
+            return
         # compressed-tensors 0.20.1 builds its meta skeleton with an asymmetric zero point unpacked,
         # (out, groups), while the format (and its own compress()) packs it along out: transformers then refuses
         # every asymmetric pack-quantized checkpoint, its own included. Checked above with its decompressor.
@@ -251,6 +312,18 @@ def _check_compressed_tensors(out: Path, ours: torch.Tensor, ids: torch.Tensor, 
             raise
         return
     assert theirs.config.quantization_config is not None
+    for name, m in load_model(out).model.named_modules():
+        if not isinstance(m, Experts):
+            continue
+        # transformers fuses a per-expert checkpoint as it loads; compressed-tensors quantizes only Linears, so
+        # it dequantizes each expert's codes into the fused tensors, in the scales' float16: ours, rounded so.
+        # (A float16 rounding flips the router's top-k on near ties: the logits are compared with our weights.)
+        fused = theirs.get_submodule(name)
+        weights = [[getattr(ex, n).dequantize_weight().float() for n in ex.names] for ex in m]  # gate, up, down
+        gate_up, down = torch.stack([torch.cat(w[:2]) for w in weights]), torch.stack([w[2] for w in weights])
+        assert torch.equal(fused.gate_up_proj, gate_up.to(fused.gate_up_proj.dtype))
+        assert torch.equal(fused.down_proj, down.to(fused.down_proj.dtype))
+        fused.gate_up_proj.data, fused.down_proj.data = gate_up, down
     assert _rel(_logits(theirs, ids), ours) <= tol
 
 
@@ -325,9 +398,36 @@ def test_export(arch_dir, tmp_path, arch, fmt):
     check = json.loads((out / "compress.json").read_text())["format_exported"]
     if fmt == "onnx":
         assert check["verify_max_abs_logit_diff"] < 1e-3
+        # greedy decoding through the graph's KV cache picks the tokens the torch artifact picks
+        model, want = load_model(tmp_path / "rtn-for-export").model, [5, 77, 301, 9]
+        with torch.inference_mode():
+            for _ in range(6):  # greedy in torch: the whole sequence each step
+                want.append(int(model(input_ids=torch.tensor([want])).logits[0, -1].argmax()))
+        assert greedy_with_cache(out, want[:4], 6) == want
     else:  # llama.cpp multiplies Q4_0 blocks by 8-bit activations: close to torch, not equal
         assert check["gguf_reader_max_abs_weight_diff"] == 0.0
         assert check["llama_cpp_max_kl"] <= 0.01 and check["llama_cpp_max_abs_logit_diff"] <= 0.5
+
+
+def greedy_with_cache(onnx_dir, ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding in ONNX Runtime: the prompt once, then one token per step fed with the returned KV cache."""
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+            for i in sess.get_inputs() if i.name.startswith("past_key_values")}
+    outs = [o.name for o in sess.get_outputs()]
+    seq, new = list(ids), list(ids)
+    while len(seq) < len(ids) + steps:
+        feeds = {"input_ids": np.array([new], np.int64), "attention_mask": np.ones((1, len(seq)), np.int64), **past}
+        if "position_ids" in {i.name for i in sess.get_inputs()}:
+            feeds["position_ids"] = np.arange(len(seq) - len(new), len(seq))[None]
+        got = dict(zip(outs, sess.run(outs, feeds), strict=True))
+        past = {k.replace("present", "past_key_values"): v for k, v in got.items() if k.startswith("present")}
+        new = [int(got["logits"][0, -1].argmax())]
+        seq += new
+    return seq
 
 
 def test_readme_carries_the_generated_matrix():

@@ -105,6 +105,10 @@ def _targeted(cfg: dict[str, Any], name: str) -> bool:
 def _check_targets(path: Path, cfg: dict[str, Any], modules: list[str]) -> None:
     """Refuse tensors for modules the config's target_modules does not select, or a target_modules that
     selects none of the adapted modules: PEFT would load such an adapter differently from this merge."""
+    if cfg.get("target_parameters"):  # PEFT's LoRA on bare parameters: transformers 5's fused MoE experts, routers
+        raise ValueError(f"{path}: the adapter adapts parameters, not modules (target_parameters "
+                         f"{cfg['target_parameters']!r}: LoRA on fused mixture-of-experts experts or a router), "
+                         "which merge-lora does not merge yet; train the adapter with target_modules only")
     targets = cfg.get("target_modules")
     if targets is None:
         return  # PEFT's per-architecture default: nothing to compare with

@@ -117,7 +117,7 @@ def run(model: nn.Module, cfg: SparseGPTConfig, calib: torch.Tensor, *,
             total_loss += loss
 
     walk(model, selected, calib, visit, label="sparsegpt", batch_size=cfg.batch_size,
-         forward_dtype=cfg.forward_dtype, progress=progress)
+         forward_dtype=cfg.forward_dtype, progress=progress, min_expert_tokens=cfg.min_expert_tokens)
     record_pruned(model, list(zeros), cfg.label)
     log.info("sparsegpt: pruned %d modules to %s, loss %.4g", len(zeros), cfg.label, total_loss)
     return sparsity_report("sparsegpt", cfg, zeros, metrics={"sparsegpt_loss": total_loss})

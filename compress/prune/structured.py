@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from calibrate.blocks import decoder_blocks
+from calibrate.experts import Experts
 from calibrate.forward import ForwardOptions
 from calibrate.stats import HessianCollector
 from calibrate.walk import Block, block_linears, walk
@@ -36,7 +37,7 @@ from compress.checks import check_fields
 from compress.files import brief
 from compress.pipeline import PassReport, Progress
 from compress.registry import register_pass
-from compress.targets import refuse_fused_experts
+from compress.targets import refuse_uncompressible
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,12 @@ def _refit_or_slice(block, consumer: str, lin: nn.Linear, H, keep: torch.Tensor,
 def run_channels(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, *,
                  progress: Progress | None = None) -> PassReport:
     """Remove a fraction of every block's MLP channels (intermediate size) by output energy."""
-    refuse_fused_experts(model)
+    refuse_uncompressible(model)
+    experts = next((n for n, m in model.named_modules() if isinstance(m, Experts)), None)
+    if experts is not None:
+        raise ValueError(f"{type(model).__name__} keeps its MLPs in mixture-of-experts experts ({experts}): channel "
+                         "pruning would give each expert its own width, which the config cannot hold; "
+                         "prune heads or layers instead")
     config = model.config
     key = next((k for k in MLP_WIDTH_KEYS if isinstance(getattr(config, k, None), int)), None)
     if key is None:
@@ -192,7 +198,7 @@ def run_channels(model: nn.Module, cfg: StructuredConfig, calib: torch.Tensor, *
 def run_heads(model: nn.Module, cfg: HeadsConfig, calib: torch.Tensor, *,
               progress: Progress | None = None) -> PassReport:
     """Remove query heads (evenly in every KV group) or whole KV groups from every block's attention."""
-    refuse_fused_experts(model)  # before the head plan: the experts are the first thing it cannot do
+    refuse_uncompressible(model)  # before the head plan: the weights it cannot reach are named first
     config = model.config
     n_h, n_kv, hd, new_rep, new_kv = _head_plan(config, cfg)
     rep = n_h // n_kv

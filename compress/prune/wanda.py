@@ -62,7 +62,7 @@ def run(model: nn.Module, cfg: WandaConfig, calib: torch.Tensor, *, progress: Pr
                 zeros[block.name(n)] = count_zeros(W)
 
     walk(model, selected, calib, visit, label="wanda", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
-         progress=progress)
+         progress=progress, min_expert_tokens=cfg.min_expert_tokens)
     record_pruned(model, list(zeros), cfg.label)
     log.info("wanda: pruned %d modules to %s", len(zeros), cfg.label)
     return sparsity_report("wanda", cfg, zeros)

@@ -153,7 +153,7 @@ def run(model: nn.Module, cfg: AWQConfig, calib: torch.Tensor, *, progress: Prog
         totals["bits"] += pending.commit(module)
 
     walk(model, selected, calib, visit, label="awq", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
-         progress=progress, after=commit)
+         progress=progress, after=commit, min_expert_tokens=cfg.min_expert_tokens)
     log.info("awq: %d modules, %d scale folds", len(selected), totals["folded"])
     return _report(cfg, totals, len(selected))
 

@@ -152,7 +152,7 @@ def quantize_blocks(model: nn.Module, cfg: GPTQConfig, calib: torch.Tensor,
         total["bits"] += pending.commit(module)
 
     walk(model, selected, calib, visit, label=label, batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
-         progress=progress, after=commit)
+         progress=progress, after=commit, min_expert_tokens=cfg.min_expert_tokens)
     log.info("%s: quantized %d modules, loss %.4g", label, len(selected), total["loss"])
     return len(selected), total["loss"], total["bits"], total["weights"]
 

@@ -138,7 +138,7 @@ def measure_sensitivity(model: nn.Module, cfg: MixedConfig, calib: torch.Tensor,
                     for bits in cfg.candidates for s in [_scheme(cfg, bits)]}
 
     walk(model, selected, calib, visit, label="mixed: sensitivity", batch_size=cfg.batch_size,
-         forward_dtype=cfg.forward_dtype, progress=progress)
+         forward_dtype=cfg.forward_dtype, progress=progress, min_expert_tokens=cfg.min_expert_tokens)
     return errors
 
 

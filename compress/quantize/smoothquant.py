@@ -137,7 +137,7 @@ def run(model: nn.Module, cfg: SmoothQuantConfig, calib: torch.Tensor, *,
                 chosen.setdefault(st[0], []).append(alpha)
 
     walk(model, selected, calib, visit, label="smoothquant", batch_size=cfg.batch_size,
-         forward_dtype=cfg.forward_dtype, progress=progress)
+         forward_dtype=cfg.forward_dtype, progress=progress, min_expert_tokens=cfg.min_expert_tokens)
     return _report(cfg, totals, chosen, len(selected))
 
 

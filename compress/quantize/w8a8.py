@@ -90,7 +90,7 @@ def run(model: nn.Module, cfg: W8A8Config, calib: torch.Tensor | None = None, *,
             tally.static_stage(block, stage, observer, sample)
 
     walk(model, selected, calib, visit, label="w8a8", batch_size=cfg.batch_size, forward_dtype=cfg.forward_dtype,
-         progress=progress)
+         progress=progress, min_expert_tokens=cfg.min_expert_tokens)
     return tally.report(len(selected))
 
 

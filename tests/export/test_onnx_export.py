@@ -8,6 +8,8 @@ from click.testing import CliRunner
 
 pytest.importorskip("onnxruntime")
 
+from test_arch_matrix import greedy_with_cache  # noqa: E402
+
 from compress.cli import cli  # noqa: E402
 from compress.quantize.qlinear import QuantLinear  # noqa: E402
 from compress.quantize.scheme import QuantScheme  # noqa: E402
@@ -121,26 +123,6 @@ def test_export_fp32_and_8bit_and_refuse_what_the_graph_cannot_express(model_dir
     r = runner.invoke(cli, ["export", str(model_dirs["opt"]), "--format", "onnx", "--out", str(tmp_path / "opt")])
     assert r.exit_code == 1 and "ONNX export does not support model type 'opt'" in r.output
     assert not (tmp_path / "opt").exists()
-
-
-def greedy_with_cache(onnx_dir, ids: list[int], steps: int) -> list[int]:
-    """Greedy decoding in ONNX Runtime: the prompt once, then one token per step fed with the returned KV cache."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
-    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
-            for i in sess.get_inputs() if i.name.startswith("past_key_values")}
-    outs = [o.name for o in sess.get_outputs()]
-    seq, new = list(ids), list(ids)
-    while len(seq) < len(ids) + steps:
-        feeds = {"input_ids": np.array([new], np.int64), "attention_mask": np.ones((1, len(seq)), np.int64), **past}
-        if "position_ids" in {i.name for i in sess.get_inputs()}:
-            feeds["position_ids"] = np.arange(len(seq) - len(new), len(seq))[None]
-        got = dict(zip(outs, sess.run(outs, feeds), strict=True))
-        past = {k.replace("present", "past_key_values"): v for k, v in got.items() if k.startswith("present")}
-        new = [int(got["logits"][0, -1].argmax())]
-        seq += new
-    return seq
 
 
 def exported_summary(path) -> dict:

@@ -228,3 +228,25 @@ def test_merging_into_a_pruned_model_drops_the_merged_modules_from_the_sparsity_
     left = base.config.compress_sparsity["modules"]
     assert len(left) == 8 and not any(n.endswith(("q_proj", "v_proj", "down_proj")) for n in left)
     assert all((base.get_submodule(n).weight == 0).float().mean() == 0.5 for n in left)  # untouched ones stay sparse
+
+
+def test_an_adapter_on_fused_moe_experts_is_refused_in_one_line(tmp_path, tiny_tokenizer):
+    """PEFT's "all-linear" on a transformers 5 MoE model also adapts the fused experts and the router as bare
+    parameters (target_parameters); merge-lora says so instead of merging part of the adapter."""
+    from click.testing import CliRunner
+    from peft import LoraConfig, get_peft_model
+    from test_arch_matrix import make_arch_model
+
+    from compress.cli import cli
+
+    model = make_arch_model("qwen3_moe", len(tiny_tokenizer) + 8)
+    model.save_pretrained(tmp_path / "moe")
+    tiny_tokenizer.save_pretrained(tmp_path / "moe")
+    peft_model = get_peft_model(model, LoraConfig(target_modules="all-linear", r=4))
+    assert peft_model.peft_config["default"].target_parameters  # what PEFT chose by itself
+    peft_model.save_pretrained(tmp_path / "adapter")
+    r = CliRunner().invoke(cli, ["merge-lora", str(tmp_path / "moe"), "--adapter", str(tmp_path / "adapter"),
+                                 "--out", str(tmp_path / "out")])
+    errors = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
+    assert r.exit_code != 0 and len(errors) == 1 and "target_parameters" in errors[0], r.output
+    assert not (tmp_path / "out").exists()
