@@ -47,10 +47,16 @@ import numpy as np
 import torch
 
 from compress import artifact
-from compress.archs import default_rope_theta
 from compress.models import LoadedModel
 from compress.registry import register_exporter
 from export import VERIFY_PROMPTS, reference_logits
+from export.gguf_arch import (
+    ARCHITECTURES,
+    attention_scale_differs,
+    model_name,
+    norm_offsets,
+    rope_bases,
+)
 from export.gguf_encode import Encoded, encode_float, encode_quant
 from export.gguf_tokenizer import tokenizer_fields
 
@@ -58,12 +64,6 @@ log = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("f32", "f16")
-# Hugging Face model_type -> (llama.cpp architecture, q/k rows reordered for llama.cpp's rope)
-# (llama.cpp runs qwen2/qwen3/phi3 with NeoX-style rope, HF's own layout; Phi-3 keeps its fused qkv_proj and
-# gate_up_proj as llama.cpp's attn_qkv and ffn_up, whose first half its SwiGLU activates, as HF's chunk does)
-ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
-                 "qwen3": ("qwen3", False), "phi3": ("phi3", False)}
-# tokenizer.json pre-tokenizers -> llama.cpp's pre-tokenizer name
 
 
 
@@ -86,8 +86,10 @@ def _check_model(lm: LoadedModel) -> tuple[str, bool]:
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export supports model types {', '.join(sorted(ARCHITECTURES))}; "
                          f"this model is {mt!r}")
-    if isinstance(why := default_rope_theta(cfg), str):
+    if isinstance(why := rope_bases(cfg), str):
         raise ValueError(f"GGUF export: {why} is not supported yet")
+    if (why := attention_scale_differs(lm.model)) is not None:
+        raise ValueError(f"GGUF export: {why}")
     if lm.tokenizer is None:
         raise ValueError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
     from compress.quantize.w8a8linear import W8A8Linear
@@ -129,12 +131,13 @@ def _tensors(lm: LoadedModel, arch: str, permute_qk: bool, float_type: str,
     skip = {f"{n}.{b}" for n in quant for b in ("weight_packed", "weight_scale", "weight_zero_point",
                                                  "weight_shape", "bias")}
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "lm_head" not in quant
+    offsets = norm_offsets(model)
     for key, t in model.state_dict().items():
         if key in skip or (tied and key == "lm_head.weight"):  # tied: llama.cpp reads token_embd
             continue
         if not t.is_floating_point():
             raise ValueError(f"GGUF export: unexpected non-float tensor {key} ({t.dtype})")
-        add(key, encode_float(t, float_type))
+        add(key, encode_float(t.float() + offsets[key] if key in offsets else t, float_type))
     return out
 
 
@@ -144,7 +147,7 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
 
     cfg = lm.model.config
     w = gguf.GGUFWriter(str(path), arch=arch)
-    w.add_name(_model_name(Path(str(provenance["source"]["path"])).name or "model", tok["tokens"]))
+    w.add_name(model_name(Path(str(provenance["source"]["path"])).name or "model", tok["tokens"]))
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -156,8 +159,18 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    w.add_rope_freq_base(default_rope_theta(cfg))
+    bases = rope_bases(cfg)
+    w.add_rope_freq_base(bases.get(None, bases.get("full_attention")))
+    if "sliding_attention" in bases:
+        w.add_rope_freq_base_swa(bases["sliding_attention"])
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    if getattr(cfg, "layer_types", None) and getattr(cfg, "sliding_window", None):  # which layers slide, each
+        w.add_sliding_window(int(cfg.sliding_window))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    for key, add_cap in (("attn_logit_softcapping", w.add_attn_logit_softcapping),
+                         ("final_logit_softcapping", w.add_final_logit_softcapping)):
+        if getattr(cfg, key, None):
+            add_cap(float(getattr(cfg, key)))
     w.add_vocab_size(len(tok["tokens"]))
     kinds = [e.kind for e in tensors.values() if e.expect.ndim == 2]
     quant_kinds = [k for k in kinds if k.startswith("Q")]
@@ -189,18 +202,6 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-
-
-def _model_name(name: str, tokens: list[str]) -> str:
-    """general.name: the source directory's name, unless llama.cpp would act on it and fail. llama.cpp picks
-    Phi-3's token fix-ups by the model *name* ("phi3" / "phi-3" in it) and aborts loading ("unordered_map::at")
-    when the vocabulary lacks one of the tokens they touch."""
-    phi3_tokens = {"</s>", "<unk>", "<s>", "<|endoftext|>"}
-    if any(k in name.lower() for k in ("phi3", "phi-3")) and not phi3_tokens <= set(tokens):
-        log.warning("GGUF: model name %r would make llama.cpp apply Phi-3 vocabulary fix-ups to a vocabulary "
-                    "without %s; the file is named 'model'", name, sorted(phi3_tokens - set(tokens)))
-        return "model"
-    return name
 
 
 def check_file(path: Path, tensors: dict[str, Encoded]) -> float:

@@ -29,8 +29,13 @@ Supported: `model_type` llama / mistral (without sliding window), qwen2 (q/k/v
 biases), qwen3 (RMSNorm of each query and key head before the rotary
 embedding: one SimplifiedLayerNormalization over a (batch, seq, heads, head
 dim) view), phi3 (fused `qkv_proj` and `gate_up_proj`: one MatMul or
-MatMulNBits each, then a Split); RMSNorm, SiLU MLP, default rope (no scaling,
-full rotary). Other architectures are refused.
+MatMulNBits each, then a Split), gemma2 / gemma3_text ((1 + w) norms, folded
+into the weights; a norm after each sublayer; embeddings scaled by
+sqrt(hidden); GELU-tanh as FastGelu; attention scale and logit soft-capping
+and sliding windows as GroupQueryAttention attributes; final-logit
+soft-capping; Gemma 3's rope base per layer type as one cos/sin table pair
+each); RMSNorm, default rope (no scaling, full rotary), sliding windows
+(Mistral's on every layer). Other architectures are refused.
 """
 
 from __future__ import annotations
@@ -41,25 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from compress.archs import default_rope_theta
-
-FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # the Llama block and its variants (module docstring)
-
-
-def fused_supported(model: nn.Module) -> str | None:
-    """None when the fused graph can express `model`, else the reason it cannot."""
-    cfg = model.config
-    if getattr(cfg, "model_type", None) not in FUSED_TYPES:
-        return f"model type {getattr(cfg, 'model_type', None)!r} (fused graphs: {', '.join(FUSED_TYPES)})"
-    if isinstance(why := default_rope_theta(cfg), str):
-        return why
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        return f"activation {cfg.hidden_act}"
-    if getattr(cfg, "sliding_window", None):
-        return "sliding-window attention"
-    if getattr(cfg, "mlp_bias", False):
-        return "MLP biases"
-    return None
+from export.fused_arch import activation, fused_supported, norm_offset, rope_thetas
 
 
 def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
@@ -182,22 +169,29 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     node("Shape", ["attention_mask"], ["mask_shape"])
     node("Gather", ["mask_shape", init("idx_1", np.array(1, np.int64))], ["total_len_64"], axis=0)
     node("Cast", ["total_len_64"], ["total_len"], to=TensorProto.INT32)
-    # rotary tables (max positions, head_dim / 2): HF's default rope, cos/sin of position * inv_freq
-    theta = default_rope_theta(cfg)
-    inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd / 2,)
-    ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None]  # (max_pos, hd / 2)
-    cos, sin = init("cos_cache", np.cos(ang).astype(np.float32)), init("sin_cache", np.sin(ang).astype(np.float32))
+    # rotary tables (max positions, head_dim / 2): HF's default rope, cos/sin of position * inv_freq; one pair
+    # per attention layer type when their bases differ (Gemma 3)
+    caches = {}
+    for kind, theta in rope_thetas(cfg).items():
+        inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd / 2,)
+        ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None]  # (max_pos, hd / 2)
+        tag = f"_{kind}" if kind else ""
+        caches[kind] = (init(f"cos_cache{tag}", np.cos(ang).astype(np.float32)),
+                        init(f"sin_cache{tag}", np.sin(ang).astype(np.float32)))
+    act = activation(cfg)
 
     node("Gather", [init("embed_tokens", f32(base.embed_tokens.weight)), "input_ids"], ["h0"])
-    resid, pending = "h0", None  # residual stream; output of the last sublayer not yet added to it
+    if (scale := getattr(base.embed_tokens, "embed_scale", None)) is not None:  # Gemma: sqrt(hidden), float32
+        node("Mul", ["h0", init("embed_scale", f32(scale).reshape(()))], ["h0_scaled"])
+    resid, pending = ("h0" if scale is None else "h0_scaled"), None  # residual stream; the last sublayer's output
     graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
                     helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
 
-    def norm(weight: torch.Tensor, name: str) -> str:
+    def norm(module: nn.Module, name: str) -> str:
         """RMSNorm of the residual stream, first adding the pending sublayer output to it (one kernel)."""
         nonlocal resid, pending
-        w = init(f"{name}.weight", f32(weight))
+        w = init(f"{name}.weight", f32(module.weight) + norm_offset(module))  # Gemma: (1 + w), in float32
         if pending is None:
             return node("SimplifiedLayerNormalization", [resid, w], [f"{name}_out"], axis=-1, epsilon=eps,
                         stash_type=1)[0]
@@ -206,17 +200,21 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         resid, pending = out[3], None
         return out[0]
 
-    def head_norm(x: str, weight: torch.Tensor, heads: int, name: str) -> str:
+    def plain_norm(x: str, module: nn.Module, name: str) -> str:
+        """RMSNorm of a sublayer's output before it joins the residual stream (Gemma's post-norms)."""
+        w = init(f"{name}.weight", f32(module.weight) + norm_offset(module))
+        return node("SimplifiedLayerNormalization", [x, w], [f"{name}_out"], axis=-1, epsilon=eps, stash_type=1)[0]
+
+    def head_norm(x: str, module: nn.Module, heads: int, name: str) -> str:
         """RMSNorm of each head of x (batch, seq, heads * hd): over a (batch, seq, heads, hd) view."""
         node("Reshape", [x, const(f"heads_{heads}", np.array([0, 0, heads, hd], np.int64))], [f"{name}_in"])
-        node("SimplifiedLayerNormalization", [f"{name}_in", init(f"{name}.weight", f32(weight))], [f"{name}_h"],
-             axis=-1, epsilon=eps, stash_type=1)
-        return node("Reshape", [f"{name}_h", const(f"flat_{heads}", np.array([0, 0, heads * hd], np.int64))],
+        plain_norm(f"{name}_in", module, f"{name}_h")
+        return node("Reshape", [f"{name}_h_out", const(f"flat_{heads}", np.array([0, 0, heads * hd], np.int64))],
                     [f"{name}_out"])[0]
 
     for i, layer in enumerate(base.layers):
         p = f"model.layers.{i}"
-        x = norm(layer.input_layernorm.weight, f"{p}.input_layernorm")
+        x = norm(layer.input_layernorm, f"{p}.input_layernorm")
         att = layer.self_attn
         if hasattr(att, "qkv_proj"):  # Phi-3: rows [q; k; v]
             qkv = linear(x, att.qkv_proj, f"{p}.self_attn.qkv_proj")
@@ -227,19 +225,26 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
             k = linear(x, att.k_proj, f"{p}.self_attn.k_proj")
             v = linear(x, att.v_proj, f"{p}.self_attn.v_proj")
         if hasattr(att, "q_norm"):  # Qwen3: RMSNorm over each head's dims, before the rotary embedding
-            q = head_norm(q, att.q_norm.weight, nh, f"{p}.self_attn.q_norm")
-            k = head_norm(k, att.k_norm.weight, nkv, f"{p}.self_attn.k_norm")
+            q = head_norm(q, att.q_norm, nh, f"{p}.self_attn.q_norm")
+            k = head_norm(k, att.k_norm, nkv, f"{p}.self_attn.k_norm")
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         ok, ov = f"present.{i}.key", f"present.{i}.value"
+        window = getattr(att, "sliding_window", getattr(cfg, "sliding_window", None)) or -1  # (Mistral: all layers)
+        cos, sin = caches[getattr(att, "layer_type", None) if None not in caches else None]
         node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_len", cos, sin],
              [f"{p}.attn_out", ok, ov], "com.microsoft", num_heads=nh, kv_num_heads=nkv, do_rotary=1,
-             rotary_interleaved=0, local_window_size=-1)
+             rotary_interleaved=0, local_window_size=window,  # (HF and ORT count the token itself alike)
+             scale=float(att.scaling), softcap=float(getattr(att, "attn_logit_softcapping", None) or 0.0))
         for name in (pk, pv):
             graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "past", hd]))
         for name in (ok, ov):
             graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "total", hd]))
         pending = linear(f"{p}.attn_out", att.o_proj, f"{p}.self_attn.o_proj")
-        x = norm(layer.post_attention_layernorm.weight, f"{p}.post_attention_layernorm")
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: a norm after each sublayer and before the MLP
+            pending = plain_norm(pending, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+            x = norm(layer.pre_feedforward_layernorm, f"{p}.pre_feedforward_layernorm")
+        else:
+            x = norm(layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
         mlp = layer.mlp
         if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate; up]
             gu = linear(x, mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")
@@ -248,11 +253,16 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         else:
             g = linear(x, mlp.gate_proj, f"{p}.mlp.gate_proj")
             u = linear(x, mlp.up_proj, f"{p}.mlp.up_proj")
-        node("Sigmoid", [g], [f"{p}.mlp.sig"])
-        node("Mul", [g, f"{p}.mlp.sig"], [f"{p}.mlp.silu"])
-        node("Mul", [f"{p}.mlp.silu", u], [f"{p}.mlp.act"])
+        if act == "silu":
+            node("Sigmoid", [g], [f"{p}.mlp.sig"])
+            node("Mul", [g, f"{p}.mlp.sig"], [f"{p}.mlp.g"])
+        else:  # gelu with the tanh approximation (Gemma): ONNX Runtime's FastGelu is that formula
+            node("FastGelu", [g], [f"{p}.mlp.g"], "com.microsoft")
+        node("Mul", [f"{p}.mlp.g", u], [f"{p}.mlp.act"])
         pending = linear(f"{p}.mlp.act", mlp.down_proj, f"{p}.mlp.down_proj")
-    x = norm(base.norm.weight, "model.norm")
+        if hasattr(layer, "post_feedforward_layernorm"):
+            pending = plain_norm(pending, layer.post_feedforward_layernorm, f"{p}.post_feedforward_layernorm")
+    x = norm(base.norm, "model.norm")
     out_emb = model.get_output_embeddings()
     if isinstance(out_emb, nn.Linear) and out_emb.bias is None and \
             out_emb.weight.data_ptr() == base.embed_tokens.weight.data_ptr():
@@ -261,6 +271,10 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         head = node("MatMul", [x, "embed_tokens_t"], ["lm_head_out"])[0]
     else:
         head = linear(x, out_emb, "lm_head")
+    if cap := getattr(cfg, "final_logit_softcapping", None):  # Gemma 2: cap * tanh(logits / cap)
+        node("Div", [head, const("final_softcap", np.array(cap, np.float32))], ["logits_scaled"])
+        node("Tanh", ["logits_scaled"], ["logits_tanh"])
+        head = node("Mul", ["logits_tanh", "final_softcap"], ["logits_capped"])[0]
     nodes.append(helper.make_node("Identity", [head], ["logits"], name="logits"))
     graph = helper.make_graph(nodes, "compress-fused-decoder", graph_inputs, graph_outputs, inits)
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),

@@ -89,8 +89,8 @@ CELLS = {  # column -> the command's arguments after the model (exporters take t
 }
 _QUANTIZERS = ("rtn", "gptq", "awq", "awq+gptq", "w8a8")
 
-_NO_ONNX = ("gemma2", "gemma3_text", "opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # export/onnx_fused.py
-_NO_GGUF = ("gemma2", "gemma3_text", "opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # gguf.py
+_NO_ONNX = ("opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # export/onnx_fused.py
+_NO_GGUF = ("opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # gguf.py
 _CONV1D = "Conv1D"
 _EXPERTS = "mixture-of-experts experts"
 REFUSED: dict[tuple[str, str], str] = {  # (architecture, column) -> what its one-line refusal says

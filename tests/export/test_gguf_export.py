@@ -230,3 +230,33 @@ def test_qwen2_exports_with_its_biases_and_pre_tokenizer_and_llama_cpp_agrees(tm
     reader = gguf.GGUFReader(str(tmp_path / "gguf" / "model.gguf"))
     assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= {t.name for t in reader.tensors}
     assert bytes(reader.fields["tokenizer.ggml.pre"].parts[-1]).decode() == "qwen2"
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_gemma_sliding_windows_and_norms_in_llama_cpp(tmp_path, tiny_tokenizer, arch):
+    """Gemma's (1 + w) norms (stored as 1 + w), soft-capping and a sliding window of 4 on a 40-token input:
+    llama.cpp's next-token distributions stay within the export's KL tolerance of transformers' everywhere,
+    past the window included (a wrong layer pattern or window moves them by far more)."""
+    pytest.importorskip("llama_cpp")
+    from test_arch_matrix import make_arch_model
+
+    from compress.models import load_model
+    from export.gguf import export_gguf
+    from export.llama_probe import probe
+
+    model = make_arch_model(arch, len(tiny_tokenizer) + 8)
+    model.config.sliding_window = 4
+    for layer in model.model.layers:
+        if getattr(layer.self_attn, "sliding_window", None):
+            layer.self_attn.sliding_window = 4
+    model.save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    lm = load_model(tmp_path / "src")
+    out = export_gguf(lm, tmp_path / "gguf")
+    ids = torch.randint(3, len(tiny_tokenizer), (40,), generator=torch.Generator().manual_seed(3)).tolist()
+    [(_, got)] = probe(out / "model.gguf", [("x", ids)])
+    with torch.inference_mode():
+        ref = lm.model(input_ids=torch.tensor([ids])).logits[0].double()
+    lp_ref, lp_got = torch.log_softmax(ref, -1), torch.log_softmax(torch.from_numpy(got).double(), -1)
+    kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1)  # (positions,)
+    assert float(kl.max()) <= 0.01, kl

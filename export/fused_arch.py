@@ -1,0 +1,59 @@
+"""What the fused ONNX decoder graph (export/onnx_fused.py) can express, and the architecture facts it reads:
+the rope base per layer type, the MLP activation, and whether a norm multiplies by w or by (1 + w), told by
+running the norm rather than by a per-architecture table."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from compress.archs import default_rope_theta
+
+FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")  # (module docstring)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}  # HF name -> ours
+
+
+def rope_thetas(cfg: Any) -> dict[str | None, float] | str:
+    """RoPE base per attention layer type (key None: one for every layer), or why the graph cannot rotate."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # Gemma 3: one rope per layer type
+        found = {t: default_rope_theta(SimpleNamespace(rope_parameters=p)) for t, p in params.items()}
+        bad = [f"{t}: {v}" for t, v in found.items() if isinstance(v, str)]
+        return "; ".join(bad) if bad else found
+    theta = default_rope_theta(cfg)
+    return theta if isinstance(theta, str) else {None: theta}
+
+
+def activation(cfg: Any) -> str | None:
+    return ACTIVATIONS.get(getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu"))
+
+
+def fused_supported(model: nn.Module) -> str | None:
+    """None when the fused graph can express `model`, else the reason it cannot."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in FUSED_TYPES:
+        return f"model type {getattr(cfg, 'model_type', None)!r} (fused graphs: {', '.join(FUSED_TYPES)})"
+    if isinstance(why := rope_thetas(cfg), str):
+        return why
+    if activation(cfg) is None:
+        return f"activation {getattr(cfg, 'hidden_activation', None) or cfg.hidden_act}"
+    if getattr(cfg, "mlp_bias", False):
+        return "MLP biases"
+    return None
+
+
+def norm_offset(norm: nn.Module) -> float:
+    """0 for an RMSNorm computing w * x / rms(x), 1 for Gemma's (1 + w) * x / rms(x): told by running it."""
+    w = next(p for p in norm.parameters() if p.dim() == 1)
+    x = torch.linspace(-2, 3, w.numel(), dtype=torch.float32)[None]
+    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    unit = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    with torch.no_grad():
+        y = norm(x.to(w.dtype)).float()
+    for offset in (0.0, 1.0):
+        if torch.allclose(y, unit * (w.float() + offset), rtol=1e-4, atol=1e-5):
+            return offset
+    raise ValueError(f"the fused ONNX graph does not support the norm {type(norm).__name__}")
