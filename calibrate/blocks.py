@@ -28,6 +28,8 @@ BLOCK_PATHS: tuple[str, ...] = (
     "model.decoder.layers",  # OPT
     "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
     "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "bert.encoder.layer",  # BERT (masked LM)
+    "roberta.encoder.layer",  # RoBERTa
 )
 
 

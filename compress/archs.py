@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-# Decoder-only model types run through every pass by tests/test_arch_matrix.py (the README's table says which
-# passes and exporters each takes). Other causal LMs transformers knows load and are tried; these are tested.
+# Model types run through every pass by tests/test_arch_matrix.py (decoder-only LMs, and BERT as a masked LM;
+# the README's table says which passes and exporters each takes). Other causal LMs transformers knows load and
+# are tried; these are tested.
 TESTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox", "qwen3_moe",
-          "mixtral")
+          "mixtral", "bert")
 
 
 class UnsupportedModel(ValueError):
@@ -15,21 +16,42 @@ class UnsupportedModel(ValueError):
     with status 2 on it."""
 
 
+def is_masked_lm(config: Any) -> bool:
+    """An encoder with a masked-language-model head transformers can build (BERT, RoBERTa): what compress takes
+    besides decoder-only causal LMs (quantize, sparsify, merge LoRA; scored by pseudo-perplexity)."""
+    from transformers import MODEL_FOR_MASKED_LM_MAPPING
+
+    return (type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
+            and not getattr(config, "is_encoder_decoder", False)
+            and any(a.endswith("ForMaskedLM") for a in getattr(config, "architectures", None) or ["ForMaskedLM"]))
+
+
+def auto_model_class(config: Any):
+    """The transformers Auto class that builds the model of `config`: causal LM, or masked LM for an encoder."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM if is_masked_lm(config) else AutoModelForCausalLM
+
+
 def check_causal_lm(config: Any, where: str) -> None:
-    """Refuse, in one line, a config that is not a decoder-only causal language model transformers can build:
-    an encoder (BERT), an encoder-decoder (T5) or a model type without a causal-LM class."""
+    """Refuse, in one line, a config compress cannot take: an encoder-decoder (T5), an encoder without a
+    masked-LM head (a bare BertModel), or a model type without a causal-LM or masked-LM class."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
     kind = None
     if getattr(config, "is_encoder_decoder", False):
         kind = "an encoder-decoder model"
+    elif is_masked_lm(config):
+        return
     elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
-        kind = "an encoder (masked language model)"
+        kind = (f"an encoder without a masked-language-model head (architectures "
+                f"{getattr(config, 'architectures', None)})")
     elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         kind = "not a causal language model transformers can build"
     if kind:
         raise UnsupportedModel(f"{where}: model type {config.model_type!r} ({type(config).__name__}) is {kind}; "
-                               f"compress takes decoder-only language models (tested: {', '.join(TESTED)})")
+                               f"compress takes decoder-only language models and masked-LM encoders (tested: "
+                               f"{', '.join(TESTED)})")
 
 
 def default_rope_theta(config: Any) -> float | str:

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from calibrate.streaming import STORE_ATTR, store_of, trim_memory  # noqa: F401  (re-exported)
+from compress.archs import auto_model_class
 from compress.checks import first_nonfinite
 from compress.files import (
     check_safetensors,
@@ -265,12 +266,11 @@ def load_lazy(path: Path, files: list[Path], dtype: torch.dtype) -> nn.Module | 
     checkpoint transformers converts as it loads (renamed keys, per-expert tensors fused: GPT-NeoX, MoE),
     which the caller loads whole."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
     from transformers.conversion_mapping import get_model_conversion_mapping
 
     config = load_model_config(path)
     with init_empty_weights(include_buffers=False):  # buffers such as rotary inv_freq are computed, keep them
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_model_class(config).from_config(config, dtype=dtype)
     if get_model_conversion_mapping(model, add_legacy=False):
         log.warning("%s: %s checkpoints are converted as they load; loading it whole instead of streaming it",
                     path, config.model_type)

@@ -26,6 +26,7 @@ from torch import nn
 
 from calibrate.experts import Experts, fused_experts, unfuse_experts
 from compress import artifact
+from compress.archs import auto_model_class
 from compress.checks import check_module, check_tensors
 from compress.files import (
     brief,
@@ -105,7 +106,6 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
                 f"{p}: only pickled checkpoints ({pickled[0].name}); pickle can run code on load, "
                 "so it is refused unless you pass --allow-pickle (then loaded with weights_only=True)")
         weights = pickled
-    from transformers import AutoModelForCausalLM
 
     _check_index(p)
     if lazy and weights[0].suffix == ".safetensors":
@@ -118,7 +118,7 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
     for f in weights:  # a damaged file is named here, not guessed at by transformers ("a TF 2.0 checkpoint?")
         check_weights_file(f)
     config = load_model_config(p)
-    model, info = AutoModelForCausalLM.from_pretrained(
+    model, info = auto_model_class(config).from_pretrained(
         p, config=config, dtype=dtype, use_safetensors=not allow_pickle or weights[0].suffix == ".safetensors",
         weights_only=True, output_loading_info=True, ignore_mismatched_sizes=True)  # reported: refused below
     missing = sorted(set(info["missing_keys"]) | {k for k, *_ in info["mismatched_keys"]})
@@ -193,7 +193,6 @@ def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
 
 def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedModel:
     """Rebuild a quantized model: float skeleton, QuantLinear where recorded, saved tensors."""
-    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     import compress.quantize.qlinear  # noqa: F401  (the built-in packed kinds register when defined)
@@ -209,7 +208,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # ours to interpret, not transformers'
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_model_class(config).from_config(config, dtype=dtype)
     unfuse_experts(model, copy_weights=False)  # saved per expert, as every pass sees them
     for name, info in prov["quantization"]["modules"].items():
         try:

@@ -177,9 +177,7 @@ def evaluate(lm: LoadedModel, tasks: list[str], *, options: dict[str, Any] | Non
 
     Options as in `plan_tasks`; `batch_size` also sets the multiple-choice batch. Returns {task: result}.
     """
-    from eval.backends import TorchBackend
-
-    backend = TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=(options or {}).get("batch_size"))
+    backend = torch_backend(lm, device=device, batch_size=(options or {}).get("batch_size"))
     return run_tasks(backend, tasks, options=options, progress=progress)
 
 
@@ -252,11 +250,22 @@ def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, devic
         return ll, ll.identity()
     if is_onnx:
         raise ValueError(f"{model} is an ONNX model: torch cannot load it (use the onnxruntime backend)")
+    lm = load_model(model, allow_pickle=allow_pickle, dtype=getattr(torch, dtype))
+    tb = torch_backend(lm, device=device, batch_size=batch_size)
+    return tb, results.model_identity(lm)
+
+
+def torch_backend(lm: LoadedModel, *, device: str = "cpu", batch_size: int | None = None):
+    """The scoring backend of a model in torch: a causal LM's, or a masked LM's pseudo-likelihood one."""
+    from compress.archs import is_masked_lm
+
+    if is_masked_lm(lm.model.config):
+        from eval.masked import MaskedLMBackend
+
+        return MaskedLMBackend(lm.model, lm.tokenizer, device=device, batch_size=batch_size)
     from eval.backends import TorchBackend
 
-    lm = load_model(model, allow_pickle=allow_pickle, dtype=getattr(torch, dtype))
-    tb = TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=batch_size)
-    return tb, results.model_identity(lm)
+    return TorchBackend(lm.model, lm.tokenizer, device=device, batch_size=batch_size)
 
 
 def set_threads(threads: int | None) -> None:

@@ -6,8 +6,9 @@ A pattern matches a module when it is
 - `re:` followed by a regular expression matched at the start of the name
   (`re:.*self_attn\\.(q|k)_proj$`), as in llm-compressor recipes.
 
-`lm_head` is in every pass's default `ignore`, so the output projection stays
-in float unless a recipe gives its own `ignore` list.
+`lm_head` (and an encoder's masked-LM head) is in every pass's default
+`ignore`, so the output projection stays in float unless a recipe gives its
+own `ignore` list.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from dataclasses import dataclass
 from torch import nn
 
 DEFAULT_TARGETS: tuple[str, ...] = ("Linear",)
-DEFAULT_IGNORE: tuple[str, ...] = ("lm_head",)
+# the output head: a decoder's lm_head, an encoder's masked-LM head (BERT's cls.predictions.*, RoBERTa's lm_head.*)
+DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:(lm_head|cls)\\.")
 
 
 def validate_patterns(patterns: Iterable[str], field: str) -> None:
@@ -39,7 +41,7 @@ class Selection:
     """The `targets` / `ignore` fields of a pass's config (a base class; cooperates with others)."""
 
     targets: tuple[str, ...] = DEFAULT_TARGETS  # class names, exact names or 're:' regexes
-    ignore: tuple[str, ...] = DEFAULT_IGNORE  # replaces the default; lm_head is left alone by default
+    ignore: tuple[str, ...] = DEFAULT_IGNORE  # replaces the default; the output head is left alone by default
 
     def __post_init__(self) -> None:
         validate_patterns(self.targets, "targets")

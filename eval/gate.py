@@ -24,7 +24,7 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 
 from compress.checks import finite_number
-from eval.results import METRICS, inconsistent, nonfinite
+from eval.results import METRICS, PERPLEXITIES, inconsistent, nonfinite
 from eval.stats import PairedResult, mcnemar, paired_perplexity
 
 
@@ -117,14 +117,14 @@ def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig
 
 def _broken(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConfig, why: str) -> Row:
     """A failing row for a candidate result that cannot be trusted."""
-    threshold = cfg.max_ppl_rise if b["metric"] == "perplexity" else cfg.max_acc_drop
+    threshold = cfg.max_ppl_rise if b["metric"] in PERPLEXITIES else cfg.max_acc_drop
     paired = PairedResult(float("nan"), (float("nan"), float("nan")), 0.0, "none: the candidate's result is broken")
     return Row(task, b["metric"], float(b["value"]), float(c["value"]), paired, threshold, True, why)
 
 
 def _compare_task(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConfig) -> Row:
     metric = b["metric"]
-    if metric == "perplexity":
+    if metric in PERPLEXITIES:
         tok_c = np.array([it["tokens"] for it in c["items"]])
         tok_b = np.array([it["tokens"] for it in b["items"]])
         if not np.array_equal(tok_c, tok_b):
@@ -151,7 +151,7 @@ def _compare_task(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConf
 def _fmt_change(row: Row) -> str:
     if not np.isfinite(row.paired.change):
         return "n/a"
-    if row.metric == "perplexity":
+    if row.metric in PERPLEXITIES:
         lo, hi = row.paired.ci95
         return f"{100 * row.paired.change:+.2f} % [{100 * lo:+.2f}, {100 * hi:+.2f}]"
     lo, hi = row.paired.ci95
@@ -159,7 +159,7 @@ def _fmt_change(row: Row) -> str:
 
 
 def _fmt_threshold(row: Row) -> str:
-    return f"rise <= {100 * row.threshold:g} %" if row.metric == "perplexity" else f"drop <= {row.threshold:g} pt"
+    return f"rise <= {100 * row.threshold:g} %" if row.metric in PERPLEXITIES else f"drop <= {row.threshold:g} pt"
 
 
 def markdown(report: GateReport, candidate: str = "candidate", baseline: str = "baseline") -> str:

@@ -84,7 +84,7 @@ def compute_perplexity(backend, text: str, cfg: PerplexityConfig, *, dataset: st
     lo, hi = perplexity_ci(nll.numpy(), np.full(n, per_window))
     return {
         "task": dataset,
-        "metric": "perplexity",
+        "metric": getattr(backend, "metric", "perplexity"),  # a masked LM: pseudo-perplexity (eval.masked)
         "value": math.exp(total / count),
         "ci95": [lo, hi],
         "perplexity": math.exp(total / count),

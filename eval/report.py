@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from eval.results import METRICS
+from eval.results import METRICS, PERPLEXITIES
 
 X_AXES = {"size": ("bytes_on_disk", "size on disk (MB)", 1e-6),
           "bits": ("bits_per_parameter", "bits per parameter on disk", 1.0)}
@@ -56,7 +56,7 @@ def docs_metric(docs: list[tuple[str, dict[str, Any]]], task: str) -> str:
 
 
 def _fmt(metric: str):
-    return (lambda v: f"{v:.3f}") if metric == "perplexity" else (lambda v: f"{100 * v:.1f} %")
+    return (lambda v: f"{v:.3f}") if metric in PERPLEXITIES else (lambda v: f"{100 * v:.1f} %")
 
 
 def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> list[int]:

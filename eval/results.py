@@ -25,7 +25,8 @@ from compress import artifact
 from compress.checks import nonfinite_in
 
 SCHEMA = "compress.eval/1"
-METRICS = {"perplexity": "lower", "accuracy": "higher"}  # which direction is better
+METRICS = {"perplexity": "lower", "pseudo_perplexity": "lower", "accuracy": "higher"}  # which way is better
+PERPLEXITIES = ("perplexity", "pseudo_perplexity")  # per-window NLL records: compared the same way
 
 
 def parameter_count(model) -> int:
@@ -123,7 +124,7 @@ def _check_task(p: Path, task: str, r: Any) -> None:
         if it["id"] in ids:
             raise ValueError(f"{where}: duplicate id {it['id']!r}")
         ids.add(it["id"])
-        if r["metric"] == "perplexity":
+        if r["metric"] in PERPLEXITIES:
             if not _number(it.get("nll")):
                 raise ValueError(f"{where} ({it['id']}): nll {it.get('nll')!r} is not a number")
             tokens = it.get("tokens")
@@ -146,7 +147,7 @@ def inconsistent(result: dict[str, Any]) -> str | None:
     """Why a task's headline value disagrees with its own items (None when it agrees): a value that the
     per-item records cannot have produced is not trusted."""
     items = result["items"]
-    if result["metric"] == "perplexity":
+    if result["metric"] in PERPLEXITIES:
         tokens = sum(it["tokens"] for it in items)
         expect = math.exp(min(sum(it["nll"] for it in items) / tokens, 700.0))
     else:

@@ -12,13 +12,17 @@ from torch import nn
 
 from compress.archs import default_rope_theta
 
-FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")  # (module docstring)
-ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}  # HF name -> ours
+FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "opt", "gpt_neox")  # (module docstring)
+ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "relu": "relu", "gelu": "gelu"}
 
 
 def rope_thetas(cfg: Any) -> dict[str | None, float] | str:
     """RoPE base per attention layer type (key None: one for every layer), or why the graph cannot rotate."""
     params = getattr(cfg, "rope_parameters", None) or {}
+    if "partial_rotary_factor" in params:  # (the graph rotates the first rotary_fraction(cfg) of each head)
+        params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
+        cfg = SimpleNamespace(rope_parameters=params)
     if params and all(isinstance(v, dict) for v in params.values()):  # Gemma 3: one rope per layer type
         found = {t: default_rope_theta(SimpleNamespace(rope_parameters=p)) for t, p in params.items()}
         bad = [f"{t}: {v}" for t, v in found.items() if isinstance(v, str)]
@@ -27,8 +31,20 @@ def rope_thetas(cfg: Any) -> dict[str | None, float] | str:
     return theta if isinstance(theta, str) else {None: theta}
 
 
+def rotary_fraction(cfg: Any) -> float:
+    """The fraction of each head's dimensions that are rotated (GPT-NeoX: 0.25; most models: all)."""
+    params = getattr(cfg, "rope_parameters", None) or {}
+    return float(params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None)) or 1.0)
+
+
 def activation(cfg: Any) -> str | None:
-    return ACTIVATIONS.get(getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu"))
+    return ACTIVATIONS.get(activation_name(cfg))
+
+
+def activation_name(cfg: Any) -> str:
+    """The MLP activation's transformers name (Gemma: hidden_activation; OPT: activation_function)."""
+    return (getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", None)
+            or getattr(cfg, "activation_function", None) or "silu")
 
 
 def fused_supported(model: nn.Module) -> str | None:
@@ -36,10 +52,13 @@ def fused_supported(model: nn.Module) -> str | None:
     cfg = model.config
     if getattr(cfg, "model_type", None) not in FUSED_TYPES:
         return f"model type {getattr(cfg, 'model_type', None)!r} (fused graphs: {', '.join(FUSED_TYPES)})"
-    if isinstance(why := rope_thetas(cfg), str):
+    if cfg.model_type == "opt":  # learned positions, pre-norm blocks, no projection around the blocks
+        if not cfg.do_layer_norm_before or cfg.word_embed_proj_dim != cfg.hidden_size:
+            return "OPT with post-norm blocks or a projection around them (opt-350m)"
+    elif isinstance(why := rope_thetas(cfg), str):
         return why
     if activation(cfg) is None:
-        return f"activation {getattr(cfg, 'hidden_activation', None) or cfg.hidden_act}"
+        return f"activation {activation_name(cfg)}"
     if getattr(cfg, "mlp_bias", False):
         return "MLP biases"
     return None

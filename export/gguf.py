@@ -46,12 +46,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from calibrate.experts import Experts
 from compress import artifact
 from compress.models import LoadedModel
 from compress.registry import register_exporter
 from export import VERIFY_PROMPTS, reference_logits
+from export.fused_arch import rotary_fraction
 from export.gguf_arch import (
     ARCHITECTURES,
+    NOT_IN_LLAMA_CPP,
     attention_scale_differs,
     model_name,
     norm_offsets,
@@ -83,6 +86,9 @@ def _permute_rows(enc: Encoded, order: np.ndarray) -> Encoded:
 def _check_model(lm: LoadedModel) -> tuple[str, bool]:
     cfg = lm.model.config
     mt = getattr(cfg, "model_type", None)
+    if mt in NOT_IN_LLAMA_CPP:
+        raise ValueError(f"GGUF export: llama.cpp has no {NOT_IN_LLAMA_CPP[mt]} architecture (model type {mt!r}; "
+                         "export it with --format onnx)")
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export supports model types {', '.join(sorted(ARCHITECTURES))}; "
                          f"this model is {mt!r}")
@@ -92,6 +98,9 @@ def _check_model(lm: LoadedModel) -> tuple[str, bool]:
         raise ValueError(f"GGUF export: {why}")
     if lm.tokenizer is None:
         raise ValueError("GGUF export needs the model's tokenizer (llama.cpp reads it from the file)")
+    if any(isinstance(m, Experts) for m in lm.model.modules()) and not getattr(cfg, "norm_topk_prob", True):
+        raise ValueError("GGUF export: llama.cpp renormalises the chosen experts' weights to sum to 1; this model "
+                         "(norm_topk_prob false) does not")
     from compress.quantize.w8a8linear import W8A8Linear
 
     w8a8 = [n for n, m in lm.model.named_modules() if isinstance(m, W8A8Linear)]
@@ -122,14 +131,36 @@ def _tensors(lm: LoadedModel, arch: str, permute_qk: bool, float_type: str,
         module = hf_name.rsplit(".", 2)[-2]
         if permute_qk and module in heads:
             enc = _permute_rows(enc, rope_row_order(heads[module], enc.expect.shape[0]))
+        if module == "query_key_value":  # GPT-NeoX: per head [q; k; v] rows -> llama.cpp's [all q; all k; all v]
+            n = cfg.num_attention_heads
+            order = np.arange(enc.expect.shape[0]).reshape(n, 3, -1).transpose(1, 0, 2).reshape(-1)
+            enc = _permute_rows(enc, order)
         out[gname] = enc
 
+    # mixture-of-experts: llama.cpp holds each projection of a layer's experts as one (experts, out, in) tensor
+    stacked = set()
+    for ex_name, ex in ((n, m) for n, m in model.named_modules() if isinstance(m, Experts)):
+        for role, canonical in enumerate(("gate_proj", "up_proj", "down_proj")):
+            mods = [(f"{ex_name}.{e}.{expert.names[role]}", getattr(expert, expert.names[role]))
+                    for e, expert in enumerate(ex)]
+            encs = [encode_quant(m, n, requantize=requantize) if n in quant else encode_float(m.weight, float_type)
+                    for n, m in mods]
+            if len({e.kind for e in encs}) != 1:
+                raise ValueError(f"GGUF export: the experts of {ex_name} are stored as {sorted({e.kind for e in encs})}"
+                                 f" ({canonical}); llama.cpp keeps one type per layer's experts")
+            add(f"{ex_name}.{canonical}.weight", Encoded(encs[0].kind, np.stack([e.data for e in encs]),
+                                                         np.stack([e.expect for e in encs]),
+                                                         max((e.requant_error for e in encs
+                                                              if e.requant_error is not None), default=None)))
+            stacked |= {n for n, _ in mods}
     for name, m in quant.items():
+        if name in stacked:
+            continue
         add(f"{name}.weight", encode_quant(m, name, requantize=requantize))
         if m.bias is not None:
             add(f"{name}.bias", encode_float(m.bias, float_type))
-    skip = {f"{n}.{b}" for n in quant for b in ("weight_packed", "weight_scale", "weight_zero_point",
-                                                 "weight_shape", "bias")}
+    skip = {f"{n}.{b}" for n in (*quant, *stacked) for b in ("weight", "weight_packed", "weight_scale",
+                                                             "weight_zero_point", "weight_shape", "bias")}
     tied = bool(getattr(cfg, "tie_word_embeddings", False)) and "lm_head" not in quant
     offsets = norm_offsets(model)
     for key, t in model.state_dict().items():
@@ -155,7 +186,7 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(int(head_dim * rotary_fraction(cfg)))  # (GPT-NeoX rotates a quarter)
     if head_dim * cfg.num_attention_heads != cfg.hidden_size:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
@@ -163,7 +194,17 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
     w.add_rope_freq_base(bases.get(None, bases.get("full_attention")))
     if "sliding_attention" in bases:
         w.add_rope_freq_base_swa(bases["sliding_attention"])
-    w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    if hasattr(cfg, "rms_norm_eps"):
+        w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    else:  # LayerNorm models (GPT-NeoX)
+        w.add_layer_norm_eps(float(cfg.layer_norm_eps))
+    if hasattr(cfg, "use_parallel_residual"):
+        w.add_parallel_residual(bool(cfg.use_parallel_residual))
+    experts = next((m for m in lm.model.modules() if isinstance(m, Experts)), None)
+    if experts is not None:  # mixture of experts: how many, how many per token, each one's width
+        w.add_expert_count(len(experts))
+        w.add_expert_used_count(int(cfg.num_experts_per_tok))
+        w.add_expert_feed_forward_length(getattr(experts[0], experts[0].names[0]).out_features)
     if getattr(cfg, "layer_types", None) and getattr(cfg, "sliding_window", None):  # which layers slide, each
         w.add_sliding_window(int(cfg.sliding_window))
         w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])

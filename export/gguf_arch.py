@@ -16,7 +16,12 @@ log = logging.getLogger(__name__)
 # gate_up_proj as llama.cpp's attn_qkv and ffn_up, whose first half its SwiGLU activates, as HF's chunk does)
 ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
                  "qwen3": ("qwen3", False), "phi3": ("phi3", False), "gemma2": ("gemma2", False),
-                 "gemma3_text": ("gemma3", False)}
+                 "gemma3_text": ("gemma3", False), "qwen3_moe": ("qwen3moe", False), "mixtral": ("llama", True),
+                 "gpt_neox": ("gptneox", False)}
+
+
+# model types llama.cpp cannot run at all (no GGUF of them would load anywhere)
+NOT_IN_LLAMA_CPP = {"opt": "OPT"}
 
 
 def rope_bases(cfg: Any) -> dict[str | None, float] | str:

@@ -34,8 +34,15 @@ into the weights; a norm after each sublayer; embeddings scaled by
 sqrt(hidden); GELU-tanh as FastGelu; attention scale and logit soft-capping
 and sliding windows as GroupQueryAttention attributes; final-logit
 soft-capping; Gemma 3's rope base per layer type as one cos/sin table pair
-each); RMSNorm, default rope (no scaling, full rotary), sliding windows
-(Mistral's on every layer). Other architectures are refused.
+each), opt (pre-norm LayerNorms with biases as LayerNormalization /
+SkipLayerNormalization, learned positions offset by 2 gathered for the
+chunk's positions, GroupQueryAttention without rotary, ReLU MLP), gpt_neox
+(per-head [q; k; v] rows reshaped and split, the rotary embedding on a
+quarter of each head by RotaryEmbedding nodes before an attention that
+rotates nothing, parallel residual: x + attn(ln1(x)) + mlp(ln2(x)), GELU);
+RMSNorm,
+default rope (no scaling, full rotary), sliding windows (Mistral's on every
+layer). Other architectures are refused.
 """
 
 from __future__ import annotations
@@ -46,7 +53,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.fused_arch import activation, fused_supported, norm_offset, rope_thetas
+from export.fused_arch import activation, fused_supported, norm_offset, rope_thetas, rotary_fraction
+
+
+def part(module: nn.Module, *names: str) -> nn.Module:
+    """The first of `names` that `module` has (Llama's name first, then OPT's or GPT-NeoX's)."""
+    return getattr(module, next(n for n in names if hasattr(module, n)))
 
 
 def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
@@ -65,9 +77,10 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     nh = cfg.num_attention_heads
     nkv = getattr(cfg, "num_key_value_heads", None) or nh
     hd = getattr(cfg, "head_dim", None) or H // nh
-    eps = float(cfg.rms_norm_eps)
-    I = cfg.intermediate_size  # noqa: E741 (the MLP width, as in the papers)
+    I = getattr(cfg, "intermediate_size", None)  # noqa: E741 (the MLP width, as in the papers; OPT: ffn_dim)
     max_pos = int(cfg.max_position_embeddings)
+    rd = int(hd * rotary_fraction(cfg))  # rotated dimensions of a head (GPT-NeoX: a quarter)
+    partial = rd != hd  # then RotaryEmbedding nodes rotate q and k, and GroupQueryAttention does not
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     nodes: list[Any] = []
     inits: list[Any] = []
@@ -172,38 +185,59 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     # rotary tables (max positions, head_dim / 2): HF's default rope, cos/sin of position * inv_freq; one pair
     # per attention layer type when their bases differ (Gemma 3)
     caches = {}
-    for kind, theta in rope_thetas(cfg).items():
-        inv_freq = 1.0 / theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd)  # (hd / 2,)
-        ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None]  # (max_pos, hd / 2)
+    for kind, theta in (rope_thetas(cfg).items() if not hasattr(base, "embed_positions") else ()):
+        inv_freq = 1.0 / theta ** (np.arange(0, rd, 2, dtype=np.float64) / rd)  # (rd / 2,)
+        ang = np.arange(max_pos, dtype=np.float64)[:, None] * inv_freq[None]  # (max_pos, rd / 2)
         tag = f"_{kind}" if kind else ""
         caches[kind] = (init(f"cos_cache{tag}", np.cos(ang).astype(np.float32)),
                         init(f"sin_cache{tag}", np.sin(ang).astype(np.float32)))
     act = activation(cfg)
 
-    node("Gather", [init("embed_tokens", f32(base.embed_tokens.weight)), "input_ids"], ["h0"])
-    if (scale := getattr(base.embed_tokens, "embed_scale", None)) is not None:  # Gemma: sqrt(hidden), float32
-        node("Mul", ["h0", init("embed_scale", f32(scale).reshape(()))], ["h0_scaled"])
-    resid, pending = ("h0" if scale is None else "h0_scaled"), None  # residual stream; the last sublayer's output
+    embed = part(base, "embed_tokens", "embed_in")
+    h = node("Gather", [init("embed_tokens", f32(embed.weight)), "input_ids"], ["h0"])[0]
+    if (scale := getattr(embed, "embed_scale", None)) is not None:  # Gemma: sqrt(hidden), float32
+        h = node("Mul", [h, init("embed_scale", f32(scale).reshape(()))], ["h0_scaled"])[0]
+    table = getattr(base, "embed_positions", None)  # OPT: learned positions, offset by 2
+    if table is not None or partial:  # the chunk's first position: total - seq (rows of the mask are all ones)
+        node("Shape", ["input_ids"], ["ids_shape"])
+        node("Gather", ["ids_shape", "idx_1"], ["seq_len_64"], axis=0)
+        node("Sub", ["total_len_64", "seq_len_64"], ["past_len_64"])
+        node("Reshape", ["past_len_64", const("shape_1", np.array([1], np.int64))], ["past_len_1d"])
+    if table is not None:
+        node("Range", ["past_len_64", "total_len_64", "one_i64"], ["positions"])
+        node("Add", ["positions", init("position_offset", np.array(table.offset, np.int64))], ["position_rows"])
+        node("Gather", [init("embed_positions", f32(table.weight)), "position_rows"], ["h0_positions"])
+        h = node("Add", [h, "h0_positions"], ["h0_placed"])[0]
+    resid, pending = h, None  # residual stream; the last sublayer's output not yet added to it
     graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
                     helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
     graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
 
+    def norm_params(module: nn.Module, name: str) -> tuple[list[str], float, bool]:
+        """(weight[, bias] initializers, epsilon, whether it is a LayerNorm (OPT) rather than an RMSNorm)."""
+        if isinstance(module, nn.LayerNorm):
+            return [init(f"{name}.weight", f32(module.weight)), init(f"{name}.bias", f32(module.bias))], \
+                float(module.eps), True
+        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", None)))
+        return [init(f"{name}.weight", f32(module.weight) + norm_offset(module))], eps, False  # Gemma: (1 + w)
+
     def norm(module: nn.Module, name: str) -> str:
-        """RMSNorm of the residual stream, first adding the pending sublayer output to it (one kernel)."""
+        """The norm of the residual stream, first adding the pending sublayer output to it (one kernel)."""
         nonlocal resid, pending
-        w = init(f"{name}.weight", f32(module.weight) + norm_offset(module))  # Gemma: (1 + w), in float32
         if pending is None:
-            return node("SimplifiedLayerNormalization", [resid, w], [f"{name}_out"], axis=-1, epsilon=eps,
-                        stash_type=1)[0]
-        out = node("SkipSimplifiedLayerNormalization", [pending, resid, w],
-                   [f"{name}_out", "", "", f"{name}_resid"], "com.microsoft", epsilon=eps)
+            return plain_norm(resid, module, name)
+        params, eps, layer_norm = norm_params(module, name)
+        op = "SkipLayerNormalization" if layer_norm else "SkipSimplifiedLayerNormalization"
+        out = node(op, [resid, pending, *params], [f"{name}_out", "", "", f"{name}_resid"], "com.microsoft",
+                   epsilon=eps)
         resid, pending = out[3], None
         return out[0]
 
     def plain_norm(x: str, module: nn.Module, name: str) -> str:
-        """RMSNorm of a sublayer's output before it joins the residual stream (Gemma's post-norms)."""
-        w = init(f"{name}.weight", f32(module.weight) + norm_offset(module))
-        return node("SimplifiedLayerNormalization", [x, w], [f"{name}_out"], axis=-1, epsilon=eps, stash_type=1)[0]
+        """The norm of one tensor (the first block's input; Gemma's post-norms of a sublayer's output)."""
+        params, eps, layer_norm = norm_params(module, name)
+        op = "LayerNormalization" if layer_norm else "SimplifiedLayerNormalization"
+        return node(op, [x, *params], [f"{name}_out"], axis=-1, epsilon=eps, stash_type=1)[0]
 
     def head_norm(x: str, module: nn.Module, heads: int, name: str) -> str:
         """RMSNorm of each head of x (batch, seq, heads * hd): over a (batch, seq, heads, hd) view."""
@@ -214,9 +248,15 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
 
     for i, layer in enumerate(base.layers):
         p = f"model.layers.{i}"
-        x = norm(layer.input_layernorm, f"{p}.input_layernorm")
-        att = layer.self_attn
-        if hasattr(att, "qkv_proj"):  # Phi-3: rows [q; k; v]
+        x = norm(part(layer, "input_layernorm", "self_attn_layer_norm"), f"{p}.input_layernorm")
+        att = part(layer, "self_attn", "attention")
+        if hasattr(att, "query_key_value"):  # GPT-NeoX: per head [q; k; v] rows
+            qkv = linear(x, att.query_key_value, f"{p}.attention.query_key_value")
+            node("Reshape", [qkv, const("heads_3", np.array([0, 0, nh, 3, hd], np.int64))], [f"{p}.qkv_h"])
+            parts = node("Split", [f"{p}.qkv_h"], [f"{p}.{t}_h" for t in "qkv"], axis=3)
+            q, k, v = (node("Reshape", [t, const("flat_h", np.array([0, 0, H], np.int64))], [f"{t}_flat"])[0]
+                       for t in parts)
+        elif hasattr(att, "qkv_proj"):  # Phi-3: rows [q; k; v]
             qkv = linear(x, att.qkv_proj, f"{p}.self_attn.qkv_proj")
             q, k, v = node("Split", [qkv, const("split_qkv", np.array([nh * hd, nkv * hd, nkv * hd], np.int64))],
                            [f"{p}.self_attn.q", f"{p}.self_attn.k", f"{p}.self_attn.v"], axis=-1)
@@ -230,21 +270,36 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         pk, pv = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         ok, ov = f"present.{i}.key", f"present.{i}.value"
         window = getattr(att, "sliding_window", getattr(cfg, "sliding_window", None)) or -1  # (Mistral: all layers)
-        cos, sin = caches[getattr(att, "layer_type", None) if None not in caches else None]
+        cos, sin = caches[getattr(att, "layer_type", None) if None not in caches else None] if caches else ("", "")
+        if partial:  # rotate the first rd dimensions of each head here; the attention then rotates nothing
+            q, k = (node("RotaryEmbedding", [t, "past_len_1d", cos, sin], [f"{t}_rot"], "com.microsoft",
+                         num_heads=n, rotary_embedding_dim=rd, interleaved=0)[0] for t, n in ((q, nh), (k, nkv)))
+            cos, sin = "", ""
         node("GroupQueryAttention", [q, k, v, pk, pv, "seqlens_k", "total_len", cos, sin],
-             [f"{p}.attn_out", ok, ov], "com.microsoft", num_heads=nh, kv_num_heads=nkv, do_rotary=1,
+             [f"{p}.attn_out", ok, ov], "com.microsoft", num_heads=nh, kv_num_heads=nkv, do_rotary=int(bool(cos)),
              rotary_interleaved=0, local_window_size=window,  # (HF and ORT count the token itself alike)
              scale=float(att.scaling), softcap=float(getattr(att, "attn_logit_softcapping", None) or 0.0))
         for name in (pk, pv):
             graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "past", hd]))
         for name in (ok, ov):
             graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "total", hd]))
-        pending = linear(f"{p}.attn_out", att.o_proj, f"{p}.self_attn.o_proj")
+        pending = linear(f"{p}.attn_out", part(att, "o_proj", "out_proj", "dense"), f"{p}.self_attn.o_proj")
+        if getattr(layer, "use_parallel_residual", False):  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
+            y = plain_norm(resid, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+            node("Gelu" if act == "gelu" else "FastGelu", [linear(y, layer.mlp.dense_h_to_4h, f"{p}.mlp.up")],
+                 [f"{p}.mlp.act"], "com.microsoft")
+            m = linear(f"{p}.mlp.act", layer.mlp.dense_4h_to_h, f"{p}.mlp.down")
+            pending = node("Add", [pending, m], [f"{p}.attn_mlp"])[0]
+            continue
         if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: a norm after each sublayer and before the MLP
             pending = plain_norm(pending, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
             x = norm(layer.pre_feedforward_layernorm, f"{p}.pre_feedforward_layernorm")
         else:
-            x = norm(layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
+            x = norm(part(layer, "post_attention_layernorm", "final_layer_norm"), f"{p}.post_attention_layernorm")
+        if hasattr(layer, "fc1"):  # OPT: fc2(relu(fc1(x)))
+            node("Relu", [linear(x, layer.fc1, f"{p}.fc1")], [f"{p}.relu"])
+            pending = linear(f"{p}.relu", layer.fc2, f"{p}.fc2")
+            continue
         mlp = layer.mlp
         if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate; up]
             gu = linear(x, mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")
@@ -262,10 +317,10 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         pending = linear(f"{p}.mlp.act", mlp.down_proj, f"{p}.mlp.down_proj")
         if hasattr(layer, "post_feedforward_layernorm"):
             pending = plain_norm(pending, layer.post_feedforward_layernorm, f"{p}.post_feedforward_layernorm")
-    x = norm(base.norm, "model.norm")
+    x = norm(part(base, "norm", "final_layer_norm"), "model.norm")  # (GPT-NeoX's is final_layer_norm too)
     out_emb = model.get_output_embeddings()
     if isinstance(out_emb, nn.Linear) and out_emb.bias is None and \
-            out_emb.weight.data_ptr() == base.embed_tokens.weight.data_ptr():
+            out_emb.weight.data_ptr() == embed.weight.data_ptr():
         # tied float head: one copy of the matrix in the file, transposed when the session is created
         node("Transpose", ["embed_tokens"], ["embed_tokens_t"], perm=[1, 0])
         head = node("MatMul", [x, "embed_tokens_t"], ["lm_head_out"])[0]

@@ -6,6 +6,7 @@ writes the README's table from `REFUSED` and `CELLS` (a test checks that the REA
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -42,25 +43,27 @@ def _configs():
         "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_inner=160, n_positions=256, bos_token_id=0,
                                      eos_token_id=1),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(**_LLAMA_LIKE, head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=32),
+                                              moe_intermediate_size=32, norm_topk_prob=True),  # (as Qwen3-30B-A3B)
         "mixtral": lambda: T.MixtralConfig(**_LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2),
+        "bert": lambda: T.BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                     max_position_embeddings=256, pad_token_id=2),
     }
 
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "opt", "gpt_neox", "gpt2",
-         "qwen3_moe", "mixtral")
-_QK = (".q_proj.", ".k_proj.", ".qkv_proj.", ".query_key_value.", ".c_attn.")
+         "qwen3_moe", "mixtral", "bert")
+_QK = (".q_proj.", ".k_proj.", ".qkv_proj.", ".query_key_value.", ".c_attn.", ".query.", ".key.")
 
 
 def make_arch_model(arch: str, vocab: int, seed: int = 0) -> nn.Module:
     """A tiny random `arch` model. q/k weights are large enough that a wrong rotary layout in an exporter
     shows in its logits; norms and biases are moved off the 1 / 0 they start at, so a lost one shows too."""
-    from transformers import AutoModelForCausalLM
+    from compress.archs import auto_model_class
 
     torch.manual_seed(seed)
     cfg = _configs()[arch]()
     cfg.vocab_size = vocab
-    model = AutoModelForCausalLM.from_config(cfg)
+    model = auto_model_class(cfg).from_config(cfg)  # (BERT: the masked LM)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -68,6 +71,20 @@ def make_arch_model(arch: str, vocab: int, seed: int = 0) -> nn.Module:
             else:
                 p.add_(torch.randn_like(p) * 0.1)
     return model.eval()
+
+
+def save_arch_model(arch: str, tokenizer, path: Path, *, sliding_window: int | None = None) -> Path:
+    """`make_arch_model(arch)` saved with `tokenizer` at `path`; with `sliding_window`, every layer that slides
+    (Mistral: all of them) looks back that many tokens."""
+    model = make_arch_model(arch, len(tokenizer) + 8)
+    if sliding_window is not None:
+        model.config.sliding_window = sliding_window
+        for layer in model.model.layers:
+            if getattr(layer.self_attn, "sliding_window", None):
+                layer.self_attn.sliding_window = sliding_window
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 CAL = ["--calib-samples", "4", "--calib-seq-len", "64"]
@@ -89,8 +106,8 @@ CELLS = {  # column -> the command's arguments after the model (exporters take t
 }
 _QUANTIZERS = ("rtn", "gptq", "awq", "awq+gptq", "w8a8")
 
-_NO_ONNX = ("opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # export/onnx_fused.py
-_NO_GGUF = ("opt", "gpt_neox", "gpt2", "qwen3_moe", "mixtral")  # gguf.py
+_NO_ONNX = ("bert", "gpt2", "qwen3_moe", "mixtral")  # export/onnx_fused.py
+_NO_GGUF = ("bert", "gpt2")  # gguf.py
 _CONV1D = "Conv1D"
 _EXPERTS = "mixture-of-experts experts"
 REFUSED: dict[tuple[str, str], str] = {  # (architecture, column) -> what its one-line refusal says
@@ -100,6 +117,9 @@ REFUSED: dict[tuple[str, str], str] = {  # (architecture, column) -> what its on
     ("phi3", "prune_heads"): "derives its head size",
     ("opt", "prune_heads"): "derives its head size",
     ("gpt_neox", "prune_heads"): "derives its head size",
+    ("bert", "prune_heads"): "derives its head size",
+    ("bert", "distill"): "masked-LM encoder",
+    ("opt", "gguf"): "llama.cpp has no OPT",
     **{("gpt2", c): _CONV1D for c in CELLS if c not in ("distill", "onnx", "gguf")},  # (distill trains them all)
     **{(a, "prune_channels"): _EXPERTS for a in ("qwen3_moe", "mixtral")},
 }
@@ -110,8 +130,26 @@ WHY = {  # a refusal's words -> the README's short reason
     "derives its head size": "head size not in config",
     _CONV1D: "Conv1D weights",
     _EXPERTS: "one width per expert",
+    "masked-LM encoder": "causal LMs only",
+    "llama.cpp has no OPT": "llama.cpp has no OPT",
 }
 SAME = 1e-4  # logits that must be equal: max |difference| / max(1, max |logit|)
+
+
+def _ignored(name: str, module: nn.Module) -> bool:
+    """Left alone by default: the output head (lm_head, an encoder's masked-LM head)."""
+    from compress.targets import DEFAULT_IGNORE, matches
+
+    return any(matches(name, module, p) for p in DEFAULT_IGNORE)
+
+
+def _hf(path: Path) -> nn.Module:
+    """The model at `path` as plain transformers loads it (its Auto class: causal LM or masked LM)."""
+    from transformers import AutoConfig
+
+    from compress.archs import auto_model_class
+
+    return auto_model_class(AutoConfig.from_pretrained(path)).from_pretrained(path, dtype=torch.float32).eval()
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -127,7 +165,10 @@ def arch_dir(tmp_path_factory, tiny_tokenizer):
         if arch not in made:
             d = tmp_path_factory.mktemp(f"matrix-{arch}")
             make_arch_model(arch, len(tiny_tokenizer) + 8).save_pretrained(d)  # (Qwen2's tokenizer adds one)
-            tiny_tokenizer.save_pretrained(d)
+            tokenizer = copy.deepcopy(tiny_tokenizer)
+            if arch == "bert":  # a masked LM is scored by masking tokens in turn
+                tokenizer.add_special_tokens({"mask_token": "<mask>"})
+            tokenizer.save_pretrained(d)
             made[arch] = d
         return made[arch]
 
@@ -156,10 +197,9 @@ def make_lora_adapter(src: Path, path: Path) -> nn.Module:
     (a MoE model's fused experts are not Linears in transformers: its adapter covers attention);
     return peft's own merge of it (what `compress merge-lora` must compute)."""
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(1)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    model = _hf(src)
     # every Linear by name: PEFT's "all-linear" also adapts transformers 5's fused experts and routers as
     # parameters (target_parameters), which merge-lora refuses (tests/lora)
     linears = sorted({n.rpartition(".")[2] for n, m in model.named_modules()
@@ -211,7 +251,6 @@ def _cell(arch_dir, tmp_path, arch: str, column: str):
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("column", [c for c in CELLS if c not in ("onnx", "gguf")])
 def test_pass(arch_dir, tmp_path, ids, arch, column):
-    from transformers import AutoModelForCausalLM
 
     out = _cell(arch_dir, tmp_path, arch, column)
     if out is None:
@@ -232,18 +271,18 @@ def test_pass(arch_dir, tmp_path, ids, arch, column):
         assert cos > (0.98 if column == "w8a8" else 0.75), float(cos)
     elif column == "wanda":
         for name, m in ours.named_modules():
-            if isinstance(m, nn.Linear) and "lm_head" not in name:
+            if isinstance(m, nn.Linear) and not _ignored(name, m):
                 zeros = (m.weight == 0).float().mean(1)  # per output row
                 assert torch.all(zeros >= 0.5), name
     elif column == "sparsegpt 2:4":
         for name, m in ours.named_modules():
-            if isinstance(m, nn.Linear) and "lm_head" not in name:
+            if isinstance(m, nn.Linear) and not _ignored(name, m):
                 w = m.weight.reshape(m.out_features, -1, 4)
                 assert torch.all((w == 0).sum(-1) >= 2), name
     elif column == "lora_merge":  # peft's own merge of the adapter, and transformers loads ours as it
         want = _logits(make_lora_adapter(arch_dir(arch), tmp_path / "again"), ids)
         assert _rel(a, want) <= SAME and _rel(a, _logits(load_model(arch_dir(arch)).model, ids)) > 1e-3
-        assert _rel(_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids), a) <= SAME
+        assert _rel(_logits(_hf(out), ids), a) <= SAME
     elif column == "distill":  # a one-block student, trained (finite losses), that transformers loads as ours
         import json
 
@@ -251,11 +290,11 @@ def test_pass(arch_dir, tmp_path, ids, arch, column):
         curve = json.loads((out / "distill_curve.json").read_text())
         losses = [row["loss"] for row in curve["curve"]]
         assert len(losses) == 3 and all(map(math.isfinite, losses)), curve
-        assert _rel(_logits(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), ids), a) <= SAME
+        assert _rel(_logits(_hf(out), ids), a) <= SAME
     else:  # structured pruning: a smaller model that plain transformers loads as the same model
         src = load_model(arch_dir(arch)).model
         assert sum(p.numel() for p in ours.parameters()) < sum(p.numel() for p in src.parameters())
-        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        theirs = _hf(out)
         assert _rel(_logits(theirs, ids), a) <= SAME
 
 
@@ -269,7 +308,6 @@ def _check_compressed_tensors(out: Path, ours: torch.Tensor, ids: torch.Tensor, 
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     from compress.models import _renamed_as_transformers_loads
 
@@ -297,7 +335,7 @@ def _check_compressed_tensors(out: Path, ours: torch.Tensor, ids: torch.Tensor, 
     if packed:
         assert _rel(_logits(model, ids), ours) <= SAME
     try:
-        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        theirs = _hf(out)
     except RuntimeError as e:
         # transformers 5.25 fuses a mixture-of-experts checkpoint's per-expert `weight`s as it loads, and with
         # compressed-tensors' int-quantized (W8A8) format it finds none to fuse (its "Concatenate ... Ckpt
@@ -378,7 +416,8 @@ def test_scale_folds_keep_the_function(arch_dir, tmp_path, ids, arch):
 
     out, step = tmp_path / "folded", {"pass": "awq", "quantize": False, "clip": False, "group_size": 32}
     summary = compress_model(arch_dir(arch), Recipe.from_steps([step]), out, calib=CalibConfig(samples=4, seq_len=64))
-    assert summary["reports"][0]["metrics"]["scaled_stages"] >= 2 * 2  # two blocks: attention and MLP inputs
+    # two blocks: attention and MLP inputs (BERT: only v -> o; its norms also feed the residual, no fold target)
+    assert summary["reports"][0]["metrics"]["scaled_stages"] >= 2 * (1 if arch == "bert" else 2)
     src = load_model(arch_dir(arch)).model
     assert _rel(_logits(load_model(out).model, ids), _logits(src, ids)) <= SAME
 
@@ -406,7 +445,11 @@ def test_export(arch_dir, tmp_path, arch, fmt):
         assert greedy_with_cache(out, want[:4], 6) == want
     else:  # llama.cpp multiplies Q4_0 blocks by 8-bit activations: close to torch, not equal
         assert check["gguf_reader_max_abs_weight_diff"] == 0.0
-        assert check["llama_cpp_max_kl"] <= 0.01 and check["llama_cpp_max_abs_logit_diff"] <= 0.5
+        # (MoE: 8-bit activations also flip the router's near ties, measured KL 0.07 on mixtral; float exports of
+        # both MoE models agree to KL 1e-6: tests/export/test_gguf_export.py)
+        moe = arch in ("qwen3_moe", "mixtral")
+        assert check["llama_cpp_max_kl"] <= (0.15 if moe else 0.01)
+        assert moe or check["llama_cpp_max_abs_logit_diff"] <= 0.5  # (a flipped route moves one position's logits)
 
 
 def greedy_with_cache(onnx_dir, ids: list[int], steps: int) -> list[int]:

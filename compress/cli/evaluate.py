@@ -8,6 +8,7 @@ from compress.cli._common import echo_json, progress_bar
 from compress.cli.options import PICKLE_HELP, config_options
 from eval.multiple_choice import MCConfig
 from eval.perplexity import PerplexityConfig
+from eval.results import PERPLEXITIES
 
 
 @click.command("eval")
@@ -65,7 +66,7 @@ def command(model, tasks, prepend_bos, subjects, batch_size, threads, device, dt
         results = run_tasks(backend, list(tasks), options=opts, progress=progress)
     for name, r in results.items():
         lo, hi = r["ci95"]
-        if r["metric"] == "perplexity":
+        if r["metric"] in PERPLEXITIES:
             line = (f"perplexity {r['value']:.4f} (95 % CI {lo:.3f}-{hi:.3f}; {r['tokens_scored']} tokens, "
                     f"{r['windows']} windows)")
         else:

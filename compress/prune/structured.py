@@ -33,6 +33,7 @@ from calibrate.experts import Experts
 from calibrate.forward import ForwardOptions
 from calibrate.stats import HessianCollector
 from calibrate.walk import Block, block_linears, walk
+from compress.archs import auto_model_class
 from compress.checks import check_fields
 from compress.files import brief
 from compress.pipeline import PassReport, Progress
@@ -272,7 +273,6 @@ def _reads_head_dim(config, hd: int) -> bool:
     """Whether a model of `config` sizes its heads by `config.head_dim` (set to `hd`) rather than hidden_size /
     heads: a copy with half the heads is built on the meta device and its attention projections are measured."""
     from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
 
     trial = copy.deepcopy(config)
     trial.num_hidden_layers, trial.num_attention_heads, trial.num_key_value_heads, trial.head_dim = (
@@ -281,7 +281,7 @@ def _reads_head_dim(config, hd: int) -> bool:
         trial.layer_types = trial.layer_types[:1]
     try:
         with init_empty_weights():
-            model = AutoModelForCausalLM.from_config(trial)
+            model = auto_model_class(trial).from_config(trial)
     except Exception:  # noqa: BLE001  (a config that cannot take half the heads cannot take an explicit head size)
         return False
     outs = {m.out_features for m in decoder_blocks(model)[1][0].modules() if isinstance(m, nn.Linear)}

@@ -238,20 +238,13 @@ def test_gemma_sliding_windows_and_norms_in_llama_cpp(tmp_path, tiny_tokenizer, 
     llama.cpp's next-token distributions stay within the export's KL tolerance of transformers' everywhere,
     past the window included (a wrong layer pattern or window moves them by far more)."""
     pytest.importorskip("llama_cpp")
-    from test_arch_matrix import make_arch_model
+    from test_arch_matrix import save_arch_model
 
     from compress.models import load_model
     from export.gguf import export_gguf
     from export.llama_probe import probe
 
-    model = make_arch_model(arch, len(tiny_tokenizer) + 8)
-    model.config.sliding_window = 4
-    for layer in model.model.layers:
-        if getattr(layer.self_attn, "sliding_window", None):
-            layer.self_attn.sliding_window = 4
-    model.save_pretrained(tmp_path / "src")
-    tiny_tokenizer.save_pretrained(tmp_path / "src")
-    lm = load_model(tmp_path / "src")
+    lm = load_model(save_arch_model(arch, tiny_tokenizer, tmp_path / "src", sliding_window=4))
     out = export_gguf(lm, tmp_path / "gguf")
     ids = torch.randint(3, len(tiny_tokenizer), (40,), generator=torch.Generator().manual_seed(3)).tolist()
     [(_, got)] = probe(out / "model.gguf", [("x", ids)])
@@ -260,3 +253,22 @@ def test_gemma_sliding_windows_and_norms_in_llama_cpp(tmp_path, tiny_tokenizer, 
     lp_ref, lp_got = torch.log_softmax(ref, -1), torch.log_softmax(torch.from_numpy(got).double(), -1)
     kl = (lp_ref.exp() * (lp_ref - lp_got)).sum(-1)  # (positions,)
     assert float(kl.max()) <= 0.01, kl
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_moe_experts_are_stacked_as_llama_cpp_reads_them(tmp_path, tiny_tokenizer, arch):
+    """A float MoE model: llama.cpp (ffn_*_exps stacked per layer, the router as ffn_gate_inp, expert count and
+    width in the header) computes transformers' distributions; so the quantized exports differ only by
+    llama.cpp's own activation rounding (and the routing flips it causes)."""
+    pytest.importorskip("llama_cpp")
+    from test_arch_matrix import save_arch_model
+
+    from export.gguf import check_llama_cpp, export_gguf
+
+    lm = load_model(save_arch_model(arch, tiny_tokenizer, tmp_path / "src"))
+    out = export_gguf(lm, tmp_path / "gguf")
+    reader = gguf.GGUFReader(str(out / GGUF_FILE))
+    exps = {t.name: tuple(int(d) for d in t.shape) for t in reader.tensors if "_exps" in t.name}
+    assert len(exps) == 2 * 3 and all(shape[-1] == 4 for shape in exps.values())  # (in, out, experts) in ggml order
+    max_abs, max_kl = check_llama_cpp(out / GGUF_FILE, lm)
+    assert max_kl <= 1e-4 and max_abs <= 1e-2, (max_kl, max_abs)
