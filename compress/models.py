@@ -225,7 +225,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     for f in files:
         state.update(load_safetensors(f))
     check_tensors(state, what=f"model {p}")  # packed integer codes are skipped; scales and floats are not
-    state = _renamed_as_transformers_loads(model, state, p)
+    state = renamed_as_transformers_loads(model, state, p)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = set(model.all_tied_weights_keys)
@@ -238,7 +238,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     return LoadedModel(model, tok, str(p), files, prov)
 
 
-def _renamed_as_transformers_loads(model: nn.Module, state: dict[str, torch.Tensor],
+def renamed_as_transformers_loads(model: nn.Module, state: dict[str, torch.Tensor],
                                    p: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under the model's names: transformers 5 saves some architectures under their
     original checkpoint names (GPT-NeoX's `embed_out` for `lm_head`) and renames them as it loads."""

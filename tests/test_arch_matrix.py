@@ -309,12 +309,12 @@ def _check_compressed_tensors(out: Path, ours: torch.Tensor, ids: torch.Tensor, 
     from compressed_tensors.quantization import QuantizationConfig
     from safetensors.torch import load_file
 
-    from compress.models import _renamed_as_transformers_loads
+    from compress.models import renamed_as_transformers_loads
 
     qc = QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
     model, packed, asym = source(), 0, False
     state = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
-    state = _renamed_as_transformers_loads(model, state, out)  # (Mixtral's checkpoint names: block_sparse_moe)
+    state = renamed_as_transformers_loads(model, state, out)  # (Mixtral's checkpoint names: block_sparse_moe)
     with torch.no_grad():
         for scheme in qc.config_groups.values():
             if scheme.format != "pack-quantized":

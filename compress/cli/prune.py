@@ -26,7 +26,8 @@ STRUCTURES = {"channels": "prune_channels", "heads": "prune_heads", "layers": "p
                    "cosine (default for layers) or loss.")
 @click.option("--unit", type=click.Choice(["query", "kv"]), default=None,
               help="With --structure heads: query heads in every KV group (default) or whole KV groups.")
-@click.option("--ignore", multiple=True, help="Modules to keep dense (repeatable); default: lm_head.")
+@click.option("--ignore", multiple=True,
+              help="Modules to keep dense (repeatable); default: the output head (lm_head, an encoder's MLM head).")
 @output_options
 def command(model, method, sparsity, pattern, structure, ratio, importance, unit, ignore, output) -> None:
     """Prune MODEL's Linear weights and save the sparse model (safetensors).

@@ -30,7 +30,8 @@ from compress.quantize.scheme import QuantScheme
 @click.option("--tune-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="After rounding, a scale_tune step: train the packed group scales for N steps so the model's "
                    "logits match the input model's (codes fixed; EfficientQAT's E2E-QP). 0 = off.")
-@click.option("--ignore", multiple=True, help="Modules to keep in float (repeatable); default: lm_head.")
+@click.option("--ignore", multiple=True,
+              help="Modules to keep in float (repeatable); default: the output head (lm_head, an encoder's MLM head).")
 @output_options
 def command(model, method, target_bits, activations, dynamic, observer, smoothquant, fallback_error, tune_steps, ignore,
             output, scheme) -> None:
