@@ -136,10 +136,8 @@ def run_block(block: nn.Module, inputs: BlockInputs, *, dtype: torch.dtype | Non
 
     With `dtype` the forward runs under autocast to it; outputs keep the dtype of the inputs.
     """
-    for i, kw in enumerate(inputs.kwargs):
-        h = inputs.hidden[i]
-        with _autocast(h.device, dtype):
-            _replace(inputs.hidden, i, _first(block(h, **kw)))
+    for i in range(len(inputs.hidden)):
+        _replace(inputs.hidden, i, _first(forward_batch(block, inputs, i, dtype)))
 
 
 def check_activations(x: torch.Tensor, where: str) -> None:
@@ -193,11 +191,13 @@ def observe_block(block: nn.Module, inputs: BlockInputs, modules: dict[str, nn.M
     almost nothing, instead of a full block forward. With `dtype` the forwards
     run under autocast to it.
     """
-    def forward(i: int):
-        with _autocast(inputs.hidden[i].device, dtype):
-            return block(inputs.hidden[i], **inputs.kwargs[i])
+    _watching(modules, on_input, stop_early, len(inputs.hidden), lambda i: forward_batch(block, inputs, i, dtype))
 
-    _watching(modules, on_input, stop_early, len(inputs.hidden), forward)
+
+def forward_batch(block: nn.Module, inputs: BlockInputs, i: int, dtype: torch.dtype | None = None):
+    """The block's output on captured batch i (its own kwargs), under autocast to `dtype` when given."""
+    with _autocast(inputs.hidden[i].device, dtype):
+        return block(inputs.hidden[i], **inputs.kwargs[i])
 
 
 def _watching(watched: dict[str, nn.Module], on_input: Callable[[str, torch.Tensor], None], stop_early: bool,

@@ -92,10 +92,10 @@ def _expert_names(model: nn.Module) -> tuple[str, str, str] | None:
     return None
 
 
-def fused_experts(model: nn.Module) -> dict[str, nn.Module]:
-    """name -> every module holding fused 3-D expert weights."""
+def fused_experts(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear,)) -> dict[str, nn.Module]:
+    """name -> every module outside `kinds` holding fused 3-D weights (transformers 5's MoE experts)."""
     return {n: m for n, m in model.named_modules()
-            if not isinstance(m, nn.Linear) and any(p.dim() > 2 for p in m.parameters(recurse=False))}
+            if not isinstance(m, kinds) and any(p.dim() > 2 for p in m.parameters(recurse=False))}
 
 
 def unfuse_experts(model: nn.Module, *, copy_weights: bool = True) -> int:

@@ -107,6 +107,7 @@ def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]
     names = [n for n, _ in order]
     result: dict[str, Fold | None] = {}
     gen = torch.Generator().manual_seed(0)
+    y0 = None  # the block's output on the batch, computed when a stage first has a candidate producer
     for stage in stages:
         lead = stage[0]
         result[lead] = None
@@ -121,8 +122,9 @@ def find_producers(block: nn.Module, inputs: BlockInputs, stages: list[list[str]
         if x0 is None:  # a mixture-of-experts expert the first batch routes no token to
             continue
         check_activations(x0, f"the input of {lead}")
-        y0 = _first(block(one.hidden[0], **one.kwargs[0]))
-        check_activations(y0, "the block's output")
+        if y0 is None:
+            y0 = _first(block(one.hidden[0], **one.kwargs[0]))
+            check_activations(y0, "the block's output")
         for name, mod in reversed(before):  # closest producer first
             for offset in OFFSETS if not isinstance(mod, nn.Linear) else (0.0,):
                 s = torch.rand(width, generator=gen) * 1.5 + 0.5  # (width,) in [0.5, 2)

@@ -15,7 +15,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from calibrate.blocks import BlockInputs, _autocast, _first, _replace, _stages, _watching
+from calibrate.blocks import (
+    BlockInputs,
+    _autocast,
+    _first,
+    _replace,
+    _stages,
+    _watching,
+    forward_batch,
+)
 
 
 @dataclass
@@ -148,8 +156,7 @@ class BlockReplay:
 
     def _forward(self, i: int):
         self._i = i
-        with _autocast(self.inputs.hidden[i].device, self.dtype):
-            return self.block(self.inputs.hidden[i], **self.inputs.kwargs[i])
+        return forward_batch(self.block, self.inputs, i, self.dtype)
 
     def _begin_pass(self, watched: dict[str, nn.Module], *, last_pass: bool) -> None:
         """Serve what is kept from memory; start keeping what became final."""

@@ -33,9 +33,9 @@ from torch import nn
 
 from calibrate.blocks import (
     BlockInputs,
-    _autocast,
     blocks_in_turn,
     decoder_blocks,
+    forward_batch,
     modules_by_block,
     run_block,
 )
@@ -138,7 +138,7 @@ def walk(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, 
     for b, module in blocks_in_turn(model, blocks):
         inputs.at(b)  # block b's own mask / RoPE arguments
         if per_block[b]:
-            count_routes(module, functools.partial(_forward, module, inputs, dtype=dtype), len(inputs.hidden),
+            count_routes(module, functools.partial(forward_batch, module, inputs, dtype=dtype), len(inputs.hidden),
                          min_expert_tokens, f"{path}.{b}.")
             block = Block(b, f"{path}.{b}.", module, per_block[b], inputs, dtype,
                           BlockReplay(module, inputs, per_block[b], dtype=dtype), known_producers=known_producers)
@@ -151,11 +151,6 @@ def walk(model: nn.Module, selected: dict[str, nn.Module], calib: torch.Tensor, 
             after(module)
         if progress:
             progress(label, b + 1, len(blocks))
-
-
-def _forward(module: nn.Module, inputs: BlockInputs, i: int, *, dtype: torch.dtype | None):
-    with _autocast(inputs.hidden[i].device, dtype):
-        return module(inputs.hidden[i], **inputs.kwargs[i])
 
 
 def block_linears(model: nn.Module) -> dict[str, nn.Module]:

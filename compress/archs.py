@@ -66,7 +66,5 @@ def default_rope_theta(config: Any) -> float | str:
         return f"RoPE per layer type ({', '.join(sorted(params))})"
     if params.get("rope_type", "default") != "default":
         return f"RoPE scaling {params}"
-    if float(params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None)) or 1.0) != 1.0:
-        return "partial rotary embedding (partial_rotary_factor)"
     theta = params.get("rope_theta", getattr(config, "rope_theta", None))
     return float(theta) if theta is not None else "no rope_theta in the config"

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from calibrate.experts import fused_experts
+
 DEFAULT_TARGETS: tuple[str, ...] = ("Linear",)
 # the output head: a decoder's lm_head, an encoder's masked-LM head (BERT's cls.predictions.*, RoBERTa's lm_head.*)
 DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:(lm_head|cls)\\.")
@@ -97,8 +99,7 @@ def refuse_uncompressible(model: nn.Module, kinds: tuple[type, ...] = (nn.Linear
     not split) or GPT-2's `transformers.pytorch_utils.Conv1D` (x @ W + b, W stored (in, out))."""
     if nn.Module in kinds:
         return
-    found = [(n, "fused 3-D tensors", "mixture-of-experts experts") for n, m in model.named_modules()
-             if not isinstance(m, kinds) and any(p.dim() > 2 for p in m.parameters(recurse=False))]
+    found = [(n, "fused 3-D tensors", "mixture-of-experts experts") for n in fused_experts(model, kinds)]
     found += [(n, "GPT-2-style Conv1D modules", "weights stored transposed") for n, m in model.named_modules()
               if type(m).__name__ == "Conv1D" and not isinstance(m, kinds)]
     if found:

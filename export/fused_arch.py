@@ -19,10 +19,7 @@ ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "g
 
 def rope_thetas(cfg: Any) -> dict[str | None, float] | str:
     """RoPE base per attention layer type (key None: one for every layer), or why the graph cannot rotate."""
-    params = getattr(cfg, "rope_parameters", None) or {}
-    if "partial_rotary_factor" in params:  # (the graph rotates the first rotary_fraction(cfg) of each head)
-        params = {k: v for k, v in params.items() if k != "partial_rotary_factor"}
-        cfg = SimpleNamespace(rope_parameters=params)
+    params = getattr(cfg, "rope_parameters", None) or {}  # (how much of a head rotates: `rotary_fraction`)
     if params and all(isinstance(v, dict) for v in params.values()):  # Gemma 3: one rope per layer type
         found = {t: default_rope_theta(SimpleNamespace(rope_parameters=p)) for t, p in params.items()}
         bad = [f"{t}: {v}" for t, v in found.items() if isinstance(v, str)]
