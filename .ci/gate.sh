@@ -23,7 +23,7 @@ cd "$(dirname "$0")/.."
 BIN=.venv/bin
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-EVAL=(--task wikitext2 --windows 8 --task arc_easy --limit 200 --threads 2)
+EVAL=(--task wikitext2 --windows 8 --task arc_easy --limit 200 --threads 2 --no-prepend-bos)  # pinned: no BOS
 GATE=(--max-ppl-rise 1% --max-acc-drop 2)
 
 PINNED=(env ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2)

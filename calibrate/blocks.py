@@ -30,6 +30,7 @@ BLOCK_PATHS: tuple[str, ...] = (
     "gpt_neox.layers",  # GPT-NeoX, Pythia
     "bert.encoder.layer",  # BERT (masked LM)
     "roberta.encoder.layer",  # RoBERTa
+    "encoder.layer",  # a bare BERT / RoBERTa encoder (BertModel: no masked-LM head around it)
 )
 
 

@@ -12,45 +12,67 @@ TESTED = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3",
 
 
 class UnsupportedModel(ValueError):
-    """A model compress cannot take at all (not a decoder-only language model transformers knows); the CLI exits
-    with status 2 on it."""
+    """A model compress cannot take at all (not a decoder-only language model or encoder transformers knows), or
+    not for what was asked (an encoder without a head asked for logits); the CLI exits with status 2 on it."""
 
 
-def is_masked_lm(config: Any) -> bool:
-    """An encoder with a masked-language-model head transformers can build (BERT, RoBERTa): what compress takes
-    besides decoder-only causal LMs (quantize, sparsify, merge LoRA; scored by pseudo-perplexity)."""
+def is_encoder(config: Any) -> bool:
+    """A bidirectional encoder transformers can build with a masked-LM head (BERT, RoBERTa), whether or not this
+    checkpoint has the head: not a decoder, not an encoder-decoder."""
     from transformers import MODEL_FOR_MASKED_LM_MAPPING
 
     return (type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False)
-            and not getattr(config, "is_encoder_decoder", False)
-            and any(a.endswith("ForMaskedLM") for a in getattr(config, "architectures", None) or ["ForMaskedLM"]))
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def is_masked_lm(config: Any) -> bool:
+    """An encoder with a masked-language-model head (BertForMaskedLM; a config naming no architectures counts as
+    one): quantize, sparsify, merge LoRA; scored by pseudo-perplexity."""
+    return is_encoder(config) and any(a.endswith("ForMaskedLM")
+                                      for a in getattr(config, "architectures", None) or ["ForMaskedLM"])
+
+
+def is_bare_encoder(config: Any) -> bool:
+    """An encoder without a masked-LM head (BertModel): it yields hidden states, no logits, so it is scored by
+    embedding fidelity (eval.embedding) and refused by what needs token probabilities."""
+    return is_encoder(config) and not is_masked_lm(config)
 
 
 def auto_model_class(config: Any):
-    """The transformers Auto class that builds the model of `config`: causal LM, or masked LM for an encoder."""
-    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+    """The transformers Auto class that builds the model of `config`: causal LM, masked LM for an encoder with
+    its head, the bare model (AutoModel) for one without."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    if is_bare_encoder(config):
+        return AutoModel
     return AutoModelForMaskedLM if is_masked_lm(config) else AutoModelForCausalLM
 
 
+def require_lm_head(config: Any, what: str) -> None:
+    """Refuse, in one line, `what` (a pass, task or exporter that needs token probabilities) on an encoder without
+    a language-model head; the CLI exits with status 2."""
+    if is_bare_encoder(config):
+        raise UnsupportedModel(f"{what} needs a language-model head, and model type {config.model_type!r} "
+                               f"({', '.join(getattr(config, 'architectures', None) or [])}) is an encoder without "
+                               "one (no logits); a bare encoder is quantized, pruned and scored by embedding "
+                               "fidelity (compress eval: embedding_cosine)")
+
+
 def check_causal_lm(config: Any, where: str) -> None:
-    """Refuse, in one line, a config compress cannot take: an encoder-decoder (T5), an encoder without a
-    masked-LM head (a bare BertModel), or a model type without a causal-LM or masked-LM class."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+    """Refuse, in one line, a config compress cannot take: an encoder-decoder (T5), or a model type without a
+    causal-LM or masked-LM class. Encoders are taken with or without their masked-LM head."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     kind = None
     if getattr(config, "is_encoder_decoder", False):
         kind = "an encoder-decoder model"
-    elif is_masked_lm(config):
+    elif is_encoder(config):
         return
-    elif type(config) in MODEL_FOR_MASKED_LM_MAPPING and not getattr(config, "is_decoder", False):
-        kind = (f"an encoder without a masked-language-model head (architectures "
-                f"{getattr(config, 'architectures', None)})")
     elif type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         kind = "not a causal language model transformers can build"
     if kind:
         raise UnsupportedModel(f"{where}: model type {config.model_type!r} ({type(config).__name__}) is {kind}; "
-                               f"compress takes decoder-only language models and masked-LM encoders (tested: "
+                               f"compress takes decoder-only language models and encoders (tested: "
                                f"{', '.join(TESTED)})")
 
 

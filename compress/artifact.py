@@ -123,10 +123,13 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 
 
 def sha256_files(files: Iterable[Path]) -> str:
-    """One sha256 over the named files' bytes, in sorted name order."""
+    """The sha256 of one file's bytes (what `sha256sum` prints and a published SHA256SUMS lists), or for several
+    one sha256 over each file's name and bytes, in sorted name order."""
+    paths = sorted(Path(p) for p in files)
     h = hashlib.sha256()
-    for f in sorted(Path(p) for p in files):
-        h.update(f.name.encode())
+    for f in paths:
+        if len(paths) > 1:
+            h.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)

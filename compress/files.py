@@ -222,6 +222,16 @@ def load_safetensors_into(module: torch.nn.Module, path: str | Path) -> tuple[li
     return sorted(missing), sorted(unexpected)
 
 
+def gguf_tensor_types(path: str | Path) -> dict[str, int]:
+    """How many tensors of each GGML type (Q4_K, Q6_K, F32, ...) a GGUF file holds (read from its header)."""
+    import gguf
+
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts
+
+
 def check_gguf(path: str | Path) -> None:
     """Refuse a file that the `gguf` package cannot parse, or whose tensors run past its end."""
     p = Path(path)

@@ -34,6 +34,7 @@ from compress.files import (
     check_safetensors,
     check_weights_file,
     checkpoint_mismatch,
+    gguf_tensor_types,
     load_model_config,
     load_safetensors,
     read_json_object,
@@ -53,6 +54,9 @@ class LoadedModel:
     source: str
     source_files: list[Path] = field(default_factory=list)
     provenance: dict[str, Any] | None = None  # set when loaded from a compress artifact
+    # the source's weights were themselves quantized (a GGUF of quantized blocks, dequantized as it loaded):
+    # {"format": "gguf", "file": ..., "tensor_types": {"Q4_K": 120, "F32": 49, ...}}
+    source_quantization: dict[str, Any] | None = None
     _sha256: str | None = None
 
     def source_sha256(self) -> str:
@@ -63,6 +67,15 @@ class LoadedModel:
             else:
                 self._sha256 = artifact.sha256_files(self.source_files)
         return self._sha256
+
+    def source_record(self) -> dict[str, Any]:
+        """What an artifact made from this model records as its source: path, sha256 and, for a source whose
+        weights were already quantized, their types."""
+        prev = self.provenance
+        rec = {"path": prev["source"]["path"] if prev else self.source, "sha256": self.source_sha256()}
+        if self.source_quantization:
+            rec["quantized"] = self.source_quantization
+        return rec
 
 
 def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
@@ -80,6 +93,7 @@ def load_model(path: str | Path | None = None, *, allow_pickle: bool = False,
         src = json.loads((Path(lm.source) / "compress-source.json").read_text())
         lm._sha256 = src["sha256"]
         lm.source = src["name"]
+        lm.source_quantization = quantized_gguf(src["gguf"], src.get("gguf_tensor_types", {}))
         return lm
     p = Path(path).expanduser()
     if not p.exists():
@@ -180,25 +194,38 @@ def gguf_file(path: str | Path) -> Path | None:
 def _load_gguf(p: Path, dtype: torch.dtype) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from compress.gguf_vocab import checked_tokenizer
     from compress.reference import as_float_model
 
     check_gguf(p)
     log.info("dequantizing %s with transformers", p)
     model = as_float_model(AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=dtype))
     check_module(model, what=f"model {p}")
-    tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+    tok = checked_tokenizer(p, AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name))
     model.eval()
-    return LoadedModel(model, tok, str(p), [p])
+    return LoadedModel(model, tok, str(p), [p], source_quantization=quantized_gguf(p.name, gguf_tensor_types(p)))
+
+
+FLOAT_GGUF_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def quantized_gguf(name: str, types: dict[str, int]) -> dict[str, Any] | None:
+    """The `source_quantization` record of a GGUF whose tensors have `types` (None if all are float)."""
+    if not any(t not in FLOAT_GGUF_TYPES for t in types):
+        return None
+    return {"format": "gguf", "file": name, "tensor_types": dict(sorted(types.items()))}
 
 
 def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedModel:
     """Rebuild a quantized model: float skeleton, QuantLinear where recorded, saved tensors."""
     from transformers.initialization import no_init_weights
 
-    import compress.quantize.qlinear  # noqa: F401  (the built-in packed kinds register when defined)
+    import compress.quantize.qembedding  # noqa: F401  (the built-in packed kinds register when defined)
+    import compress.quantize.qlinear  # noqa: F401
     import compress.quantize.w8a8linear  # noqa: F401
     from compress.pipeline import RECIPE_ATTR
     from compress.quantize.packed import from_layout
+    from compress.quantize.qembedding import link_tied_heads
     from compress.targets import set_submodule
 
     files = sorted(p.glob("*.safetensors"))
@@ -228,6 +255,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     state = renamed_as_transformers_loads(model, state, p)
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
+    link_tied_heads(model)  # an output layer over the quantized embedding's matrix
     tied = set(model.all_tied_weights_keys)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
@@ -235,7 +263,7 @@ def _load_artifact(p: Path, prov: dict[str, Any], dtype: torch.dtype) -> LoadedM
     model.eval()
     setattr(model, RECIPE_ATTR, list(prov.get("recipe", [])))  # how it was quantized: LoRA merging re-does it
     tok = load_tokenizer(p)
-    return LoadedModel(model, tok, str(p), files, prov)
+    return LoadedModel(model, tok, str(p), files, prov, source_quantization=prov["source"].get("quantized"))
 
 
 def renamed_as_transformers_loads(model: nn.Module, state: dict[str, torch.Tensor],
@@ -276,7 +304,7 @@ def save_model(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]]
     prev = lm.provenance
     full_recipe = (prev.get("recipe", []) if prev else []) + list(recipe or [])
     prov = artifact.provenance(
-        source={"path": prev["source"]["path"] if prev else lm.source, "sha256": lm.source_sha256()},
+        source=lm.source_record(),
         recipe=full_recipe,
         reports=[r.to_dict() if hasattr(r, "to_dict") else r for r in reports],
         quantization={"format": "pack-quantized", "modules": modules} if modules else None,

@@ -100,6 +100,19 @@ class Recipe:
                              f"in {PRESETS} ({', '.join(presets) or 'none'})")
         return cls.single(method, **fields)
 
+    def with_setting(self, name: str, value: Any, *, where: str) -> Recipe:
+        """This recipe with field `name` set to `value` in every step whose pass has that field (a command-line
+        setting such as --min-expert-tokens); a recipe without such a step is refused (the setting would do
+        nothing)."""
+        items = self.to_list()
+        hits = [it for it, st in zip(items, self.steps, strict=True) if name in {f.name for f in st.spec.fields()}]
+        if not hits:
+            raise ValueError(f"{where} applies to calibrated passes; none of {', '.join(s.name for s in self.steps)} "
+                             "calibrates")
+        for it in hits:
+            it[name] = value
+        return Recipe.from_steps(items, where=where)
+
     def to_list(self) -> list[dict[str, Any]]:
         return [s.to_dict() for s in self.steps]
 

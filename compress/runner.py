@@ -66,6 +66,7 @@ def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bo
     # passes that work block by block leave the weights on disk until they need them
     lazy = low_memory and all(s.spec.streams(s.config) for s in recipe.steps)
     lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
+    warn_requantizing(lm, recipe)
     store = store_of(lm.model)
     try:
         # what a config can check on the model (a group size that fits) fails before any work; only up to the
@@ -95,7 +96,25 @@ def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bo
         "calibration": dataclasses.asdict(calib) if needs_calib else None,
         "bytes": weights_bytes(out) if written else 0,
         "written": written,
+        "source_quantization": lm.source_quantization,
     }
+
+
+QUANTIZING = ("rtn", "gptq", "awq", "mixed", "w8a8", "quantize_embeddings")  # built-in passes that round weights
+
+
+def warn_requantizing(lm: LoadedModel, recipe: Recipe) -> None:
+    """Say, before the work, that a quantizing recipe is about to round weights that were already rounded (a
+    GGUF of quantized blocks, dequantized as it loaded): the artifact then carries two rounding errors, and
+    comparisons with the source's own file mislead. The source's types also go into the artifact's provenance
+    and the summary (`source_quantization`)."""
+    q = lm.source_quantization
+    if not q or not any(s.name in QUANTIZING for s in recipe.steps):
+        return
+    types = ", ".join(f"{t} x{n}" for t, n in sorted(q["tensor_types"].items(), key=lambda kv: -kv[1]))
+    log.warning("%s: its weights were already quantized (%s %s: %s); they load as dequantized values, and "
+                "quantizing them again rounds them a second time (start from the float checkpoint if you have it)",
+                lm.source, q["format"].upper(), q["file"], types)
 
 
 def main_process() -> bool:
@@ -210,7 +229,8 @@ BACKENDS = ("auto", "torch", "onnxruntime", "llama.cpp")
 
 def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, device: str = "cpu",
                   batch_size: int | None = None, threads: int | None = None,
-                  dtype: str = "float32", backend: str = "auto") -> tuple[Any, dict[str, Any]]:
+                  dtype: str = "float32", backend: str = "auto",
+                  reference: str | Path | None = None) -> tuple[Any, dict[str, Any]]:
     """The scoring backend for what `model` is, and the identity of what it scores.
 
     `backend="auto"`: an .onnx file or a directory with model.onnx runs in ONNX
@@ -218,11 +238,13 @@ def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, devic
     llama.cpp when llama-cpp-python is installed; anything else (model
     directory, compress artifact, a GGUF file without llama.cpp, None = the
     reference model) is loaded into torch in `dtype` (float32, bfloat16 or
-    float16). Naming a backend forces it.
+    float16). Naming a backend forces it. `reference`: the float model an
+    encoder without a head is compared with (`eval.embedding`; default: the
+    model an artifact was made from).
     """
     from compress.models import gguf_file
     from eval import results
-    from eval.onnx_backend import OrtBackend, onnx_files
+    from eval.onnx_backend import onnx_files, ort_backend_for
 
     if dtype not in EVAL_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(EVAL_DTYPES)}, got {dtype!r}")
@@ -236,10 +258,12 @@ def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, devic
         backend = ("onnxruntime" if is_onnx else "llama.cpp" if is_gguf and llama_cpp_available() else "torch")
     if backend != "torch" and dtype != "float32":
         raise ValueError(f"--dtype {dtype} applies to torch; {backend} runs the model in its own precision")
+    if backend != "torch" and reference is not None:
+        raise ValueError(f"--reference applies to encoders scored in torch, not to the {backend} backend")
     if backend == "onnxruntime":
         if not is_onnx:
             raise ValueError(f"{model}: the onnxruntime backend needs an .onnx file or a directory with model.onnx")
-        ort_backend = OrtBackend(model, threads=threads)
+        ort_backend = ort_backend_for(model, threads=threads)
         return ort_backend, ort_backend.identity()
     if backend == "llama.cpp":
         if not is_gguf:
@@ -251,14 +275,24 @@ def open_for_eval(model: str | Path | None, *, allow_pickle: bool = False, devic
     if is_onnx:
         raise ValueError(f"{model} is an ONNX model: torch cannot load it (use the onnxruntime backend)")
     lm = load_model(model, allow_pickle=allow_pickle, dtype=getattr(torch, dtype))
-    tb = torch_backend(lm, device=device, batch_size=batch_size)
+    tb = torch_backend(lm, device=device, batch_size=batch_size, reference=reference)
     return tb, results.model_identity(lm)
 
 
-def torch_backend(lm: LoadedModel, *, device: str = "cpu", batch_size: int | None = None):
-    """The scoring backend of a model in torch: a causal LM's, or a masked LM's pseudo-likelihood one."""
-    from compress.archs import is_masked_lm
+def torch_backend(lm: LoadedModel, *, device: str = "cpu", batch_size: int | None = None,
+                  reference: str | Path | None = None):
+    """The scoring backend of a model in torch: a causal LM's, a masked LM's pseudo-likelihood one, or for an
+    encoder without a head the embedding-fidelity one, against `reference` (`eval.embedding.resolve_reference`)."""
+    from compress.archs import is_bare_encoder, is_masked_lm
 
+    if is_bare_encoder(lm.model.config):
+        from eval.embedding import EmbeddingBackend, resolve_reference
+
+        return EmbeddingBackend(lm.model, lm.tokenizer, reference=resolve_reference(lm, reference), device=device,
+                                batch_size=batch_size)
+    if reference is not None:
+        raise ValueError(f"--reference applies to encoders without a masked-LM head (scored by embedding_cosine); "
+                         f"{type(lm.model).__name__} is scored by its own token probabilities")
     if is_masked_lm(lm.model.config):
         from eval.masked import MaskedLMBackend
 

@@ -6,9 +6,9 @@ A pattern matches a module when it is
 - `re:` followed by a regular expression matched at the start of the name
   (`re:.*self_attn\\.(q|k)_proj$`), as in llm-compressor recipes.
 
-`lm_head` (and an encoder's masked-LM head) is in every pass's default
-`ignore`, so the output projection stays in float unless a recipe gives its
-own `ignore` list.
+`lm_head` (and an encoder's masked-LM head, or a bare encoder's pooler) is in
+every pass's default `ignore`, so the output projection stays in float unless
+a recipe gives its own `ignore` list.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from torch import nn
 from calibrate.experts import fused_experts
 
 DEFAULT_TARGETS: tuple[str, ...] = ("Linear",)
-# the output head: a decoder's lm_head, an encoder's masked-LM head (BERT's cls.predictions.*, RoBERTa's lm_head.*)
-DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:(lm_head|cls)\\.")
+# the output head: a decoder's lm_head, an encoder's masked-LM head (BERT's cls.predictions.*, RoBERTa's lm_head.*),
+# a bare encoder's pooler (BertModel's pooler.dense over [CLS]: a classification head outside the encoder blocks)
+DEFAULT_IGNORE: tuple[str, ...] = ("lm_head", "re:(lm_head|cls|pooler)\\.")
 
 
 def validate_patterns(patterns: Iterable[str], field: str) -> None:

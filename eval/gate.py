@@ -5,7 +5,9 @@ under the same protocol on the same items (anything else is an error, never a
 silent comparison). Each task is then compared item by item:
 
 - perplexity: relative rise, paired bootstrap over windows (`eval.stats`);
-- accuracy: drop in points, exact McNemar test on the questions they disagree on.
+- accuracy: drop in points, exact McNemar test on the questions they disagree on;
+- embedding cosine (an encoder without a head): absolute drop of the mean
+  cosine to the float reference, paired bootstrap over windows.
 
 A task fails when its change is worse than the threshold *and* the change is
 statistically significant at `significance` (one-sided p-value below it), so a
@@ -24,23 +26,30 @@ from xml.sax.saxutils import escape, quoteattr
 import numpy as np
 
 from compress.checks import finite_number
-from eval.results import METRICS, PERPLEXITIES, inconsistent, nonfinite
-from eval.stats import PairedResult, mcnemar, paired_perplexity
+from eval.results import MEANS, METRICS, PERPLEXITIES, inconsistent, nonfinite
+from eval.stats import PairedResult, mcnemar, paired_mean_drop, paired_perplexity
 
 
 @dataclass(frozen=True, kw_only=True)
 class GateConfig:
     max_ppl_rise: float = 0.05  # relative perplexity rise allowed (0.05 = +5 %)
     max_acc_drop: float = 1.0  # accuracy drop allowed, in points
+    max_cos_drop: float = 0.01  # mean embedding cosine drop allowed, absolute (0.01 = from 1.00 to 0.99)
     significance: float = 0.05  # a change fails only if its one-sided p-value is below this
 
     def __post_init__(self) -> None:
-        for name in ("max_ppl_rise", "max_acc_drop", "significance"):
+        for name in ("max_ppl_rise", "max_acc_drop", "max_cos_drop", "significance"):
             finite_number(getattr(self, name), name)  # a NaN threshold would compare False and pass everything
-        if self.max_ppl_rise < 0 or self.max_acc_drop < 0:
-            raise ValueError("max_ppl_rise and max_acc_drop must be >= 0")
+        if self.max_ppl_rise < 0 or self.max_acc_drop < 0 or self.max_cos_drop < 0:
+            raise ValueError("max_ppl_rise, max_acc_drop and max_cos_drop must be >= 0")
         if not 0 < self.significance <= 1:
             raise ValueError(f"significance must be in (0, 1], got {self.significance}")
+
+    def threshold(self, metric: str) -> float:
+        """The change a task of `metric` may show before it can fail."""
+        if metric in PERPLEXITIES:
+            return self.max_ppl_rise
+        return self.max_cos_drop if metric in MEANS else self.max_acc_drop
 
 
 @dataclass
@@ -117,7 +126,7 @@ def compare(candidate: dict[str, Any], baseline: dict[str, Any], cfg: GateConfig
 
 def _broken(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConfig, why: str) -> Row:
     """A failing row for a candidate result that cannot be trusted."""
-    threshold = cfg.max_ppl_rise if b["metric"] in PERPLEXITIES else cfg.max_acc_drop
+    threshold = cfg.threshold(b["metric"])
     paired = PairedResult(float("nan"), (float("nan"), float("nan")), 0.0, "none: the candidate's result is broken")
     return Row(task, b["metric"], float(b["value"]), float(c["value"]), paired, threshold, True, why)
 
@@ -131,11 +140,13 @@ def _compare_task(task: str, c: dict[str, Any], b: dict[str, Any], cfg: GateConf
             raise ValueError(f"{task}: per-window token counts differ between candidate and baseline")
         paired = paired_perplexity(np.array([it["nll"] for it in c["items"]]),
                                    np.array([it["nll"] for it in b["items"]]), tok_b)
-        threshold = cfg.max_ppl_rise
+    elif metric in MEANS:
+        key = MEANS[metric]
+        paired = paired_mean_drop(np.array([it[key] for it in c["items"]]), np.array([it[key] for it in b["items"]]))
     else:
         paired = mcnemar(np.array([bool(it["correct"]) for it in c["items"]]),
                          np.array([bool(it["correct"]) for it in b["items"]]))
-        threshold = cfg.max_acc_drop
+    threshold = cfg.threshold(metric)
     beyond = paired.change > threshold
     significant = paired.p_value < cfg.significance
     failed = beyond and significant
@@ -155,11 +166,20 @@ def _fmt_change(row: Row) -> str:
         lo, hi = row.paired.ci95
         return f"{100 * row.paired.change:+.2f} % [{100 * lo:+.2f}, {100 * hi:+.2f}]"
     lo, hi = row.paired.ci95
+    if row.metric in MEANS:
+        return f"{-row.paired.change:+.5f} [{-hi:+.5f}, {-lo:+.5f}]"
     return f"{-row.paired.change:+.2f} pt [{-hi:+.2f}, {-lo:+.2f}]"
 
 
 def _fmt_threshold(row: Row) -> str:
-    return f"rise <= {100 * row.threshold:g} %" if row.metric in PERPLEXITIES else f"drop <= {row.threshold:g} pt"
+    if row.metric in PERPLEXITIES:
+        return f"rise <= {100 * row.threshold:g} %"
+    return f"drop <= {row.threshold:g}" + ("" if row.metric in MEANS else " pt")
+
+
+def _fmt_value(metric: str, v: float) -> str:
+    """A headline value: a cosine near 1 needs more digits than a perplexity to show its change."""
+    return f"{v:.5f}" if metric in MEANS else f"{v:.4g}"
 
 
 def markdown(report: GateReport, candidate: str = "candidate", baseline: str = "baseline") -> str:
@@ -172,7 +192,8 @@ def markdown(report: GateReport, candidate: str = "candidate", baseline: str = "
              "|---|---|---|---|---|---|---|---|"]
     for r in report.rows:
         better = METRICS[r.metric]
-        lines.append(f"| {r.task} | {r.metric} ({better} is better) | {r.baseline:.4g} | {r.candidate:.4g} | "
+        lines.append(f"| {r.task} | {r.metric} ({better} is better) | {_fmt_value(r.metric, r.baseline)} | "
+                     f"{_fmt_value(r.metric, r.candidate)} | "
                      f"{_fmt_change(r)} | {r.paired.p_value:.3g} | {_fmt_threshold(r)} | "
                      f"{'**FAIL**' if r.failed else 'pass'}: {r.note} |")
     lines += ["", "Tests: " + "; ".join(f"{r.task}: {r.paired.test}" for r in report.rows)]

@@ -13,6 +13,7 @@ per-window records for the gate's paired test.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +23,22 @@ from eval.backends import Request, TorchBackend
 ROWS_BYTES = 256 << 20  # logits of the masked copies computed per forward: at most this many bytes
 
 
-class MaskedLMBackend(TorchBackend):
-    """A masked-LM encoder: `token_nll` is the pseudo-log-likelihood of each token (it masked, the window's
-    other tokens visible), with the tokenizer's [CLS] / [SEP] around the window as unscored context."""
+class MaskedScoring:
+    """Pseudo-log-likelihood scoring over any runtime: `token_nll` is the NLL of each token with it masked and the
+    window's other tokens visible, the tokenizer's [CLS] / [SEP] around the window as unscored context. A backend
+    supplies `tokenizer`, `device`, `max_positions` and `_mlm_logits(batch)` ((n, L') ids -> (n, L', vocab)
+    logits); `_masked_init(vocab)` checks it."""
 
-    name = "torch"
     metric = "pseudo_perplexity"
+    adds_bos = False  # [CLS] / [SEP] frame every window instead
+    tokenizer: Any
+    device: torch.device
+    max_positions: int | None
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def _masked_init(self, vocab: int) -> None:
         if self.tokenizer.mask_token_id is None:
             raise ValueError("pseudo-perplexity masks each token in turn: the tokenizer has no mask token")
+        self.vocab = vocab
         # the window plus [CLS] and [SEP] must fit the position table
         self.max_positions = self.max_positions - 2 if self.max_positions else None
 
@@ -47,16 +53,14 @@ class MaskedLMBackend(TorchBackend):
         post = [tok.sep_token_id] if tok.sep_token_id is not None else []
         B, L = ids.shape
         out = torch.empty(B, L - 1, dtype=torch.float64)
-        vocab = self.model.get_output_embeddings().weight.shape[0]
-        chunk = max(1, ROWS_BYTES // (4 * (L + len(pre) + len(post)) * vocab))
+        chunk = max(1, ROWS_BYTES // (4 * (L + len(pre) + len(post)) * self.vocab))
         for b in range(B):
             row = torch.tensor(pre + ids[b].tolist() + post, device=self.device)  # (L',)
             for s in range(1, L, chunk):
                 pos = torch.arange(s, min(s + chunk, L), device=self.device)  # window positions to score
                 batch = row.repeat(len(pos), 1)  # (n, L'): one copy per scored position, that position masked
                 batch[torch.arange(len(pos)), pos + len(pre)] = tok.mask_token_id
-                logits = self.model(input_ids=batch).logits  # (n, L', V)
-                picked = logits[torch.arange(len(pos)), pos + len(pre)].float()  # (n, V)
+                picked = self._mlm_logits(batch)[torch.arange(len(pos)), pos + len(pre)].float()  # (n, V)
                 out[b, s - 1 : s - 1 + len(pos)] = F.cross_entropy(picked, ids[b, pos].to(self.device),
                                                                     reduction="none").double().cpu()
         return out
@@ -65,3 +69,16 @@ class MaskedLMBackend(TorchBackend):
                        progress: Callable[[int], None] | None = None) -> list[list[float]]:
         raise ValueError("multiple-choice tasks score continuations left to right, which a masked LM does not "
                          "do; score an encoder with --task wikitext2 (pseudo-perplexity) or --task text:PATH")
+
+
+class MaskedLMBackend(MaskedScoring, TorchBackend):
+    """A masked-LM encoder in torch."""
+
+    name = "torch"
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._masked_init(self.model.get_output_embeddings().weight.shape[0])
+
+    def _mlm_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=batch).logits

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from eval.backends import TokenizerMixin
+from eval.masked import MaskedScoring
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,20 @@ def onnx_files(path: str | Path) -> tuple[Path, Path] | None:
             if (p / name).is_file():
                 return p / name, p
     return None
+
+
+def ort_backend_for(path: str | Path, *, threads: int | None = None) -> OrtBackend:
+    """The ONNX Runtime backend for the graph at `path`: a masked-LM encoder's (pseudo-perplexity) when the
+    config beside it says so, else a causal LM's."""
+    from compress.archs import is_masked_lm
+
+    found = onnx_files(path)
+    if found is not None and (found[1] / "config.json").is_file():
+        from transformers import AutoConfig
+
+        if is_masked_lm(AutoConfig.from_pretrained(found[1])):
+            return OrtMaskedLMBackend(path, threads=threads)
+    return OrtBackend(path, threads=threads)
 
 
 class OrtBackend(TokenizerMixin):
@@ -70,6 +85,8 @@ class OrtBackend(TokenizerMixin):
         for name, info in self.inputs.items():
             if name == "attention_mask":
                 feeds[name] = np.ones((b, n), dtype=_NP.get(info.type, np.int64))
+            elif name == "token_type_ids":  # an encoder's: every token in the first segment
+                feeds[name] = np.zeros((b, n), dtype=_NP.get(info.type, np.int64))
             elif name == "position_ids":
                 feeds[name] = np.broadcast_to(np.arange(n), (b, n)).astype(_NP.get(info.type, np.int64))
             elif name.startswith("past_key_values") or name.startswith("past_"):
@@ -112,3 +129,20 @@ class OrtBackend(TokenizerMixin):
         return {"name": str(self.dir), "path": str(self.dir), "files": [f.name for f in files],
                 "sha256": artifact.sha256_files(files), "bytes_on_disk": size, "parameters": n_params,
                 "bits_per_parameter": 8 * size / max(n_params, 1), "format": "onnx"}
+
+
+class OrtMaskedLMBackend(MaskedScoring, OrtBackend):
+    """A masked-LM encoder's ONNX graph (`export.onnx_encoder`) in ONNX Runtime."""
+
+    def __init__(self, path, *, threads: int | None = None) -> None:
+        from transformers import AutoConfig
+
+        super().__init__(path, threads=threads)
+        self.device = torch.device("cpu")
+        cfg = AutoConfig.from_pretrained(self.dir)
+        self.max_positions = getattr(cfg, "max_position_embeddings", None)
+        self._masked_init(int(cfg.vocab_size))
+
+    def _mlm_logits(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.session.run(["logits"], self._feeds(batch.cpu().numpy()))[0]
+        return torch.from_numpy(logits)

@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from eval.results import METRICS, PERPLEXITIES
+from eval.results import MEANS, METRICS, PERPLEXITIES
 
 X_AXES = {"size": ("bytes_on_disk", "size on disk (MB)", 1e-6),
           "bits": ("bits_per_parameter", "bits per parameter on disk", 1.0)}
@@ -56,6 +56,8 @@ def docs_metric(docs: list[tuple[str, dict[str, Any]]], task: str) -> str:
 
 
 def _fmt(metric: str):
+    if metric in MEANS:  # a cosine near 1: its change shows in the later decimals
+        return lambda v: f"{v:.5f}"
     return (lambda v: f"{v:.3f}") if metric in PERPLEXITIES else (lambda v: f"{100 * v:.1f} %")
 
 

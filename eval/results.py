@@ -7,10 +7,11 @@
 `model` says what was scored: path, sha256 and bytes of its weight files,
 parameter count and bits per parameter on disk, and for a compress artifact
 its recipe and the bits per quantized weight. Every task result carries its
-metric ("perplexity", lower is better; "accuracy", higher is better), the 95 %
-interval, the protocol it was measured under, and per-item records (per-window
-NLL, per-question choice and correctness) so that two files can be compared
-item by item (`eval.gate`).
+metric ("perplexity" and "pseudo_perplexity", lower is better; "accuracy" and
+"embedding_cosine", higher is better), the 95 % interval, the protocol it was
+measured under, and per-item records (per-window NLL or embedding cosine,
+per-question choice and correctness) so that two files can be compared item by
+item (`eval.gate`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from compress import artifact
 from compress.checks import nonfinite_in
 
 SCHEMA = "compress.eval/1"
-METRICS = {"perplexity": "lower", "pseudo_perplexity": "lower", "accuracy": "higher"}  # which way is better
+METRICS = {"perplexity": "lower", "pseudo_perplexity": "lower", "accuracy": "higher",
+           "embedding_cosine": "higher"}  # which way is better
 PERPLEXITIES = ("perplexity", "pseudo_perplexity")  # per-window NLL records: compared the same way
+MEANS = {"embedding_cosine": "cosine"}  # metric -> the per-window field whose mean is the task's value
 
 
 def parameter_count(model) -> int:
@@ -35,7 +38,8 @@ def parameter_count(model) -> int:
     from compress.quantize.packed import PackedLinear
 
     n = sum(p.numel() for p in model.parameters())  # parameters() lists a tied tensor once
-    return n + sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
+    return n + sum(m.in_features * m.out_features for m in model.modules()
+                   if isinstance(m, PackedLinear) and m.storage_bits())  # (a tied head: the embedding's weights)
 
 
 def model_identity(lm) -> dict[str, Any]:
@@ -43,10 +47,7 @@ def model_identity(lm) -> dict[str, Any]:
     files = [Path(f) for f in lm.source_files]
     n_params = parameter_count(lm.model)
     size = sum(f.stat().st_size for f in files)
-    if lm.provenance:  # an artifact: its own files, not the model it came from
-        sha = artifact.sha256_files(files)
-    else:
-        sha = lm.source_sha256()
+    sha = weights_sha256(lm)
     ident: dict[str, Any] = {
         "name": lm.source,
         "path": (str(files[0]) if files[0].suffix == ".gguf" else str(files[0].parent)) if files else None,
@@ -63,6 +64,12 @@ def model_identity(lm) -> dict[str, Any]:
         ident["artifact"] = {"source": prov["source"], "recipe": prov.get("recipe"),
                              "bits_per_quantized_weight": bpw[-1] if bpw else None}
     return ident
+
+
+def weights_sha256(lm) -> str:
+    """sha256 of the weights a `LoadedModel` runs: an artifact's own files, not those of the model it came from
+    (which `source_sha256` names)."""
+    return artifact.sha256_files([Path(f) for f in lm.source_files]) if lm.provenance else lm.source_sha256()
 
 
 def document(model: dict[str, Any], results: dict[str, Any], versions: dict[str, str]) -> dict[str, Any]:
@@ -130,6 +137,10 @@ def _check_task(p: Path, task: str, r: Any) -> None:
             tokens = it.get("tokens")
             if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 1:
                 raise ValueError(f"{where} ({it['id']}): tokens {tokens!r} is not a positive integer")
+        elif r["metric"] in MEANS:
+            key = MEANS[r["metric"]]
+            if not _number(it.get(key)):
+                raise ValueError(f"{where} ({it['id']}): {key} {it.get(key)!r} is not a number")
         elif not isinstance(it.get("correct"), bool):
             raise ValueError(f"{where} ({it['id']}): correct {it.get('correct')!r} is not true or false")
 
@@ -150,6 +161,8 @@ def inconsistent(result: dict[str, Any]) -> str | None:
     if result["metric"] in PERPLEXITIES:
         tokens = sum(it["tokens"] for it in items)
         expect = math.exp(min(sum(it["nll"] for it in items) / tokens, 700.0))
+    elif result["metric"] in MEANS:
+        expect = sum(it[MEANS[result["metric"]]] for it in items) / len(items)
     else:
         expect = sum(it["correct"] for it in items) / len(items)
     value = result["value"]

@@ -2,10 +2,11 @@
 
 Perplexity is a ratio of sums over windows, exp(sum NLL / sum tokens), so its
 uncertainty comes from a bootstrap over windows (resampling whole windows keeps
-the dependence between tokens of one window). Accuracy gets the Wilson score
-interval. Two results on the same items are compared item by item: a paired
-bootstrap over windows for perplexity, the exact McNemar test for accuracy
-(only questions where the two models disagree carry information).
+the dependence between tokens of one window); so does a mean of per-window
+values (embedding cosine). Accuracy gets the Wilson score interval. Two
+results on the same items are compared item by item: a paired bootstrap over
+windows for perplexity and per-window means, the exact McNemar test for
+accuracy (only questions where the two models disagree carry information).
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def perplexity_ci(nll: np.ndarray, tokens: np.ndarray, *, level: float = 0.95, n
     return float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))
 
 
+def mean_ci(x: np.ndarray, *, level: float = 0.95, n_boot: int = N_BOOT, seed: int = SEED) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of per-item values (an embedding cosine per window)."""
+    x = np.asarray(x, np.float64)
+    if len(x) < 2:
+        return float(x.mean()), float(x.mean())  # one item: nothing to resample
+    boot = x[_resamples(len(x), n_boot, seed)].mean(1)  # (n_boot,)
+    a = (1 - level) / 2
+    return float(np.quantile(boot, a)), float(np.quantile(boot, 1 - a))
+
+
 def wilson_ci(correct: int, n: int, *, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion."""
     if n == 0:
@@ -62,7 +73,9 @@ def _z(level: float) -> float:
 class PairedResult:
     """A candidate against a baseline on the same items."""
 
-    change: float  # perplexity: relative rise (0.05 = +5 %); accuracy: drop in points (1.0 = -1 point)
+    # perplexity: relative rise (0.05 = +5 %); accuracy: drop in points (1.0 = -1 point); a mean (embedding
+    # cosine): its drop (0.01 = from 1.00 to 0.99)
+    change: float
     ci95: tuple[float, float]  # interval of `change`
     p_value: float  # one-sided: probability of a change this bad or worse if the candidate were no worse
     test: str
@@ -85,6 +98,20 @@ def paired_perplexity(nll_c: np.ndarray, nll_b: np.ndarray, tokens: np.ndarray, 
     p = (np.count_nonzero(boot <= 0) + 1) / (n_boot + 1) if rise > 0 else 1.0
     return PairedResult(rise, (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))), float(p),
                         f"paired bootstrap over {len(tokens)} windows, {n_boot} resamples")
+
+
+def paired_mean_drop(values_c: np.ndarray, values_b: np.ndarray, *, n_boot: int = N_BOOT,
+                     seed: int = SEED) -> PairedResult:
+    """Drop of the candidate's mean below the baseline's, for per-item values where higher is better
+    (embedding cosine per window), paired bootstrap over items; the p-value is the bootstrap P(drop <= 0)."""
+    d = np.asarray(values_b, np.float64) - np.asarray(values_c, np.float64)  # (n,) per-item drop
+    drop = float(d.mean())
+    if len(d) < 2:
+        return PairedResult(drop, (drop, drop), 0.0 if drop > 0 else 1.0, "paired bootstrap (1 window)")
+    boot = d[_resamples(len(d), n_boot, seed)].mean(1)  # (n_boot,)
+    p = (np.count_nonzero(boot <= 0) + 1) / (n_boot + 1) if drop > 0 else 1.0
+    return PairedResult(drop, (float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))), float(p),
+                        f"paired bootstrap over {len(d)} windows, {n_boot} resamples")
 
 
 def mcnemar(correct_c: np.ndarray, correct_b: np.ndarray) -> PairedResult:

@@ -12,7 +12,8 @@ from torch import nn
 
 from compress.archs import default_rope_theta
 
-FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "opt", "gpt_neox")  # (module docstring)
+FUSED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "opt", "gpt_neox", "qwen3_moe",
+               "mixtral")  # (module docstring)
 ACTIVATIONS = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu_fast": "gelu_tanh", "relu": "relu", "gelu": "gelu"}
 
@@ -58,6 +59,42 @@ def fused_supported(model: nn.Module) -> str | None:
         return f"activation {activation_name(cfg)}"
     if getattr(cfg, "mlp_bias", False):
         return "MLP biases"
+    return moe_unsupported(model)
+
+
+def moe_unsupported(model: nn.Module) -> str | None:
+    """Why a mixture-of-experts layer of `model` cannot be written (None if it has none or all can be): the
+    graph takes a block of a softmax top-k router and per-expert MLPs (`calibrate.experts.Experts`), nothing
+    else (no shared expert, no router bias)."""
+    from calibrate.experts import Experts, fused_experts
+
+    if fused := fused_experts(model):
+        return f"fused experts of an unknown layout ({next(iter(fused))})"
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "experts", None), Experts):
+            extra = sorted(set(dict(m.named_children())) - {"gate", "experts"})
+            if extra:
+                return f"a mixture-of-experts block with {', '.join(extra)} ({name})"
+            if router_renormalises(m.gate) is None:
+                return f"the router {type(m.gate).__name__} ({name}.gate): not a softmax top-k over experts"
+    return None
+
+
+def router_renormalises(gate: nn.Module) -> bool | None:
+    """Whether a MoE router's weights are its softmax's top k renormalised to sum 1 (Mixtral, Qwen3-MoE with
+    norm_topk_prob) or taken as they are (False); None if it is neither. Told by running the router."""
+    w, k = getattr(gate, "weight", None), getattr(gate, "top_k", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(k, int):
+        return None
+    x = torch.randn(16, w.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = gate(x.to(w.dtype))
+        top, idx = torch.softmax(x @ w.float().T, dim=-1).topk(k, dim=-1)
+    if not isinstance(out, tuple) or len(out) != 3 or not torch.equal(out[2], idx):
+        return None
+    for renorm in (False, True):
+        if torch.allclose(out[1].float(), top / top.sum(-1, keepdim=True) if renorm else top, atol=1e-5):
+            return renorm
     return None
 
 

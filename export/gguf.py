@@ -83,8 +83,8 @@ def _permute_rows(enc: Encoded, order: np.ndarray) -> Encoded:
     return Encoded(enc.kind, enc.data[order], enc.expect[order], enc.requant_error)
 
 
-def _check_model(lm: LoadedModel) -> tuple[str, bool]:
-    cfg = lm.model.config
+def check_gguf_config(cfg: Any) -> None:
+    """Refuse, from the config alone (before the model loads), a model type llama.cpp cannot run."""
     mt = getattr(cfg, "model_type", None)
     if mt in NOT_IN_LLAMA_CPP:
         raise ValueError(f"GGUF export: llama.cpp has no {NOT_IN_LLAMA_CPP[mt]} architecture (model type {mt!r}; "
@@ -92,6 +92,12 @@ def _check_model(lm: LoadedModel) -> tuple[str, bool]:
     if mt not in ARCHITECTURES:
         raise ValueError(f"GGUF export supports model types {', '.join(sorted(ARCHITECTURES))}; "
                          f"this model is {mt!r}")
+
+
+def _check_model(lm: LoadedModel) -> tuple[str, bool]:
+    cfg = lm.model.config
+    mt = getattr(cfg, "model_type", None)
+    check_gguf_config(cfg)
     if isinstance(why := rope_bases(cfg), str):
         raise ValueError(f"GGUF export: {why} is not supported yet")
     if (why := attention_scale_differs(lm.model)) is not None:
@@ -296,7 +302,7 @@ def check_llama_cpp(path: Path, lm: LoadedModel, *, threads: int | None = None) 
     return worst, worst_kl
 
 
-@register_exporter("gguf")
+@register_exporter("gguf", check_config=check_gguf_config)
 def export_gguf(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
                 reports: list[Any] = (), force: bool = False, float_type: str = "f32",
                 requantize: bool = False, tolerance: float | None = None, threads: int | None = None) -> Path:
@@ -312,11 +318,11 @@ def export_gguf(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
     if store_of(lm.model) is not None:
         raise ValueError("GGUF export needs the whole model in memory; load it without lazy=True")
     tensors = _tensors(lm, arch, permute_qk, float_type, requantize)
-    n_vocab = lm.model.get_input_embeddings().weight.shape[0]
+    n_vocab = lm.model.get_input_embeddings().num_embeddings
     requant = {n: e.requant_error for n, e in tensors.items() if e.requant_error is not None}
     prev = lm.provenance
     prov = artifact.provenance(
-        source={"path": prev["source"]["path"] if prev else lm.source, "sha256": lm.source_sha256()},
+        source=lm.source_record(),
         recipe=(prev.get("recipe", []) if prev else []) + list(recipe or []),
         reports=[r.to_dict() if hasattr(r, "to_dict") else r for r in reports],
         quantization=prev.get("quantization") if prev else None, previous=prev)

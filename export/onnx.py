@@ -1,8 +1,9 @@
-"""ONNX artifact: a KV-cache decoder graph, our integer weights in `MatMulNBits` nodes.
+"""ONNX artifact: a KV-cache decoder graph (or a masked-LM encoder's graph), our integer weights in
+`MatMulNBits` nodes.
 
 The graph is built from the modules directly, out of ONNX Runtime's fused
-operators (`export.onnx_fused`); architectures it cannot express are
-refused with the reason. How the artifact is written:
+operators (`export.onnx_fused` for decoders, `export.onnx_encoder` for
+BERT); architectures they cannot express are refused with the reason. How the artifact is written:
 
 1. The model is saved as a compress artifact in a scratch directory and
    loaded back whole, so a model streamed from disk exports like any other.
@@ -46,6 +47,8 @@ import numpy as np
 import torch
 
 from compress import artifact
+from compress.archs import require_lm_head
+from compress.lazy import store_of
 from compress.models import LoadedModel, load_model, save_model
 from compress.registry import register_exporter
 from export import VERIFY_PROMPTS, reference_logits
@@ -110,8 +113,9 @@ def _save_side_files(lm: LoadedModel, dest: Path) -> None:
     lm.tokenizer.save_pretrained(dest)
 
 
-def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None, refs: list | None = None) -> float:
-    """Max |logit difference| between ONNX Runtime on `onnx_dir` and `lm` in torch over VERIFY_PROMPTS."""
+def verify(onnx_dir: Path, lm: LoadedModel | None, *, threads: int | None = None, refs: list | None = None) -> float:
+    """Max |logit difference| between ONNX Runtime on `onnx_dir` and `lm` in torch over VERIFY_PROMPTS (or the
+    torch logits `refs` already computed: `reference_logits(lm)`)."""
     from eval.onnx_backend import OrtBackend
 
     ort_lm = OrtBackend(onnx_dir, threads=threads)
@@ -122,7 +126,20 @@ def verify(onnx_dir: Path, lm: LoadedModel, *, threads: int | None = None, refs:
     return worst
 
 
-@register_exporter("onnx")
+def check_onnx_config(cfg: Any) -> None:
+    """Refuse, from the config alone (before the model loads), a model type no ONNX graph here is written for."""
+    from compress.archs import is_masked_lm
+    from export.fused_arch import FUSED_TYPES
+    from export.onnx_encoder import ENCODER_TYPES
+
+    require_lm_head(cfg, "ONNX export (a graph computing logits)")
+    types = ENCODER_TYPES if is_masked_lm(cfg) else FUSED_TYPES
+    if getattr(cfg, "model_type", None) not in types:
+        raise ValueError(f"ONNX export does not support model type {getattr(cfg, 'model_type', None)!r} (graphs: "
+                         f"{', '.join((*FUSED_TYPES, *ENCODER_TYPES))})")
+
+
+@register_exporter("onnx", check_config=check_onnx_config)
 def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]] | None = None,
                 reports: list[Any] = (), force: bool = False, accuracy_level: int = 0,
                 tolerance: float | None = None, threads: int | None = None) -> Path:
@@ -133,34 +150,40 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
     except ImportError as e:
         raise ValueError(f"the onnx exporter needs onnx and onnxruntime: pip install 'compress[onnx]' ({e})") \
             from None
+    from compress.archs import is_masked_lm
+    from export.onnx_encoder import build_encoder_graph, encoder_supported
     from export.onnx_fused import build_fused_graph, fused_supported
 
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
+    require_lm_head(lm.model.config, "ONNX export (a graph computing logits)")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
     with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:
         work = Path(tmp)
-        save_model(lm, work / "artifact", recipe=recipe, reports=reports)  # whole, in our own format
-        full = load_model(work / "artifact")
-        why = fused_supported(full.model)
+        save_model(lm, work / "artifact", recipe=recipe, reports=reports)  # its provenance, in our own format
+        # a model streamed from disk is read back whole; one in memory is used as it is (no second copy)
+        full = load_model(work / "artifact") if store_of(lm.model) is not None else lm
+        encoder = is_masked_lm(full.model.config)
+        why = (encoder_supported if encoder else fused_supported)(full.model)
         if why is not None:
             raise ValueError(f"ONNX export does not support {why}")
         _check_layouts(full)
-        graph_file = work / "onnx" / "model.onnx"
-        proto, used = build_fused_graph(full.model, accuracy_level=accuracy_level)
-        _save_side_files(full, work / "onnx")
-        big = proto.ByteSize() > 1.8 * 2**30  # protobuf's 2 GiB limit: weights go to a side file
-        onnx.save(proto, str(graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
-                  location="model.onnx_data")
-        del proto
         from compress.quantize.w8a8linear import W8A8Linear
 
         w8a8 = sum(isinstance(m, W8A8Linear) for m in full.model.modules())
         refs = reference_logits(full)  # the torch logits, shared by the check and the noise floor
-        diff = verify(work / "onnx", full, threads=threads, refs=refs)
         floor = w8a8_noise_floor(full, refs) if w8a8 else None
+        graph_file = work / "onnx" / "model.onnx"
+        proto, used = (build_encoder_graph if encoder else build_fused_graph)(full.model, accuracy_level=accuracy_level)
+        _save_side_files(full, work / "onnx")
+        del full  # (a copy read back from disk is freed before ONNX Runtime loads the graph)
+        big = proto.ByteSize() > 1.8 * 2**30  # protobuf's 2 GiB limit: weights go to a side file
+        onnx.save(proto, str(graph_file), save_as_external_data=big, all_tensors_to_one_file=True,
+                  location="model.onnx_data")
+        del proto
+        diff = verify(work / "onnx", None, threads=threads, refs=refs)
         if tolerance is not None:
             tol = tolerance
         elif accuracy_level == 4 and used:
@@ -175,7 +198,7 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
             raise ValueError(f"ONNX export check failed: logits differ from the torch model by up to {diff:.3g} "
                              f"(tolerance {tol:g}{why}); nothing was written")
         prov = artifact.read_provenance(work / "artifact")
-        prov["format_exported"] = {"format": "onnx", "graph": "fused",
+        prov["format_exported"] = {"format": "onnx", "graph": "fused encoder" if encoder else "fused",
                                    "op": "com.microsoft.MatMulNBits" if used else None,
                                    "matmulnbits_by_bits": {str(k): v for k, v in sorted(used.items())},
                                    "w8a8_matmuls": w8a8,

@@ -47,13 +47,19 @@ layer). Other architectures are refused.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
-import torch
 from torch import nn
 
-from export.fused_arch import activation, fused_supported, norm_offset, rope_thetas, rotary_fraction
+from calibrate.experts import Experts
+from compress.quantize.qembedding import QuantEmbedding
+from export.fused_arch import (
+    activation,
+    fused_supported,
+    rope_thetas,
+    rotary_fraction,
+    router_renormalises,
+)
+from export.onnx_graph import Graph, f32
 
 
 def part(module: nn.Module, *names: str) -> nn.Module:
@@ -63,11 +69,7 @@ def part(module: nn.Module, *names: str) -> nn.Module:
 
 def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     """The ModelProto of `model` (float Linears and QuantLinears) as a fused decoder graph; counts by bits."""
-    from onnx import TensorProto, helper, numpy_helper
-
-    from compress.quantize.qlinear import QuantLinear
-    from compress.quantize.w8a8linear import W8A8Linear
-    from export.matmulnbits import matmulnbits_tensors
+    from onnx import TensorProto
 
     why = fused_supported(model)
     if why is not None:
@@ -82,98 +84,8 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     rd = int(hd * rotary_fraction(cfg))  # rotated dimensions of a head (GPT-NeoX: a quarter)
     partial = rd != hd  # then RotaryEmbedding nodes rotate q and k, and GroupQueryAttention does not
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    nodes: list[Any] = []
-    inits: list[Any] = []
-    used: dict[int, int] = {}
-
-    def init(name: str, arr: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
-        return name
-
-    consts: set[str] = set()
-
-    def const(name: str, arr: np.ndarray) -> str:
-        """A scalar constant every node that needs it shares (one initializer, not one per Linear)."""
-        if name not in consts:
-            consts.add(name)
-            init(name, arr)
-        return name
-
-    def node(op: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs) -> list[str]:
-        nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
-        return outputs
-
-    def f32(t: torch.Tensor) -> np.ndarray:
-        return t.detach().float().cpu().numpy()
-
-    def linear(x: str, mod: nn.Module, name: str) -> str:
-        """x @ W^T (+ b) for a Linear or QuantLinear, named after the module."""
-        out = f"{name}_out"
-        if isinstance(mod, QuantLinear):
-            t = matmulnbits_tensors(mod, np.float32)
-            ins = [x, init(f"{name}.qweight", t["B"]), init(f"{name}.scales", t["scales"])]
-            if "zero_points" in t:
-                ins.append(init(f"{name}.zero_points", t["zero_points"]))
-            node("MatMulNBits", ins, [out if mod.bias is None else f"{name}_mm"], "com.microsoft", K=t["K"],
-                 N=t["N"], bits=t["bits"], block_size=t["block_size"], accuracy_level=accuracy_level)
-            used[t["bits"]] = used.get(t["bits"], 0) + 1
-        elif isinstance(mod, W8A8Linear):
-            int8_linear(x, mod, name, out)  # counted by the exporter (W8A8Linear modules), not in `used`
-            return out
-        elif isinstance(mod, nn.Linear):
-            node("MatMul", [x, init(f"{name}.weight_t", f32(mod.weight).T)],
-                 [out if mod.bias is None else f"{name}_mm"])
-        else:
-            raise ValueError(f"{name}: expected a Linear or QuantLinear, found {type(mod).__name__}")
-        if mod.bias is not None:
-            node("Add", [f"{name}_mm", init(f"{name}.bias", f32(mod.bias))], [out])
-        return out
-
-    quantized: dict[tuple, tuple[str, str, str]] = {}  # (input, grid) -> (uint8 codes, scale, zero point)
-
-    def quantize_input(x: str, mod: nn.Module, name: str) -> tuple[str, str, str]:
-        """uint8 codes of x on `mod`'s activation grid: the int8 grid shifted by 128 (the same integers - z)."""
-        if mod.activations == "static":
-            s, z = float(mod.input_scale), int(mod.input_zero_point)
-            key = (x, s, z)
-            if key not in quantized:
-                sn = init(f"{name}.input_scale", np.array(s, np.float32))
-                zn = init(f"{name}.input_zero_point", np.array(z + 128, np.uint8))
-                quantized[key] = (node("QuantizeLinear", [x, sn, zn], [f"{name}.input_q"])[0], sn, zn)
-            return quantized[key]
-        key = (x, "dynamic")
-        if key not in quantized:  # symmetric per token: s = max|x| / 127 per row, as W8A8Linear.quantize_input
-            node("Abs", [x], [f"{name}.abs"])
-            node("ReduceMax", [f"{name}.abs"], [f"{name}.amax"], axes=[-1], keepdims=1)
-            node("Div", [f"{name}.amax", const("w8a8.qmax", np.array(127, np.float32))], [f"{name}.s0"])
-            node("Max", [f"{name}.s0", const("w8a8.tiny", np.array(1e-12, np.float32))], [f"{name}.scale"])
-            node("Div", [x, f"{name}.scale"], [f"{name}.xs"])
-            node("Round", [f"{name}.xs"], [f"{name}.r"])
-            node("Add", [f"{name}.r", const("w8a8.shift", np.array(128, np.float32))], [f"{name}.ru"])
-            node("Clip", [f"{name}.ru", const("w8a8.lo", np.array(0, np.float32)),
-                          const("w8a8.hi", np.array(255, np.float32))], [f"{name}.rc"])
-            node("Cast", [f"{name}.rc"], [f"{name}.input_q"], to=TensorProto.UINT8)
-            quantized[key] = (f"{name}.input_q", f"{name}.scale", const("w8a8.zero_point_128", np.array(128, np.uint8)))
-        return quantized[key]
-
-    def int8_linear(x: str, mod: nn.Module, name: str, out: str) -> None:
-        xq, s, z = quantize_input(x, mod, name)
-        # (in, out) uint8 = int8 + 128 with zero point 128: the same products, but ONNX Runtime's u8 x s8 kernels
-        # on x86 without VNNI (vpmaddubsw) saturate pairs of products at int16 (logits off by > 1 on the tests'
-        # tiny model on an AVX2 machine); its u8 x u8 kernels are exact everywhere
-        w = init(f"{name}.weight_q", (mod.weight.cpu().numpy().T.astype(np.int16) + 128).astype(np.uint8))
-        wz = const("w8a8.zero_point_128", np.array(128, np.uint8))
-        w_scale = init(f"{name}.weight_scale", f32(mod.weight_scale).reshape(-1))  # (out,)
-        bias = [init(f"{name}.bias", f32(mod.bias))] if mod.bias is not None else []
-        if mod.activations == "static":
-            node("MatMulIntegerToFloat", [xq, w, s, w_scale, z, wz, *bias], [out], "com.microsoft")
-            return
-        node("MatMulInteger", [xq, w, z, wz], [f"{name}.acc"])
-        node("Cast", [f"{name}.acc"], [f"{name}.accf"], to=TensorProto.FLOAT)
-        node("Mul", [f"{name}.accf", s], [f"{name}.rows"])
-        node("Mul", [f"{name}.rows", w_scale], [out if not bias else f"{name}.mm"])
-        if bias:
-            node("Add", [f"{name}.mm", bias[0]], [out])
+    gb = Graph(accuracy_level)
+    init, const, node, linear, plain_norm = gb.init, gb.const, gb.node, gb.linear, gb.plain_norm
 
     # per-sequence lengths for GroupQueryAttention: seqlens_k = total - 1 (int32), total = mask width
     node("ReduceSum", ["attention_mask", init("axes_1", np.array([1], np.int64))], ["mask_sum"], keepdims=0)
@@ -194,7 +106,10 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
     act = activation(cfg)
 
     embed = part(base, "embed_tokens", "embed_in")
-    h = node("Gather", [init("embed_tokens", f32(embed.weight)), "input_ids"], ["h0"])[0]
+    if isinstance(embed, QuantEmbedding):  # rows dequantized from the MatMulNBits blocks a tied head reads too
+        h = gb.quant_gather("input_ids", embed, next(n for n, m in model.named_modules() if m is embed))
+    else:
+        h = node("Gather", [init("embed_tokens", f32(embed.weight)), "input_ids"], ["h0"])[0]
     if (scale := getattr(embed, "embed_scale", None)) is not None:  # Gemma: sqrt(hidden), float32
         h = node("Mul", [h, init("embed_scale", f32(scale).reshape(()))], ["h0_scaled"])[0]
     table = getattr(base, "embed_positions", None)  # OPT: learned positions, offset by 2
@@ -209,35 +124,18 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         node("Gather", [init("embed_positions", f32(table.weight)), "position_rows"], ["h0_positions"])
         h = node("Add", [h, "h0_positions"], ["h0_placed"])[0]
     resid, pending = h, None  # residual stream; the last sublayer's output not yet added to it
-    graph_inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
-                    helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
-    graph_outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", cfg.vocab_size])]
-
-    def norm_params(module: nn.Module, name: str) -> tuple[list[str], float, bool]:
-        """(weight[, bias] initializers, epsilon, whether it is a LayerNorm (OPT) rather than an RMSNorm)."""
-        if isinstance(module, nn.LayerNorm):
-            return [init(f"{name}.weight", f32(module.weight)), init(f"{name}.bias", f32(module.bias))], \
-                float(module.eps), True
-        eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", None)))
-        return [init(f"{name}.weight", f32(module.weight) + norm_offset(module))], eps, False  # Gemma: (1 + w)
+    gb.io("input_ids", "INT64", ["batch", "seq"])
+    gb.io("attention_mask", "INT64", ["batch", "total"])
+    gb.io("logits", "FLOAT", ["batch", "seq", cfg.vocab_size], output=True)
 
     def norm(module: nn.Module, name: str) -> str:
         """The norm of the residual stream, first adding the pending sublayer output to it (one kernel)."""
         nonlocal resid, pending
         if pending is None:
             return plain_norm(resid, module, name)
-        params, eps, layer_norm = norm_params(module, name)
-        op = "SkipLayerNormalization" if layer_norm else "SkipSimplifiedLayerNormalization"
-        out = node(op, [resid, pending, *params], [f"{name}_out", "", "", f"{name}_resid"], "com.microsoft",
-                   epsilon=eps)
-        resid, pending = out[3], None
-        return out[0]
-
-    def plain_norm(x: str, module: nn.Module, name: str) -> str:
-        """The norm of one tensor (the first block's input; Gemma's post-norms of a sublayer's output)."""
-        params, eps, layer_norm = norm_params(module, name)
-        op = "LayerNormalization" if layer_norm else "SimplifiedLayerNormalization"
-        return node(op, [x, *params], [f"{name}_out"], axis=-1, epsilon=eps, stash_type=1)[0]
+        out, resid = gb.skip_norm(resid, pending, module, name)
+        pending = None
+        return out
 
     def head_norm(x: str, module: nn.Module, heads: int, name: str) -> str:
         """RMSNorm of each head of x (batch, seq, heads * hd): over a (batch, seq, heads, hd) view."""
@@ -246,6 +144,53 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         return node("Reshape", [f"{name}_h_out", const(f"flat_{heads}", np.array([0, 0, heads * hd], np.int64))],
                     [f"{name}_out"])[0]
 
+    def gated_mlp(x: str, mlp: nn.Module, p: str) -> str:
+        """down(act(gate(x)) * up(x)); Phi-3: one gate_up_proj, split; an expert: its checkpoint's names."""
+        names = getattr(mlp, "names", ("gate_proj", "up_proj", "down_proj"))  # (an expert: e.g. w1, w3, w2)
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate; up]
+            gu = linear(x, mlp.gate_up_proj, f"{p}.gate_up_proj")
+            g, u = node("Split", [gu, const("split_gate_up", np.array([I, I], np.int64))], [f"{p}.gate", f"{p}.up"],
+                        axis=-1)
+        else:
+            g, u = (linear(x, getattr(mlp, n), f"{p}.{n}") for n in names[:2])
+        node("Mul", [gb.activation(g, act, f"{p}.gate"), u], [f"{p}.act"])
+        return linear(f"{p}.act", getattr(mlp, names[2]), f"{p}.{names[2]}")
+
+    def moe(x: str, block: nn.Module, p: str) -> str:
+        """A mixture-of-experts MLP (Qwen3-MoE, Mixtral): the router's softmax over experts, its top k (their
+        weights renormalised to sum 1 where the model does), then each expert on the rows routed to it only,
+        its output weighted and added back into those rows (ScatterND), as transformers' experts loop does."""
+        gate = block.gate
+        node("Reshape", [x, const("moe.rows", np.array([-1, H], np.int64))], [f"{p}.rows"])
+        node("MatMul", [f"{p}.rows", init(f"{p}.gate.weight_t", f32(gate.weight).T)], [f"{p}.router_logits"])
+        node("Softmax", [f"{p}.router_logits"], [f"{p}.probs"], axis=-1)
+        node("TopK", [f"{p}.probs", const(f"moe.top_{gate.top_k}", np.array([gate.top_k], np.int64))],
+             [f"{p}.top", f"{p}.top_idx"], axis=-1)
+        top = f"{p}.top"
+        if router_renormalises(gate):
+            node("ReduceSum", [top, const("axes_last", np.array([-1], np.int64))], [f"{p}.top_sum"], keepdims=1)
+            top = node("Div", [top, f"{p}.top_sum"], [f"{p}.top_w"])[0]
+        node("Shape", [f"{p}.probs"], [f"{p}.probs_shape"])
+        node("ConstantOfShape", [f"{p}.probs_shape"], [f"{p}.zeros_e"])  # (tokens, experts) of float zeros
+        node("ScatterElements", [f"{p}.zeros_e", f"{p}.top_idx", top], [f"{p}.weights"], axis=1)
+        node("Shape", [f"{p}.rows"], [f"{p}.rows_shape"])
+        acc = node("ConstantOfShape", [f"{p}.rows_shape"], [f"{p}.acc"])[0]
+        for e, expert in enumerate(block.experts):
+            q = f"{p}.experts.{e}"
+            node("Gather", [f"{p}.weights", const(f"moe.expert_{e}", np.array(e, np.int64))], [f"{q}.w"], axis=1)
+            node("Greater", [f"{q}.w", const("moe.zero", np.array(0, np.float32))], [f"{q}.hit"])
+            node("NonZero", [f"{q}.hit"], [f"{q}.nz"])  # (1, routed)
+            node("Transpose", [f"{q}.nz"], [f"{q}.idx"], perm=[1, 0])  # (routed, 1): ScatterND's row indices
+            node("Reshape", [f"{q}.nz", const("moe.flat", np.array([-1], np.int64))], [f"{q}.tokens"])
+            node("Gather", [f"{p}.rows", f"{q}.tokens"], [f"{q}.x"], axis=0)
+            y = gated_mlp(f"{q}.x", expert, q)
+            node("Gather", [f"{q}.w", f"{q}.tokens"], [f"{q}.wt"], axis=0)
+            node("Unsqueeze", [f"{q}.wt", const("axes_last", np.array([-1], np.int64))], [f"{q}.wt_col"])
+            node("Mul", [y, f"{q}.wt_col"], [f"{q}.y"])
+            acc = node("ScatterND", [acc, f"{q}.idx", f"{q}.y"], [f"{q}.acc"], reduction="add")[0]
+        node("Shape", [x], [f"{p}.x_shape"])
+        return node("Reshape", [acc, f"{p}.x_shape"], [f"{p}.out"])[0]
+
     for i, layer in enumerate(base.layers):
         p = f"model.layers.{i}"
         x = norm(part(layer, "input_layernorm", "self_attn_layer_norm"), f"{p}.input_layernorm")
@@ -253,7 +198,7 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         if hasattr(att, "query_key_value"):  # GPT-NeoX: per head [q; k; v] rows
             qkv = linear(x, att.query_key_value, f"{p}.attention.query_key_value")
             node("Reshape", [qkv, const("heads_3", np.array([0, 0, nh, 3, hd], np.int64))], [f"{p}.qkv_h"])
-            parts = node("Split", [f"{p}.qkv_h"], [f"{p}.{t}_h" for t in "qkv"], axis=3)
+            parts = node("Split", [f"{p}.qkv_h"], [f"{p}.{t}_h" for t in "qkv"], axis=3, num_outputs=3)
             q, k, v = (node("Reshape", [t, const("flat_h", np.array([0, 0, H], np.int64))], [f"{t}_flat"])[0]
                        for t in parts)
         elif hasattr(att, "qkv_proj"):  # Phi-3: rows [q; k; v]
@@ -280,15 +225,14 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
              rotary_interleaved=0, local_window_size=window,  # (HF and ORT count the token itself alike)
              scale=float(att.scaling), softcap=float(getattr(att, "attn_logit_softcapping", None) or 0.0))
         for name in (pk, pv):
-            graph_inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "past", hd]))
+            gb.io(name, "FLOAT", ["batch", nkv, "past", hd])
         for name in (ok, ov):
-            graph_outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", nkv, "total", hd]))
+            gb.io(name, "FLOAT", ["batch", nkv, "total", hd], output=True)
         pending = linear(f"{p}.attn_out", part(att, "o_proj", "out_proj", "dense"), f"{p}.self_attn.o_proj")
         if getattr(layer, "use_parallel_residual", False):  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             y = plain_norm(resid, layer.post_attention_layernorm, f"{p}.post_attention_layernorm")
-            node("Gelu" if act == "gelu" else "FastGelu", [linear(y, layer.mlp.dense_h_to_4h, f"{p}.mlp.up")],
-                 [f"{p}.mlp.act"], "com.microsoft")
-            m = linear(f"{p}.mlp.act", layer.mlp.dense_4h_to_h, f"{p}.mlp.down")
+            a = gb.activation(linear(y, layer.mlp.dense_h_to_4h, f"{p}.mlp.up"), act, f"{p}.mlp")
+            m = linear(a, layer.mlp.dense_4h_to_h, f"{p}.mlp.down")
             pending = node("Add", [pending, m], [f"{p}.attn_mlp"])[0]
             continue
         if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: a norm after each sublayer and before the MLP
@@ -301,25 +245,13 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
             pending = linear(f"{p}.relu", layer.fc2, f"{p}.fc2")
             continue
         mlp = layer.mlp
-        if hasattr(mlp, "gate_up_proj"):  # Phi-3: rows [gate; up]
-            gu = linear(x, mlp.gate_up_proj, f"{p}.mlp.gate_up_proj")
-            g, u = node("Split", [gu, const("split_gate_up", np.array([I, I], np.int64))],
-                        [f"{p}.mlp.gate", f"{p}.mlp.up"], axis=-1)
-        else:
-            g = linear(x, mlp.gate_proj, f"{p}.mlp.gate_proj")
-            u = linear(x, mlp.up_proj, f"{p}.mlp.up_proj")
-        if act == "silu":
-            node("Sigmoid", [g], [f"{p}.mlp.sig"])
-            node("Mul", [g, f"{p}.mlp.sig"], [f"{p}.mlp.g"])
-        else:  # gelu with the tanh approximation (Gemma): ONNX Runtime's FastGelu is that formula
-            node("FastGelu", [g], [f"{p}.mlp.g"], "com.microsoft")
-        node("Mul", [f"{p}.mlp.g", u], [f"{p}.mlp.act"])
-        pending = linear(f"{p}.mlp.act", mlp.down_proj, f"{p}.mlp.down_proj")
+        pending = moe(x, mlp, f"{p}.mlp") if isinstance(getattr(mlp, "experts", None), Experts) else \
+            gated_mlp(x, mlp, f"{p}.mlp")
         if hasattr(layer, "post_feedforward_layernorm"):
             pending = plain_norm(pending, layer.post_feedforward_layernorm, f"{p}.post_feedforward_layernorm")
     x = norm(part(base, "norm", "final_layer_norm"), "model.norm")  # (GPT-NeoX's is final_layer_norm too)
     out_emb = model.get_output_embeddings()
-    if isinstance(out_emb, nn.Linear) and out_emb.bias is None and \
+    if isinstance(out_emb, nn.Linear) and out_emb.bias is None and isinstance(embed, nn.Embedding) and \
             out_emb.weight.data_ptr() == embed.weight.data_ptr():
         # tied float head: one copy of the matrix in the file, transposed when the session is created
         node("Transpose", ["embed_tokens"], ["embed_tokens_t"], perm=[1, 0])
@@ -330,9 +262,5 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         node("Div", [head, const("final_softcap", np.array(cap, np.float32))], ["logits_scaled"])
         node("Tanh", ["logits_scaled"], ["logits_tanh"])
         head = node("Mul", ["logits_tanh", "final_softcap"], ["logits_capped"])[0]
-    nodes.append(helper.make_node("Identity", [head], ["logits"], name="logits"))
-    graph = helper.make_graph(nodes, "compress-fused-decoder", graph_inputs, graph_outputs, inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
-                                                    helper.make_opsetid("com.microsoft", 1)],
-                              producer_name="compress")
-    return proto, used
+    node("Identity", [head], ["logits"])
+    return gb.model("compress-fused-decoder"), gb.used

@@ -106,7 +106,7 @@ CELLS = {  # column -> the command's arguments after the model (exporters take t
 }
 _QUANTIZERS = ("rtn", "gptq", "awq", "awq+gptq", "w8a8")
 
-_NO_ONNX = ("bert", "gpt2", "qwen3_moe", "mixtral")  # export/onnx_fused.py
+_NO_ONNX = ("gpt2",)  # export/onnx_fused.py
 _NO_GGUF = ("bert", "gpt2")  # gguf.py
 _CONV1D = "Conv1D"
 _EXPERTS = "mixture-of-experts experts"
@@ -437,8 +437,11 @@ def test_export(arch_dir, tmp_path, arch, fmt):
     check = json.loads((out / "compress.json").read_text())["format_exported"]
     if fmt == "onnx":
         assert check["verify_max_abs_logit_diff"] < 1e-3
-        # greedy decoding through the graph's KV cache picks the tokens the torch artifact picks
         model, want = load_model(tmp_path / "rtn-for-export").model, [5, 77, 301, 9]
+        if arch == "bert":  # an encoder: a padded batch, its padding masked as transformers masks it
+            _check_padded_encoder(out, model)
+            return
+        # greedy decoding through the graph's KV cache picks the tokens the torch artifact picks
         with torch.inference_mode():
             for _ in range(6):  # greedy in torch: the whole sequence each step
                 want.append(int(model(input_ids=torch.tensor([want])).logits[0, -1].argmax()))
@@ -450,6 +453,33 @@ def test_export(arch_dir, tmp_path, arch, fmt):
         moe = arch in ("qwen3_moe", "mixtral")
         assert check["llama_cpp_max_kl"] <= (0.15 if moe else 0.01)
         assert moe or check["llama_cpp_max_abs_logit_diff"] <= 0.5  # (a flipped route moves one position's logits)
+
+
+def _check_padded_encoder(onnx_dir, model: nn.Module) -> None:
+    """Two sequences of 12 and 7 tokens in one batch, the second padded, with token types: the graph's logits and
+    hidden states at every real token equal transformers' (< 1e-3)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    types = torch.zeros(2, 12, dtype=torch.long)
+    types[:, 4:] = 1
+    with torch.inference_mode():
+        ref = model(input_ids=ids, attention_mask=mask, token_type_ids=types, output_hidden_states=True)
+    sess = ort.InferenceSession(str(Path(onnx_dir) / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, hidden = sess.run(["logits", "last_hidden_state"], {"input_ids": ids.numpy(),
+                              "attention_mask": mask.numpy(), "token_type_ids": types.numpy()})
+    real = mask.bool().numpy()
+    assert np.abs(logits - ref.logits.numpy())[real].max() < 1e-3
+    assert np.abs(hidden - ref.hidden_states[-1].numpy())[real].max() < 1e-3
+    # the padding is masked: changing the padded tokens changes nothing at the real ones
+    ids2 = ids.clone()
+    ids2[1, 7:] = 5
+    other = sess.run(["logits"], {"input_ids": ids2.numpy(), "attention_mask": mask.numpy(),
+                                  "token_type_ids": types.numpy()})[0]
+    assert np.abs(other - logits)[real].max() < 1e-5
 
 
 def greedy_with_cache(onnx_dir, ids: list[int], steps: int) -> list[int]:

@@ -165,3 +165,46 @@ def test_quantized_tied_head_is_untied_and_survives_save_and_load(model_dirs, tm
     if not lazy:
         with torch.no_grad():
             assert torch.equal(back.model(tokens).logits, ref)
+
+
+def test_a_single_files_checksum_is_its_own_sha256(tmp_path):
+    """What a user compares with a published SHA256SUMS: a single file's hash is `sha256sum`'s, not a hash of its
+    name and bytes; several files are hashed with their names (a renamed shard changes the hash)."""
+    import hashlib
+
+    from compress import artifact
+
+    a, b = tmp_path / "model.gguf", tmp_path / "b.bin"
+    a.write_bytes(b"GGUF" + bytes(range(256)) * 50)
+    b.write_bytes(b"x" * 10)
+    assert artifact.sha256_files([a]) == hashlib.sha256(a.read_bytes()).hexdigest()
+    both = artifact.sha256_files([a, b])
+    assert both != artifact.sha256_files([a]) and both == artifact.sha256_files([b, a])
+    c = tmp_path / "c.bin"
+    b.rename(c)
+    assert artifact.sha256_files([a, c]) != both
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_run_leaves_no_spill_directory(tmp_path, sig):
+    """SIGTERM (turned into an exit by the CLI's handler) and SIGINT (KeyboardInterrupt) both remove the lazy
+    store's spill directory and an unfinished output directory."""
+    code = (
+        "import sys, time, signal\n"
+        "from compress.cli._common import _sigterm\n"
+        "from compress.artifact import atomic_dir\n"
+        "from compress.spill import SpillDir\n"
+        "signal.signal(signal.SIGTERM, _sigterm)\n"
+        "spill = SpillDir(sys.argv[1])\n"
+        "(spill.path / '000001.safetensors').write_bytes(b'x' * 100)\n"
+        "with atomic_dir(sys.argv[1] + '/out') as tmp:\n"
+        "    print('writing', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    assert p.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    p.send_signal(sig)
+    assert p.wait(timeout=30) != 0
+    assert list(tmp_path.iterdir()) == []

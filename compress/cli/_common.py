@@ -53,15 +53,59 @@ def refuse(options: dict[str, Any], why: str) -> None:
         raise click.UsageError(f"{', '.join(given)} {why}")
 
 
+LOG_EVERY_SECONDS = 30.0  # without a terminal: a progress line at least this often while work advances
+LOG_EVERY_FRACTION = 0.05  # ... and at every 5 % of a phase
+
+
+class ProgressLines:
+    """The (label, done, total[, info]) callback as plain lines on stderr, for CI logs and nohup: a line when a
+    phase starts, every 5 % or 30 s of progress, and when it ends, each with the elapsed time and an estimate of
+    what remains (from the rate so far)."""
+
+    def __init__(self, echo=None, clock=None) -> None:
+        import time
+
+        self.echo = echo or (lambda line: click.echo(line, err=True))
+        self.clock = clock or time.monotonic
+        self.phases: dict[str, tuple[float, float, int]] = {}  # label -> (start, last printed, its 5 % step)
+
+    def __call__(self, label: str, done: int, total: int, info: str = "") -> None:
+        now = self.clock()
+        start, last, step = self.phases.setdefault(label, (now, float("-inf"), -1))
+        f = done / total if total else 1.0
+        finished = done >= total
+        now_step = int(done * round(1 / LOG_EVERY_FRACTION) // total) if total else 0
+        if not (finished or now_step > step or now - last >= LOG_EVERY_SECONDS):
+            return
+        elapsed = now - start
+        known = not finished and done > 0 and elapsed >= 1.0  # (a rate from the first instant means nothing)
+        eta = f", about {_duration(elapsed * (total - done) / done)} left" if known else ""
+        self.echo(f"{label}: {done}/{total} ({100 * f:.0f} %), {_duration(elapsed)} elapsed{eta}"
+                  f"{f' ({info})' if info else ''}")
+        if finished:
+            self.phases.pop(label)  # a later phase with the same label starts again
+        else:
+            self.phases[label] = (start, now, now_step)
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
 @contextlib.contextmanager
 def progress_bar() -> Iterator[Any]:
-    """Yield a (label, done, total[, info]) callback that drives one rich bar per label.
+    """Yield a (label, done, total[, info]) callback that drives one rich bar per label, or, when stderr is not
+    a terminal (CI logs, nohup), prints `ProgressLines`.
 
     `info` is a short status shown after the bar (a training loop's loss and tokens/s).
     """
+    if not console.is_terminal:
+        yield ProgressLines()
+        return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                  console=console, transient=False, disable=not console.is_terminal) as bar:
+                  console=console, transient=False) as bar:
         tasks: dict[str, Any] = {}
 
         def update(label: str, done: int, total: int, info: str = "") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from compress.cli._common import FINITE, console, echo_json
@@ -46,6 +48,7 @@ def command(model, fmt, out, force, accuracy_level, float_type, requantize, tole
     """
     import inspect
 
+    from compress.files import load_model_config
     from compress.models import load_model
     from compress.outputs import claim_output
     from compress.registry import EXPORTERS
@@ -63,6 +66,8 @@ def command(model, fmt, out, force, accuracy_level, float_type, requantize, tole
         raise click.UsageError(f"--tolerance must be positive, got {tolerance}")
     set_threads(threads)
     with claim_output(out, force=force):  # an unwritable --out or a second writer fails before the model loads
+        if exporter.check_config is not None and model is not None and (Path(model) / "config.json").is_file():
+            exporter.check_config(load_model_config(model))  # a format that cannot hold it: before loading it
         lm = load_model(model, allow_pickle=allow_pickle)
         path = exporter.export(lm, out, recipe=[], force=force, **opts)
     summary = {"model": lm.source, "out": str(path), "format": fmt, "bytes": weights_bytes(path)}

@@ -24,10 +24,12 @@ def _percent(value: str) -> float:
 @click.option("--baseline", required=True, type=click.Path(), help="Results file of the baseline (compress eval --output).")
 @click.option("--max-ppl-rise", default="5%", show_default=True, help="Largest relative perplexity rise allowed, in percent.")
 @click.option("--max-acc-drop", type=FINITE, default=1.0, show_default=True, help="Largest accuracy drop allowed, in points.")
+@click.option("--max-cos-drop", type=FINITE, default=0.01, show_default=True,
+              help="Largest drop of an encoder's mean embedding cosine to its float reference (absolute).")
 @click.option("--significance", type=FINITE, default=0.05, show_default=True,
               help="A change fails only if significant at this level (one-sided p below it); 1 = threshold only.")
 @click.option("--junit", type=click.Path(), help="Also write JUnit XML here.")
-def command(candidate, baseline, max_ppl_rise, max_acc_drop, significance, junit) -> None:
+def command(candidate, baseline, max_ppl_rise, max_acc_drop, max_cos_drop, significance, junit) -> None:
     """Compare CANDIDATE's eval results with the baseline's, task by task; exit 0 (pass), 1 (fail), 2 (bad input).
 
     Both files come from `compress eval --output`. Tasks must match in protocol
@@ -46,7 +48,7 @@ def command(candidate, baseline, max_ppl_rise, max_acc_drop, significance, junit
         if junit:
             check_output_file(junit)
         cfg = gate.GateConfig(max_ppl_rise=_percent(max_ppl_rise), max_acc_drop=max_acc_drop,
-                              significance=significance)
+                              max_cos_drop=max_cos_drop, significance=significance)
         report = gate.compare(results.load(candidate), results.load(baseline), cfg)
     except ValueError as e:
         click.echo(f"Error: {e}", err=True)

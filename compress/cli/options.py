@@ -161,10 +161,14 @@ class Output:
     force: bool
     allow_pickle: bool
     calib: Any
+    min_expert_tokens: int | None = None
 
     def run(self, model: str | None, recipe: Any, **kw: Any) -> dict[str, Any]:
         """`compress_model` with a progress bar; returns the artifact's summary."""
         from compress.runner import compress_model
+
+        if self.min_expert_tokens is not None:
+            recipe = recipe.with_setting("min_expert_tokens", self.min_expert_tokens, where="--min-expert-tokens")
 
         with progress_bar() as progress:
             return compress_model(model, recipe, self.out, force=self.force, allow_pickle=self.allow_pickle,
@@ -179,9 +183,14 @@ def output_options(fn: Callable | None = None, *, pickle_help: str = PICKLE_HELP
     def deco(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def command(**kw: Any) -> Any:
-            output = Output(kw.pop("out"), kw.pop("force"), kw.pop("allow_pickle"), CalibConfig(**kw.pop("calib")))
+            output = Output(kw.pop("out"), kw.pop("force"), kw.pop("allow_pickle"), CalibConfig(**kw.pop("calib")),
+                            kw.pop("min_expert_tokens"))
             return fn(**kw, output=output)
 
+        command = click.option("--min-expert-tokens", type=click.IntRange(min=0), default=None,
+                               help="Mixture of experts: an expert routed fewer calibration tokens than this is "
+                                    "calibrated on all of its layer's tokens (named in the report).  [default: 64]"
+                               )(command)
         command = config_options(CalibConfig, into="calib", names=_CALIB)(command)
         command = click.option("--allow-pickle", is_flag=True, help=pickle_help)(command)
         command = click.option("--force", is_flag=True, help="Overwrite --out if it exists.")(command)

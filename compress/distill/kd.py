@@ -103,11 +103,12 @@ class DistillConfig:
 @register_pass("distill", DistillConfig)
 def run(model: nn.Module, cfg: DistillConfig, calib=None, *, progress: Progress | None = None) -> PassReport:
     """Train the model (the student) to imitate the teacher on the training text; the model is changed in place."""
-    from compress.archs import is_masked_lm
+    from compress.archs import is_masked_lm, require_lm_head
     from compress.distill.train import train
     from compress.lazy import store_of
     from compress.models import load_model
 
+    require_lm_head(model.config, "distill (logit distillation)")
     if is_masked_lm(model.config):
         raise ValueError(f"{model.config.model_type} is a masked-LM encoder: distill trains next-token prediction "
                          "(causal language models); masked-LM distillation is not implemented")

@@ -39,6 +39,7 @@ from torch import nn
 
 from calibrate.forward import native_bf16
 from compress import targets as tg
+from compress.archs import require_lm_head
 from compress.checks import check_fields
 from compress.distill.losses import logit_divergence
 from compress.pipeline import PassReport, Progress, recipe_history
@@ -216,6 +217,7 @@ def run(model: nn.Module, cfg: ScaleTuneConfig, calib: torch.Tensor | None, *,
     if not selected:
         log.info("scale_tune: no packed module to tune")
         return PassReport(name="scale_tune", modules=0)
+    require_lm_head(model.config, "scale_tune (it matches the reference's logits)")
     reference = load_reference(model, cfg)
     in_reference = dict(reference.named_modules())
     missing = [n for n in selected if n not in in_reference]

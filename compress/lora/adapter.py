@@ -206,6 +206,7 @@ def read_adapter(path: str | Path, *, allow_pickle: bool = False) -> Adapter:
 
 def check_against(adapter: Adapter, model: nn.Module) -> None:
     """Refuse an adapter whose modules or shapes are not the model's, naming the first mismatch."""
+    from compress.quantize.qembedding import QuantEmbedding
     from compress.quantize.qlinear import QuantLinear
     from compress.quantize.w8a8linear import W8A8Linear
 
@@ -217,7 +218,7 @@ def check_against(adapter: Adapter, model: nn.Module) -> None:
         if isinstance(mod, W8A8Linear):
             raise ValueError(f"adapter {adapter.path}: module {name} is W8A8 (int8 activations); merging into "
                              "W8A8 artifacts is not supported: merge into the float model, then quantize")
-        if not isinstance(mod, nn.Linear | QuantLinear):
+        if not isinstance(mod, nn.Linear | QuantLinear) or isinstance(mod, QuantEmbedding):
             raise ValueError(f"adapter {adapter.path}: module {name} is a {type(mod).__name__}, not a Linear")
         out, n_in = mod.out_features, mod.in_features
         if f.A.shape[1] != n_in or f.B.shape[0] != out:

@@ -23,6 +23,7 @@ from calibrate.blocks import decoder_blocks
 from calibrate.forward import ForwardOptions, resolve_forward_dtype
 from calibrate.walk import Block, block_linears, walk
 from compress import lazy
+from compress.archs import require_lm_head
 from compress.checks import check_fields
 from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import CONFIG_KEY, pruned_modules
@@ -133,6 +134,7 @@ def run(model: nn.Module, cfg: LayersConfig, calib: torch.Tensor, *, progress: P
                                  progress=progress)
         dropped = sorted(range(n), key=lambda i: scores[i])[:n_drop]
     else:
+        require_lm_head(model.config, "prune_layers --importance loss (the calibration loss)")
         dtype = resolve_forward_dtype(cfg.forward_dtype, next(model.parameters()))
         dropped = _greedy_by_loss(model, blocks, calib[:cfg.loss_samples], n_drop, cfg.batch_size, dtype, progress)
     before = sum(p.numel() for p in model.parameters())

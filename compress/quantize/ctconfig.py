@@ -28,6 +28,8 @@ def quantization_config(modules: dict[str, dict[str, Any]], ignore: list[str]) -
     groups: dict[tuple, list[str]] = {}
     w8a8: dict[str, list[str]] = {}
     for name, info in modules.items():
+        if info.get("kind") == "tied_head":  # no tensors: the embedding's group holds the matrix
+            continue
         if info.get("kind") == "w8a8":
             w8a8.setdefault(info["activations"], []).append(name)
             continue

@@ -138,3 +138,29 @@ def test_routing_report_is_empty_for_dense_models(make_tiny, tokens):
     model = make_tiny("llama")
     [rep] = apply(model, Recipe.single("gptq", group_size=32), tokens.view(2, 48))
     assert "expert_tokens" not in rep.config and not any(isinstance(m, Experts) for m in model.modules())
+
+
+def test_min_expert_tokens_on_the_command_line(tmp_path, tiny_tokenizer):
+    """--min-expert-tokens reaches every calibrated step of the recipe (the report names each expert below it);
+    with a pass that calibrates nothing it is refused in one line, nothing written."""
+    import json
+
+    from click.testing import CliRunner
+
+    from compress.cli import cli
+
+    make_arch_model("qwen3_moe", len(tiny_tokenizer) + 8).save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    run = CliRunner().invoke
+    r = run(cli, ["quantize", str(tmp_path / "src"), "--method", "awq+gptq", "--group-size", "32",
+                  "--calib-samples", "2", "--calib-seq-len", "32", "--min-expert-tokens", "100000",
+                  "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    reports = json.loads((tmp_path / "q" / "compress.json").read_text())["reports"]
+    for rep in reports:  # awq and gptq: every expert of both layers is below 100000 tokens
+        assert rep["config"]["min_expert_tokens"] == 100000
+        assert len(rep["config"]["experts_on_all_tokens"]) == 2 * 4, rep["config"]
+    r = run(cli, ["quantize", str(tmp_path / "src"), "--method", "rtn", "--min-expert-tokens", "8",
+                  "--out", str(tmp_path / "rtn")])
+    assert r.exit_code == 1 and "--min-expert-tokens applies to calibrated passes" in r.output, r.output
+    assert not (tmp_path / "rtn").exists()

@@ -16,7 +16,7 @@ def test_passes_lists_rtn_with_defaults(runner):
     r = runner.invoke(cli, ["passes"])
     assert r.exit_code == 0, r.output
     assert "rtn:" in r.output and "group_size = 128  # input columns per scale" in r.output
-    assert "ignore = lm_head, re:(lm_head|cls)\\.  # replaces the default" in r.output and "scale_tune" in r.output
+    assert "ignore = lm_head, re:(lm_head|cls|pooler)\\.  # replaces the default" in r.output and "scale_tune" in r.output
 
 
 def test_help_and_passes_show_the_configs_defaults_and_comments(runner):

@@ -75,3 +75,23 @@ def test_multiple_choice_on_an_encoder_is_refused_in_one_line(bert_dir, tmp_path
     errors = [ln for ln in r.output.splitlines() if ln.startswith("Error")]
     assert r.exit_code != 0 and len(errors) == 1 and "masked LM" in errors[0], r.output
     assert not (tmp_path / "mc.json").exists()
+
+
+def test_an_encoders_onnx_artifact_scores_its_pseudo_perplexity_in_onnx_runtime(bert_dir, tmp_path):
+    """quantize -> export ONNX -> eval: ONNX Runtime's pseudo-perplexity, window by window, is torch's."""
+    pytest.importorskip("onnxruntime")
+    run = CliRunner().invoke
+    for args in (["quantize", str(bert_dir), "--method", "rtn", "--group-size", "32", "--out", str(tmp_path / "q")],
+                 ["export", str(tmp_path / "q"), "--format", "onnx", "--out", str(tmp_path / "onnx")]):
+        r = run(cli, args)
+        assert r.exit_code == 0, r.output
+    docs = {}
+    for name, path in (("torch", tmp_path / "q"), ("ort", tmp_path / "onnx")):
+        out = tmp_path / f"{name}.json"
+        r = run(cli, ["eval", str(path), "--task", "wikitext2", "--windows", "2", "--seq-len", "16",
+                      "--output", str(out)])
+        assert r.exit_code == 0, r.output
+        docs[name] = json.loads(out.read_text())["results"]["wikitext2"]
+    assert docs["ort"]["metric"] == "pseudo_perplexity" and docs["ort"]["backend"] == "onnxruntime"
+    for a, b in zip(docs["ort"]["items"], docs["torch"]["items"], strict=True):
+        assert a["nll"] == pytest.approx(b["nll"], rel=1e-4)

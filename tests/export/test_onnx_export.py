@@ -187,3 +187,73 @@ def test_sliding_windows_hold_in_prefill_and_in_the_kv_cache(tmp_path, tiny_toke
     got = sess.run(["logits"], feeds)[0][0]
     assert np.abs(got - full.numpy()).max() < 1e-3  # (a window off by one token: about 1)
     assert greedy_with_cache(out, want[:30], 12) == want
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_moe_graph_routes_like_transformers(tmp_path, tiny_tokenizer, renorm):
+    """Qwen3-MoE with and without renormalised top-k weights, 4-bit experts: a 40-token prompt whose tokens reach
+    every expert, then decoding one token at a time (most experts get no rows): logits and tokens as in torch.
+    A router told the wrong way (renormalised or not) moves these logits by > 1e-2."""
+    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+
+    from compress.models import load_model
+    from export.onnx import export_onnx
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(vocab_size=len(tiny_tokenizer), hidden_size=64, intermediate_size=96,
+                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=16, num_experts=6, num_experts_per_tok=3, norm_topk_prob=renorm,
+                         max_position_embeddings=128)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    r = CliRunner().invoke(cli, ["quantize", str(tmp_path / "src"), "--method", "rtn", "--group-size", "32",
+                                 "--out", str(tmp_path / "q")])
+    assert r.exit_code == 0, r.output
+    lm = load_model(tmp_path / "q")
+    out = export_onnx(lm, tmp_path / "onnx")
+    fmt = exported_summary(out)["provenance"]["format_exported"]
+    assert fmt["verify_max_abs_logit_diff"] < 1e-3
+    assert fmt["matmulnbits_by_bits"]["4"] == 2 * (4 + 3 * 6)  # q k v o and every expert's three, per layer
+    want = torch.randint(3, len(tiny_tokenizer), (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.inference_mode():
+        for _ in range(8):
+            want.append(int(lm.model(input_ids=torch.tensor([want])).logits[0, -1].argmax()))
+    assert greedy_with_cache(out, want[:40], 8) == want
+
+
+def test_moe_blocks_the_graph_cannot_express_are_refused_with_the_reason(tiny_tokenizer):
+    """A block with more than a router and experts (a shared expert), and a router that is not a softmax top-k."""
+    from test_arch_matrix import make_arch_model
+
+    from calibrate.experts import unfuse_experts
+    from export.fused_arch import fused_supported
+
+    model = make_arch_model("qwen3_moe", len(tiny_tokenizer))
+    unfuse_experts(model)
+    assert fused_supported(model) is None
+    block = model.model.layers[1].mlp
+    block.shared_expert = torch.nn.Linear(4, 4)
+    assert "with shared_expert (model.layers.1.mlp)" in fused_supported(model)
+    del block.shared_expert
+    block.gate.forward = lambda x: (x, torch.sigmoid(x[:, :2]), torch.zeros(len(x), 2, dtype=torch.long))
+    assert "not a softmax top-k over experts" in fused_supported(model)
+
+
+@pytest.mark.parametrize(("arch", "fmt", "words"), [("gpt2", "onnx", "ONNX export does not support model type 'gpt2'"),
+                                                    ("opt", "gguf", "llama.cpp has no OPT")])
+def test_a_format_that_cannot_hold_the_model_refuses_before_loading_it(tmp_path, tiny_tokenizer, monkeypatch,
+                                                                       arch, fmt, words):
+    from test_arch_matrix import save_arch_model
+
+    import compress.models
+
+    src = save_arch_model(arch, tiny_tokenizer, tmp_path / "src")
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(compress.models, "load_model", no_load)
+    r = CliRunner().invoke(cli, ["export", str(src), "--format", fmt, "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()

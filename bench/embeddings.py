@@ -1,0 +1,104 @@
+"""Embedding quantization on the reference model: artifact, ONNX and GGUF sizes, perplexity cost, export memory.
+
+The default W4 artifact (AWQ + GPTQ, g128) is made once; `quantize_embeddings` at 8 and 4 bits is then applied
+to it (`compress run`), so the three artifacts share every Linear's codes and differ only in the embedding (and
+the output layer tied to it). Each is scored in torch (wikitext2, the DESIGN.md protocol with --windows) and
+exported to ONNX and GGUF; every export runs in its own process, whose peak RSS is recorded. With `--before
+DIR` (a checkout of the code before the change, e.g. `git worktree add /tmp/wt-before <rev>`) the float-embedding
+artifact is also exported by that code, for the "before" memory row.
+
+    .venv/bin/python bench/embeddings.py [--windows 64] [--work DIR] [--before DIR] [--note TEXT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+
+# runs the CLI in-process and prints this process's peak RSS (bytes) as the last line of stdout
+MEASURED = ("import resource, sys\n"
+            "from compress.cli import cli\n"
+            "try:\n    cli.main(sys.argv[1:], standalone_mode=False)\n"
+            "finally:\n    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+
+
+def run_measured(args: list[str], code_root: Path = ROOT) -> int:
+    """Run `compress ARGS` in a fresh process on the code at `code_root`; its peak RSS in bytes."""
+    env = {**os.environ, "PYTHONPATH": str(code_root)}
+    out = subprocess.run([sys.executable, "-c", MEASURED, *args], check=True, capture_output=True, text=True,
+                         env=env, cwd=code_root)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".onnx",
+                                                                                          ".onnx_data", ".gguf"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--windows", type=int, default=64)
+    ap.add_argument("--work", help="keep artifacts here (default: a temporary directory)")
+    ap.add_argument("--before", help="a checkout of the code before the change: its ONNX export's peak RSS")
+    ap.add_argument("--output", default=str(RESULTS / "embeddings.json"))
+    ap.add_argument("--note", default="", help="what else ran on the machine")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT))
+    from compress.artifact import package_versions, write_json_atomic
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench-embeddings-")
+    work = Path(args.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    cli = [str(Path(sys.executable).parent / "compress")]
+    base = work / "w4-default"
+    if not base.exists():
+        subprocess.run([*cli, "quantize", "--bits", "4", "--group-size", "128", "--out", str(base)], check=True,
+                       stdout=subprocess.DEVNULL)
+    rows: dict[str, dict] = {}
+    for emb in ("float", "int8", "int4"):
+        art = base if emb == "float" else work / f"w4-default-emb-{emb}"
+        if not art.exists():
+            recipe = work / f"emb-{emb}.yaml"
+            recipe.write_text(f"- pass: quantize_embeddings\n  bits: {emb[3:]}\n")
+            subprocess.run([*cli, "run", str(recipe), str(base), "--out", str(art)], check=True,
+                           stdout=subprocess.DEVNULL)
+        row: dict = {"artifact_bytes": size(art)}
+        scored = work / f"eval-{emb}.json"
+        if not scored.exists():
+            subprocess.run([*cli, "eval", str(art), "--threads", str(args.threads), "--windows", str(args.windows),
+                            "--output", str(scored)], check=True, stdout=subprocess.DEVNULL)
+        row["perplexity"] = json.loads(scored.read_text())["results"]["wikitext2"]["value"]
+        for fmt in ("onnx", "gguf"):
+            out = work / f"{art.name}-{fmt}"
+            rss = run_measured(["export", str(art), "--format", fmt, "--out", str(out), "--force"])
+            row[f"{fmt}_bytes"], row[f"{fmt}_export_peak_rss_bytes"] = size(out), rss
+        if args.before and emb == "float":
+            out = work / f"{art.name}-onnx-before"
+            row["onnx_export_peak_rss_bytes_before"] = run_measured(
+                ["export", str(art), "--format", "onnx", "--out", str(out), "--force"], Path(args.before))
+            row["onnx_bytes_before"] = size(out)
+        rows[emb] = row
+        print(emb, json.dumps(row), flush=True)
+    fp = rows["float"]["perplexity"]
+    for row in rows.values():
+        row["perplexity_vs_float_embedding"] = row["perplexity"] / fp - 1
+        row["artifact_bytes_vs_float_embedding"] = row["artifact_bytes"] / rows["float"]["artifact_bytes"]
+    doc = {"command": " ".join(["python", *sys.argv]), "threads": args.threads,
+           "protocol": {"task": "wikitext2", "windows": args.windows, "seq_len": 1024, "prepend_bos": False},
+           "model": "reference (SmolLM2-135M), default W4 (awq+gptq g128) for every Linear",
+           "machine_note": args.note, "versions": package_versions(), "results": rows}
+    write_json_atomic(Path(args.output), doc)
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
