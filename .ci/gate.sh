@@ -18,6 +18,9 @@
 # earlier baseline, 6b6ee2ad..., was built on an Intel CPU); the ARC protocol changed: transformers 5 converts
 # the reference GGUF's tokenizer as the file says (add_bos_token false, eos <|im_end|>), where 4.57 added BOS,
 # so multiple choice no longer prepends it (int8 47.5 %, int4 41.5 %; WikiText-2 has no BOS either way).
+# 2026-12-07 (session 25): the baselines' sha256 fields are now the weight file's own sha256 (a962d280... int8,
+# f06c008d... int4), as results files record a single file since then; the same bytes (the artifacts rebuilt
+# here hashed to the earlier name+bytes values ab38a466... and 704dea56...). The evals pin --no-prepend-bos.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin

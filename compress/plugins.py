@@ -19,9 +19,10 @@ class _Builtin:
 
     @hookimpl
     def register_passes(self, register):
-        from compress.quantize import awq, embeddings, gptq, mixed, rtn, smoothquant, w8a8
+        from compress.quantize import awq, embeddings, gptq, mixed, rotate, rtn, smoothquant, w8a8
 
         register(rtn.run)
+        register(rotate.run)
         register(embeddings.run)
         register(gptq.run)
         register(awq.run)

@@ -85,6 +85,12 @@ def tokenizer_adds_bos(tokenizer: Any) -> bool:
     return len(ids) > len(tokenizer("a", add_special_tokens=False).input_ids) and ids[0] == bos
 
 
+def encoder_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The ids an encoder's tokenizer puts around a text: ([CLS], [SEP]), each only where it has that token."""
+    return ([tokenizer.cls_token_id] if tokenizer.cls_token_id is not None else [],
+            [tokenizer.sep_token_id] if tokenizer.sep_token_id is not None else [])
+
+
 class TokenizerMixin:
     """encode / decode / bos_token_id of a backend from a Hugging Face tokenizer; encodings are cached."""
 

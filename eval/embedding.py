@@ -29,7 +29,7 @@ from torch import nn
 
 from compress.archs import UnsupportedModel, is_bare_encoder
 from compress.models import load_model
-from eval.backends import Request, TorchBackend
+from eval.backends import Request, TorchBackend, encoder_frame
 from eval.perplexity import PerplexityConfig, resolve_bos, text_windows, window_protocol
 from eval.results import weights_sha256
 from eval.stats import mean_ci
@@ -115,8 +115,7 @@ class EmbeddingBackend(TorchBackend):
     def framed(self, windows: torch.Tensor) -> torch.Tensor:
         """windows (B, L) -> (B, L') with the tokenizer's [CLS] before and [SEP] after each (those it has)."""
         tok = self.tokenizer
-        pre = [tok.cls_token_id] if tok.cls_token_id is not None else []
-        post = [tok.sep_token_id] if tok.sep_token_id is not None else []
+        pre, post = encoder_frame(tok)
 
         def edge(ids: list[int]) -> torch.Tensor:
             return torch.tensor(ids, dtype=windows.dtype).expand(windows.shape[0], -1)  # (B, 0 or 1)

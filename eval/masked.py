@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from eval.backends import Request, TorchBackend
+from eval.backends import Request, TorchBackend, encoder_frame
 
 ROWS_BYTES = 256 << 20  # logits of the masked copies computed per forward: at most this many bytes
 
@@ -49,8 +49,7 @@ class MaskedScoring:
         if bos is not None:
             raise ValueError("prepend_bos does not apply to a masked LM (its [CLS] and [SEP] are always added)")
         tok = self.tokenizer
-        pre = [tok.cls_token_id] if tok.cls_token_id is not None else []
-        post = [tok.sep_token_id] if tok.sep_token_id is not None else []
+        pre, post = encoder_frame(tok)
         B, L = ids.shape
         out = torch.empty(B, L - 1, dtype=torch.float64)
         chunk = max(1, ROWS_BYTES // (4 * (L + len(pre) + len(post)) * self.vocab))

@@ -224,7 +224,8 @@ def write_gguf(lm: LoadedModel, path: Path, tensors: dict[str, Encoded], arch: s
     main = max(set(quant_kinds), key=quant_kinds.count) if quant_kinds else ("F16" if "F16" in kinds else "F32")
     w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                      "Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
-                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[main])
+                     "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "Q4_K": gguf.LlamaFileType.MOSTLY_Q4_K_M,
+                     "Q6_K": gguf.LlamaFileType.MOSTLY_Q6_K}[main])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(tok["pre"])

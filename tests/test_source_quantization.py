@@ -7,6 +7,7 @@ import json
 import logging
 
 import numpy as np
+import torch
 import pytest
 from click.testing import CliRunner
 
@@ -61,3 +62,40 @@ def test_quantizing_a_quantized_gguf_says_so(model_dirs, tmp_path, caplog):
                       "--out", str(tmp_path / "plain")])
     assert r.exit_code == 0 and not any("already quantized" in rec.getMessage() for rec in caplog.records)
     assert json.loads(r.stdout[r.stdout.index("{"):])["source_quantization"] is None
+
+
+def test_a_q4_k_gguf_loads_and_is_named_as_quantized(tmp_path, tiny_tokenizer):
+    """A llama GGUF whose projections are Q4_K blocks (K-quant super-blocks of 256: random codes, small scales),
+    written with our GGUF writer: transformers dequantizes it, and the source is named as Q4_K."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from compress.models import LoadedModel
+    from export import gguf as gexp
+    from export.gguf_encode import Encoded
+    from export.gguf_tokenizer import tokenizer_fields
+
+    cfg = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    lm = LoadedModel(AutoModelForCausalLM.from_config(cfg).eval(), tiny_tokenizer, "tiny", [])
+    arch, permute = gexp._check_model(lm)
+    tensors = gexp._tensors(lm, arch, permute, "f32", False)
+    rng = np.random.default_rng(0)
+    q4k = gguf.GGMLQuantizationType.Q4_K
+    for name, enc in list(tensors.items()):
+        if name.startswith("blk.") and enc.expect.ndim == 2 and enc.expect.shape[1] % 256 == 0:
+            rows, blocks = enc.expect.shape[0], enc.expect.shape[1] // 256
+            raw = rng.integers(0, 256, (rows, blocks, 144), dtype=np.uint8)
+            raw[..., 0:2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)  # super-block scale d
+            raw[..., 2:4] = np.frombuffer(np.float16(0.001).tobytes(), np.uint8)  # and min scale dmin
+            raw = raw.reshape(rows, blocks * 144)
+            tensors[name] = Encoded("Q4_K", raw, gguf.quants.dequantize(raw, q4k), None)
+    path = tmp_path / "k.gguf"
+    gexp.write_gguf(lm, path, tensors, arch, tokenizer_fields(lm, len(tiny_tokenizer), tmp_path),
+                    {"source": {"path": "tiny"}})
+    types = gguf_tensor_types(path)
+    assert types["Q4_K"] == 7  # q, k, v, o, gate, up, down
+    loaded = load_model(path)
+    assert loaded.source_quantization["tensor_types"] == types
+    w = loaded.model.model.layers[0].self_attn.q_proj.weight
+    assert torch.isfinite(w).all() and float(w.abs().max()) > 0  # dequantized Q4_K values, not zeros

@@ -55,12 +55,13 @@ def refuse(options: dict[str, Any], why: str) -> None:
 
 LOG_EVERY_SECONDS = 30.0  # without a terminal: a progress line at least this often while work advances
 LOG_EVERY_FRACTION = 0.05  # ... and at every 5 % of a phase
+LOG_MIN_SECONDS = 5.0  # ... though a fast phase prints only its start, every 5 s and its end
 
 
 class ProgressLines:
     """The (label, done, total[, info]) callback as plain lines on stderr, for CI logs and nohup: a line when a
-    phase starts, every 5 % or 30 s of progress, and when it ends, each with the elapsed time and an estimate of
-    what remains (from the rate so far)."""
+    phase starts, every 5 % (at most one per 5 s) or 30 s of progress, and when it ends, each with the elapsed
+    time and an estimate of what remains (from the rate so far)."""
 
     def __init__(self, echo=None, clock=None) -> None:
         import time
@@ -75,7 +76,8 @@ class ProgressLines:
         f = done / total if total else 1.0
         finished = done >= total
         now_step = int(done * round(1 / LOG_EVERY_FRACTION) // total) if total else 0
-        if not (finished or now_step > step or now - last >= LOG_EVERY_SECONDS):
+        if not (finished or step < 0 or now - last >= LOG_EVERY_SECONDS
+                or (now_step > step and now - last >= LOG_MIN_SECONDS)):
             return
         elapsed = now - start
         known = not finished and done > 0 and elapsed >= 1.0  # (a rate from the first instant means nothing)

@@ -31,6 +31,10 @@ from compress.recipe import Recipe
 @click.option("--tune-steps", type=click.IntRange(min=0), default=0, show_default=True,
               help="After rounding, a scale_tune step: train the packed group scales for N steps so the model's "
                    "logits match the input model's (codes fixed; EfficientQAT's E2E-QP). 0 = off.")
+@click.option("--rotate", is_flag=True,
+              help="Experimental: first fold the norms and random orthogonal rotations of the residual stream and "
+                   "of each head's values into the weights (QuaRot/SpinQuant's R1, R2): the same float model, fewer "
+                   "outliers; on the reference model it costs quality (bench/results/rotate.json).")
 @click.option("--embeddings", type=click.Choice(["float", "int8", "int4"]), default="float", show_default=True,
               help="The token embedding (and an output layer tied to it, stored once): int8 / int4 = symmetric "
                    "groups of 32 with float16 scales (llama.cpp's Q8_0 / Q4_0 numbers).")
@@ -38,7 +42,7 @@ from compress.recipe import Recipe
               help="Modules to keep in float (repeatable); default: the output head (lm_head, an encoder's MLM head).")
 @output_options
 def command(model, method, target_bits, activations, dynamic, observer, smoothquant, fallback_error, tune_steps,
-            embeddings, ignore, output, scheme) -> None:
+            rotate, embeddings, ignore, output, scheme) -> None:
     """Quantize MODEL's Linear weights and save a packed artifact (safetensors).
 
     MODEL is a Hugging Face directory or a .gguf file; without it, the default
@@ -53,9 +57,13 @@ def command(model, method, target_bits, activations, dynamic, observer, smoothqu
     recipe = _recipe(scheme, method, target_bits, activations=activations, dynamic=dynamic,
                      observer=observer, smoothquant=smoothquant, ignore=ignore, fallback_error=fallback_error,
                      tune_steps=tune_steps)
+    steps = recipe.to_list()
+    if rotate:  # first: every quantizer then sees the rotated weights
+        steps.insert(0, {"pass": "rotate"})
     if embeddings != "float":  # last: the weight passes calibrate with the float embedding
-        recipe = Recipe.from_steps([*recipe.to_list(), {"pass": "quantize_embeddings", "bits": int(embeddings[3:])}],
-                                   where="quantize options")
+        steps.append({"pass": "quantize_embeddings", "bits": int(embeddings[3:])})
+    if rotate or embeddings != "float":
+        recipe = Recipe.from_steps(steps, where="quantize options")
     summary = output.run(model, recipe)
     console.print(f"wrote {summary['out']} ({summary['bytes'] / 2**20:.1f} MiB)")
     echo_json(summary)

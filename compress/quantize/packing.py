@@ -58,6 +58,11 @@ def pack_int32(q: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_int32(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of `pack_int32`: int32 (..., words) -> int32 codes (..., n)."""
     _check_bits(bits)
+    if 32 % bits == 0:  # no code straddles two words: shift each word in int32 (memory: the codes, once more)
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        q = (packed.unsqueeze(-1) >> shifts) & (2**bits - 1)  # arithmetic shift: the mask clears the sign bits
+        return q.reshape(*packed.shape[:-1], packed.shape[-1] * per)[..., :n]
     groups = -(-n // 32)
     w = packed.to(torch.int64) & 0xFFFFFFFF  # unsigned words
     w = torch.nn.functional.pad(w, (0, groups * bits + 1 - w.shape[-1])).unfold(-1, bits + 1, bits)

@@ -45,3 +45,13 @@ def test_a_command_without_a_terminal_logs_its_progress(model_dirs, tmp_path):
                                  "--calib-samples", "2", "--calib-seq-len", "32", "--out", str(tmp_path / "q")])
     assert r.exit_code == 0, r.output
     assert "gptq: 2/2 (100 %)" in r.stderr, r.stderr
+
+
+def test_a_fast_phase_prints_little():
+    lines: list[str] = []
+    t = [0.0]
+    p = ProgressLines(echo=lines.append, clock=lambda: t[0])
+    for done in range(1, 211):
+        t[0] = done * 0.01  # 210 steps in 2 s
+        p("rtn", done, 210)
+    assert len(lines) == 2 and lines[-1].startswith("rtn: 210/210 (100 %)")

@@ -154,3 +154,29 @@ def test_bad_requests_are_refused_in_one_line(model_dirs, tmp_path, tiny_tokeniz
     with pytest.raises(ValueError, match="group size 7 does not divide"):
         Recipe.single("quantize_embeddings", group_size=7).steps[0].config.check_model(
             make_arch_model("llama", len(tiny_tokenizer) + 8))
+
+
+def test_a_large_vocabulary_is_stored_once_in_every_format(tmp_path, tiny_tokenizer):
+    """A tied model whose 65,536 x 64 embedding is most of it (as Gemma 3 270M's 262 k x 640): after
+    --embeddings int8 each format holds that matrix once, at about 8.5 bits a weight."""
+    pytest.importorskip("onnxruntime")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    vocab, hidden = 65536, 64
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    run = CliRunner().invoke
+    for args in (["quantize", str(tmp_path / "src"), "--method", "rtn", "--group-size", "32", "--embeddings", "int8",
+                  "--out", str(tmp_path / "q")],
+                 ["export", str(tmp_path / "q"), "--format", "onnx", "--out", str(tmp_path / "onnx")],
+                 ["export", str(tmp_path / "q"), "--format", "gguf", "--out", str(tmp_path / "gguf")]):
+        r = run(cli, args)
+        assert r.exit_code == 0, r.output
+    once = vocab * hidden * (1 + 2 / 32)  # int8 codes and a float16 scale per 32
+    rest = 1.5e6  # every other tensor of the 1-layer model, and the formats' headers, in any of them
+    for f in (tmp_path / "q" / "model.safetensors", tmp_path / "onnx" / "model.onnx", tmp_path / "gguf" / "model.gguf"):
+        assert once < f.stat().st_size < once + rest, (f, f.stat().st_size, once)
