@@ -16,16 +16,14 @@ perplexity); it shows the size, not a quality cost. The int4 row is a real round
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+import runs  # bench/runs.py (this script's directory is on sys.path)
+from runs import ROOT
 
 # runs the CLI in-process and prints this process's peak RSS (bytes) as the last line of stdout
 MEASURED = ("import resource, sys\n"
@@ -61,21 +59,14 @@ def size(path: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--work", help="keep artifacts here (default: a temporary directory)")
+    ap = runs.parser(__doc__, "embeddings.json")
     ap.add_argument("--before", help="a checkout of the code before the change: its ONNX export's peak RSS")
-    ap.add_argument("--output", default=str(RESULTS / "embeddings.json"))
-    ap.add_argument("--note", default="", help="what else ran on the machine")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from compress.artifact import package_versions, write_json_atomic
 
-    tmp = tempfile.TemporaryDirectory(prefix="bench-embeddings-")
-    work = Path(args.work or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    cli = [str(Path(sys.executable).parent / "compress")]
+    work = runs.work_dir(args, "bench-embeddings-")
+    cli = runs.compress_cli()
     base = work / "w4-default"
     if not base.exists():
         subprocess.run([*cli, "quantize", "--bits", "4", "--group-size", "128", "--out", str(base)], check=True,
@@ -89,11 +80,7 @@ def main() -> None:
             subprocess.run([*cli, "run", str(recipe), str(base), "--out", str(art)], check=True,
                            stdout=subprocess.DEVNULL)
         row: dict = {"artifact_bytes": size(art), "embedding_max_abs_diff_vs_float": embedding_diff(base, art)}
-        scored = work / f"eval-{emb}.json"
-        if not scored.exists():
-            subprocess.run([*cli, "eval", str(art), "--threads", str(args.threads), "--windows", str(args.windows),
-                            "--output", str(scored)], check=True, stdout=subprocess.DEVNULL)
-        row["perplexity"] = json.loads(scored.read_text())["results"]["wikitext2"]["value"]
+        row["perplexity"] = runs.wikitext2(art, work / f"eval-{emb}.json", args)["value"]
         for fmt in ("onnx", "gguf"):
             out = work / f"{art.name}-{fmt}"
             rss = run_measured(["export", str(art), "--format", fmt, "--out", str(out), "--force"])
@@ -110,7 +97,7 @@ def main() -> None:
         row["perplexity_vs_float_embedding"] = row["perplexity"] / fp - 1
         row["artifact_bytes_vs_float_embedding"] = row["artifact_bytes"] / rows["float"]["artifact_bytes"]
     doc = {"command": " ".join(["python", *sys.argv]), "threads": args.threads,
-           "protocol": {"task": "wikitext2", "windows": args.windows, "seq_len": 1024, "prepend_bos": False},
+           "protocol": runs.protocol(args.windows),
            "model": "reference (SmolLM2-135M), default W4 (awq+gptq g128) for every Linear",
            "machine_note": args.note, "versions": package_versions(), "results": rows}
     write_json_atomic(Path(args.output), doc)

@@ -8,16 +8,14 @@ With --work, artifacts and scores already there are reused (a killed run resumes
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+import runs  # bench/runs.py (this script's directory is on sys.path)
+from runs import ROOT
 
 ROWS = {  # name -> compress quantize arguments (each also run with --rotate)
     "rtn W4 g128 sym": ["--method", "rtn", "--bits", "4", "--group-size", "128"],
@@ -68,23 +66,16 @@ def ablation(windows: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--work", help="keep artifacts here (default: a temporary directory)")
+    ap = runs.parser(__doc__, "rotate.json")
     ap.add_argument("--rows", nargs="*", default=list(ROWS), help="row names (default: all)")
-    ap.add_argument("--output", default=str(RESULTS / "rotate.json"))
-    ap.add_argument("--note", default="", help="what else ran on the machine")
     ap.add_argument("--ablation-windows", type=int, default=0,
                     help="also run the ablation (norm folding, R1, R2 apart) on this many windows")
     args = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     from compress.artifact import package_versions, write_json_atomic
 
-    tmp = tempfile.TemporaryDirectory(prefix="bench-rotate-")
-    work = Path(args.work or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    cli = [str(Path(sys.executable).parent / "compress")]
+    work = runs.work_dir(args, "bench-rotate-")
+    cli = runs.compress_cli()
     rows: dict[str, dict] = {}
     for name in args.rows:
         for rotated in (False, True):
@@ -97,17 +88,14 @@ def main() -> None:
                 subprocess.run([*cli, "quantize", *ROWS[name], *(["--rotate"] if rotated else []), "--out",
                                 str(art)], check=True, stdout=subprocess.DEVNULL)
                 seconds = round(time.perf_counter() - t0, 1)
-            if not scored.exists():
-                subprocess.run([*cli, "eval", str(art), "--threads", str(args.threads), "--windows",
-                                str(args.windows), "--output", str(scored)], check=True, stdout=subprocess.DEVNULL)
-            r = json.loads(scored.read_text())["results"]["wikitext2"]
+            r = runs.wikitext2(art, scored, args)
             rows[label] = {"perplexity": r["value"], "ci95": r["ci95"], "quantize_seconds": seconds,
                            "arguments": ROWS[name] + (["--rotate"] if rotated else [])}
             print(label, json.dumps(rows[label]), flush=True)
     abl = ablation(args.ablation_windows) if args.ablation_windows else None
     doc = {"command": " ".join(["python", *sys.argv]), "threads": args.threads, "ablation": abl,
            "ablation_protocol": {"windows": args.ablation_windows, "quantizer": "rtn W4 g128 sym"} if abl else None,
-           "protocol": {"task": "wikitext2", "windows": args.windows, "seq_len": 1024, "prepend_bos": False},
+           "protocol": runs.protocol(args.windows),
            "fp32_reference": 24.9150, "machine_note": args.note, "versions": package_versions(), "results": rows}
     write_json_atomic(Path(args.output), doc)
     print(f"wrote {args.output}")

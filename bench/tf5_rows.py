@@ -12,15 +12,13 @@ With --work, artifacts and scores already there are reused (a killed run resumes
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
+import runs  # bench/runs.py (this script's directory is on sys.path)
+from runs import RESULTS, ROOT
 
 # row -> (quantize arguments or None for the float model, exporter or None, eval backend)
 ROWS = {
@@ -55,20 +53,12 @@ def recorded() -> dict[str, tuple[float, str]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--windows", type=int, default=64)
-    ap.add_argument("--work", help="keep artifacts here (default: a temporary directory)")
-    ap.add_argument("--output", default=str(RESULTS / "tf5_rows.json"))
-    ap.add_argument("--note", default="", help="what else ran on the machine")
-    args = ap.parse_args()
+    args = runs.parser(__doc__, "tf5_rows.json").parse_args()
     sys.path.insert(0, str(ROOT))
     from compress.artifact import package_versions, write_json_atomic
 
-    tmp = tempfile.TemporaryDirectory(prefix="tf5-rows-")
-    work = Path(args.work or tmp.name)
-    work.mkdir(parents=True, exist_ok=True)
-    cli = [str(Path(sys.executable).parent / "compress")]
+    work = runs.work_dir(args, "tf5-rows-")
+    cli = runs.compress_cli()
     before = recorded()
     rows: dict[str, dict] = {}
     for name, (qargs, exporter, backend) in ROWS.items():
@@ -82,12 +72,8 @@ def main() -> None:
             if not model.exists():
                 subprocess.run([*cli, "export", str(src), "--format", exporter, "--out", str(model)], check=True,
                                stdout=subprocess.DEVNULL)
-        scored = work / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.json"
-        if not scored.exists():
-            subprocess.run([*cli, "eval", *([str(model)] if model else []), "--backend", backend, "--threads",
-                            str(args.threads), "--windows", str(args.windows), "--output", str(scored)],
-                           check=True, stdout=subprocess.DEVNULL)
-        r = json.loads(scored.read_text())["results"]["wikitext2"]
+        r = runs.wikitext2(model, work / f"{name.replace(' ', '_').replace('(', '').replace(')', '')}.json", args,
+                           backend)
         row = {"perplexity": r["value"], "backend": backend, "seconds": round(r["seconds"], 1)}
         if name in before:
             old, where = before[name]
@@ -95,7 +81,7 @@ def main() -> None:
         rows[name] = row
         print(name, json.dumps(row), flush=True)
     doc = {"command": " ".join(["python", *sys.argv]), "threads": args.threads,
-           "protocol": {"task": "wikitext2", "windows": args.windows, "seq_len": 1024, "prepend_bos": False},
+           "protocol": runs.protocol(args.windows),
            "machine_note": args.note, "versions": package_versions(), "results": rows}
     write_json_atomic(Path(args.output), doc)
     print(f"wrote {args.output}")

@@ -65,6 +65,7 @@ def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bo
     text = read_source_text(calib.source) if may_calib or calib.source != "wikitext2" else None
     # passes that work block by block leave the weights on disk until they need them
     lazy = low_memory and all(s.spec.streams(s.config) for s in recipe.steps)
+    check_exporter_config(exporter, model)
     lm = load_model(model, allow_pickle=allow_pickle, lazy=lazy)
     warn_requantizing(lm, recipe)
     store = store_of(lm.model)
@@ -98,6 +99,15 @@ def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bo
         "written": written,
         "source_quantization": lm.source_quantization,
     }
+
+
+def check_exporter_config(exporter, model: str | Path | None) -> None:
+    """Refuse, from the model directory's config.json, before anything loads, a model the format cannot hold
+    (`ExporterSpec.check_config`)."""
+    if exporter.check_config is not None and model is not None and (Path(model) / "config.json").is_file():
+        from compress.files import load_model_config
+
+        exporter.check_config(load_model_config(model))
 
 
 QUANTIZING = ("rtn", "gptq", "awq", "mixed", "w8a8", "quantize_embeddings")  # built-in passes that round weights

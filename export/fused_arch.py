@@ -47,7 +47,12 @@ def activation_name(cfg: Any) -> str:
 
 def fused_supported(model: nn.Module) -> str | None:
     """None when the fused graph can express `model`, else the reason it cannot."""
-    cfg = model.config
+    return fused_config_supported(model.config) or moe_unsupported(model)
+
+
+def fused_config_supported(cfg: Any) -> str | None:
+    """What the config alone says against the fused graph (None: nothing; the model may still be refused, for
+    its mixture-of-experts blocks: `moe_unsupported`)."""
     if getattr(cfg, "model_type", None) not in FUSED_TYPES:
         return f"model type {getattr(cfg, 'model_type', None)!r} (fused graphs: {', '.join(FUSED_TYPES)})"
     if cfg.model_type == "opt":  # learned positions, pre-norm blocks, no projection around the blocks
@@ -59,7 +64,7 @@ def fused_supported(model: nn.Module) -> str | None:
         return f"activation {activation_name(cfg)}"
     if getattr(cfg, "mlp_bias", False):
         return "MLP biases"
-    return moe_unsupported(model)
+    return None
 
 
 def moe_unsupported(model: nn.Module) -> str | None:

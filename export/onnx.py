@@ -127,16 +127,15 @@ def verify(onnx_dir: Path, lm: LoadedModel | None, *, threads: int | None = None
 
 
 def check_onnx_config(cfg: Any) -> None:
-    """Refuse, from the config alone (before the model loads), a model type no ONNX graph here is written for."""
+    """Refuse, from the config alone (before the model loads), a model no ONNX graph here can express."""
     from compress.archs import is_masked_lm
-    from export.fused_arch import FUSED_TYPES
-    from export.onnx_encoder import ENCODER_TYPES
+    from export.fused_arch import fused_config_supported
+    from export.onnx_encoder import encoder_config_supported
 
     require_lm_head(cfg, "ONNX export (a graph computing logits)")
-    types = ENCODER_TYPES if is_masked_lm(cfg) else FUSED_TYPES
-    if getattr(cfg, "model_type", None) not in types:
-        raise ValueError(f"ONNX export does not support model type {getattr(cfg, 'model_type', None)!r} (graphs: "
-                         f"{', '.join((*FUSED_TYPES, *ENCODER_TYPES))})")
+    why = (encoder_config_supported if is_masked_lm(cfg) else fused_config_supported)(cfg)
+    if why is not None:
+        raise ValueError(f"ONNX export does not support {why}")
 
 
 @register_exporter("onnx", check_config=check_onnx_config)
@@ -157,7 +156,7 @@ def export_onnx(lm: LoadedModel, out: str | Path, *, recipe: list[dict[str, Any]
     out = Path(out)
     if out.exists() and not force:
         raise ValueError(f"{out} already exists; pass --force to overwrite it")
-    require_lm_head(lm.model.config, "ONNX export (a graph computing logits)")
+    check_onnx_config(lm.model.config)  # before the scratch save; what only the modules show is checked below
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise ValueError(f"accuracy_level must be 0-4, got {accuracy_level}")
     with tempfile.TemporaryDirectory(prefix="compress-onnx-") as tmp:

@@ -25,15 +25,21 @@ ENCODER_TYPES = ("bert",)
 
 def encoder_supported(model: nn.Module) -> str | None:
     """None when the encoder graph can express `model`, else the reason it cannot."""
-    cfg = model.config
+    if why := encoder_config_supported(model.config):
+        return why
+    if getattr(model, "cls", None) is None or not hasattr(model.cls, "predictions"):
+        return "an encoder without its masked-LM head"
+    return None
+
+
+def encoder_config_supported(cfg) -> str | None:
+    """What the config alone says against the encoder graph (None: nothing)."""
     if cfg.model_type not in ENCODER_TYPES:
         return f"encoder model type {cfg.model_type!r} (encoder graphs: {', '.join(ENCODER_TYPES)})"
     if getattr(cfg, "position_embedding_type", "absolute") != "absolute":
         return f"position embeddings {cfg.position_embedding_type!r}"
     if activation(cfg) is None:
         return f"activation {activation_name(cfg)}"
-    if getattr(model, "cls", None) is None or not hasattr(model.cls, "predictions"):
-        return "an encoder without its masked-LM head"
     return None
 
 
@@ -85,13 +91,6 @@ def build_encoder_graph(model: nn.Module, *, accuracy_level: int = 0):
     t = gb.activation(linear(x, head.transform.dense, "cls.predictions.transform.dense"), act,
                       "cls.predictions.transform")  # (the head's activation is the config's hidden_act too)
     t = gb.plain_norm(t, head.transform.LayerNorm, "cls.predictions.transform.LayerNorm")
-    dec = head.decoder
-    if isinstance(dec, nn.Linear) and dec.weight.data_ptr() == emb.word_embeddings.weight.data_ptr():
-        # tied float decoder: one copy of the matrix in the file, transposed when the session is created
-        node("Transpose", ["embed_tokens"], ["embed_tokens_t"], perm=[1, 0])
-        node("MatMul", [t, "embed_tokens_t"], ["decoder_mm"])
-        logits = node("Add", ["decoder_mm", init("cls.predictions.decoder.bias", f32(dec.bias))], ["decoder_out"])[0]
-    else:
-        logits = linear(t, dec, "cls.predictions.decoder")
+    logits = gb.output_layer(t, head.decoder, emb.word_embeddings, "cls.predictions.decoder")
     node("Identity", [logits], ["logits"])
     return gb.model("compress-fused-encoder"), gb.used

@@ -250,14 +250,7 @@ def build_fused_graph(model: nn.Module, *, accuracy_level: int = 0):
         if hasattr(layer, "post_feedforward_layernorm"):
             pending = plain_norm(pending, layer.post_feedforward_layernorm, f"{p}.post_feedforward_layernorm")
     x = norm(part(base, "norm", "final_layer_norm"), "model.norm")  # (GPT-NeoX's is final_layer_norm too)
-    out_emb = model.get_output_embeddings()
-    if isinstance(out_emb, nn.Linear) and out_emb.bias is None and isinstance(embed, nn.Embedding) and \
-            out_emb.weight.data_ptr() == embed.weight.data_ptr():
-        # tied float head: one copy of the matrix in the file, transposed when the session is created
-        node("Transpose", ["embed_tokens"], ["embed_tokens_t"], perm=[1, 0])
-        head = node("MatMul", [x, "embed_tokens_t"], ["lm_head_out"])[0]
-    else:
-        head = linear(x, out_emb, "lm_head")
+    head = gb.output_layer(x, model.get_output_embeddings(), embed, "lm_head")
     if cap := getattr(cfg, "final_logit_softcapping", None):  # Gemma 2: cap * tanh(logits / cap)
         node("Div", [head, const("final_softcap", np.array(cap, np.float32))], ["logits_scaled"])
         node("Tanh", ["logits_scaled"], ["logits_tanh"])

@@ -97,6 +97,19 @@ class Graph:
             self.node("Add", [mm, self.init(f"{name}.bias", f32(mod.bias))], [out])
         return out
 
+    def output_layer(self, x: str, head: nn.Module, embedding: nn.Module, name: str) -> str:
+        """x @ head^T (+ b). A float head sharing the float embedding's matrix (written as "embed_tokens")
+        multiplies by that initializer transposed when the session is created: one copy of it in the file."""
+        if isinstance(head, nn.Linear) and isinstance(embedding, nn.Embedding) and \
+                head.weight.data_ptr() == embedding.weight.data_ptr():
+            self.node("Transpose", ["embed_tokens"], ["embed_tokens_t"], perm=[1, 0])
+            out = self.node("MatMul", [x, "embed_tokens_t"], [f"{name}_mm" if head.bias is not None else
+                                                               f"{name}_out"])[0]
+            if head.bias is None:
+                return out
+            return self.node("Add", [out, self.init(f"{name}.bias", f32(head.bias))], [f"{name}_out"])[0]
+        return self.linear(x, head, name)
+
     def nbits(self, mod: nn.Module, name: str) -> tuple[list[str], dict[str, Any]]:
         """A QuantLinear's MatMulNBits initializers (B, scales[, zero points]), written once per module: a tied
         head's MatMulNBits and the embedding's gather read the same ones."""

@@ -7,8 +7,8 @@ import json
 import logging
 
 import numpy as np
-import torch
 import pytest
+import torch
 from click.testing import CliRunner
 
 from compress.cli import cli

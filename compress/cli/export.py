@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from compress.cli._common import FINITE, console, echo_json
@@ -48,11 +46,10 @@ def command(model, fmt, out, force, accuracy_level, float_type, requantize, tole
     """
     import inspect
 
-    from compress.files import load_model_config
     from compress.models import load_model
     from compress.outputs import claim_output
     from compress.registry import EXPORTERS
-    from compress.runner import set_threads, weights_bytes
+    from compress.runner import check_exporter_config, set_threads, weights_bytes
 
     exporter = EXPORTERS.get(fmt)  # a bad format fails before the model loads
     opts = {k: v for k, v in {"accuracy_level": accuracy_level, "float_type": float_type, "requantize": requantize,
@@ -66,8 +63,7 @@ def command(model, fmt, out, force, accuracy_level, float_type, requantize, tole
         raise click.UsageError(f"--tolerance must be positive, got {tolerance}")
     set_threads(threads)
     with claim_output(out, force=force):  # an unwritable --out or a second writer fails before the model loads
-        if exporter.check_config is not None and model is not None and (Path(model) / "config.json").is_file():
-            exporter.check_config(load_model_config(model))  # a format that cannot hold it: before loading it
+        check_exporter_config(exporter, model)  # a format that cannot hold it: before loading it
         lm = load_model(model, allow_pickle=allow_pickle)
         path = exporter.export(lm, out, recipe=[], force=force, **opts)
     summary = {"model": lm.source, "out": str(path), "format": fmt, "bytes": weights_bytes(path)}

@@ -253,7 +253,15 @@ def test_a_format_that_cannot_hold_the_model_refuses_before_loading_it(tmp_path,
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
+    import compress.runner
+
     monkeypatch.setattr(compress.models, "load_model", no_load)
+    monkeypatch.setattr(compress.runner, "load_model", no_load)
     r = CliRunner().invoke(cli, ["export", str(src), "--format", fmt, "--out", str(tmp_path / "o")])
     assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
     assert not (tmp_path / "o").exists()
+    recipe = tmp_path / "rtn.yaml"  # a recipe writing that format: refused before the model loads, too
+    recipe.write_text("- pass: rtn\n  group_size: 32\n")
+    r = CliRunner().invoke(cli, ["run", str(recipe), str(src), "--format", fmt, "--out", str(tmp_path / "o2")])
+    assert r.exit_code == 1 and words in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o2").exists()
