@@ -11,10 +11,12 @@ Calibration: 128 windows x 512 tokens of the WikiText-2 validation split, seed 0
 
     .venv/bin/python bench/quantize_reference.py [--configs rtn:4:128,gptq:4:128,...] [--windows 64]
 
-Peers: a config `peer:METHOD:BITS:GROUP[:asym]` (:asym for llm-compressor only; METHOD one of none, hqq, bnb-nf4,
-llmc-gptq, llmc-awq; e.g. peer:hqq:4:64, peer:llmc-gptq:4:64, peer:bnb-nf4:4:64,
-peer:none:32:0 for the unquantized model) runs another toolkit's quantizer
-(llm-compressor, HQQ, bitsandbytes) on the same fp32 reference model
+Peers: a config `peer:METHOD:BITS:GROUP[:asym]` (:asym for llm-compressor and AutoRound only; METHOD one of
+none, hqq, bnb-nf4, llmc-gptq, llmc-awq, autoround (AutoRound's default recipe, 200 iterations),
+autoround-light (its light recipe, 50 iterations, lr 5e-3); e.g. peer:hqq:4:64, peer:llmc-gptq:4:64,
+peer:bnb-nf4:4:64, peer:autoround:4:128, peer:autoround-light:4:64:asym, peer:none:32:0 for the unquantized
+model) runs another toolkit's quantizer
+(llm-compressor, HQQ, bitsandbytes, auto-round) on the same fp32 reference model
 directory, in its own virtual environment `.venv-peers` (`make peers-setup`),
 through bench/peers/run_peer.py. Once per run this script writes the same
 calibration windows our methods get (128 x 512, seed 0) and the first
@@ -58,7 +60,9 @@ sys.path.insert(0, str(PEER_SCRIPT.parent))
 from run_peer import rss_bytes  # noqa: E402  (stdlib only: the same peak-RSS reading as the peers')
 
 PEER_TOOLS = {"none": "transformers", "hqq": "hqq", "bnb-nf4": "bitsandbytes",
-              "llmc-gptq": "llm-compressor", "llmc-awq": "llm-compressor"}
+              "llmc-gptq": "llm-compressor", "llmc-awq": "llm-compressor",
+              "autoround": "auto-round", "autoround-light": "auto-round"}
+ASYM_PEERS = ("llmc-gptq", "llmc-awq", "autoround", "autoround-light")  # the peers with a sym/asym choice
 
 
 def parse_config(cfg: str) -> tuple[str, int, int, bool, int]:
@@ -168,7 +172,7 @@ def write_peer_inputs(dest: Path, windows: int, calib_cfg=None) -> dict:
 
 
 def run_peer(cfg: str, inputs: dict, threads: int, tmp: Path) -> dict:
-    """Run one `peer:METHOD:BITS:GROUP` config in .venv-peers; a failure comes back as a row with "error"."""
+    """Run one `peer:METHOD:BITS:GROUP[:asym]` config in .venv-peers; a failure comes back as a row with "error"."""
     parts = cfg.split(":")
     method = parts[1] if len(parts) > 1 else ""
     row: dict = {"config": cfg, "method": method, "tool": PEER_TOOLS.get(method, "?")}
@@ -176,13 +180,15 @@ def run_peer(cfg: str, inputs: dict, threads: int, tmp: Path) -> dict:
     if (len(parts) not in (4, 5) or method not in PEER_TOOLS or parts[4:] not in ([], ["asym"])
             or not all(x.lstrip("-").isdigit() for x in parts[2:4])):
         return {**row, "error": f"bad peer config {cfg!r}: peer:METHOD:BITS:GROUP[:asym], METHOD in {sorted(PEER_TOOLS)}"}
+    if asym and method not in ASYM_PEERS:
+        return {**row, "error": f"bad peer config {cfg!r}: :asym applies to {', '.join(ASYM_PEERS)} only"}
     row.update(bits=int(parts[2]), group_size=int(parts[3]))
     if not PEER_PYTHON.is_file():
         return {**row, "error": f"{PEER_PYTHON} not found: run `make peers-setup` (bash bench/peers/setup.sh)"}
     out = tmp / f"{method}-{'-'.join(parts[2:])}.json"
     cmd = [str(PEER_PYTHON), str(PEER_SCRIPT), "--method", method, "--bits", parts[2], "--group", parts[3],
            "--model", inputs["model"], "--calib", inputs["calib"], "--eval", inputs["eval"],
-           "--out", str(out), "--threads", str(threads), "--work", str(tmp / f"work-{method}-{parts[2]}-{parts[3]}"),
+           "--out", str(out), "--threads", str(threads), "--work", str(tmp / f"work-{method}-{'-'.join(parts[2:])}"),
            *(["--asym"] if asym else [])]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True)

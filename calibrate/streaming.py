@@ -56,3 +56,31 @@ def trim_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+GLIBC_MAX_MMAP_THRESHOLD = 32 * 2**20  # where glibc's adaptive threshold stops growing (64-bit)
+
+
+@contextlib.contextmanager
+def large_allocations_mapped(threshold: int = 2**20) -> Iterator[None]:
+    """Within the block, every allocation of `threshold` bytes or more gets its own memory mapping, returned to
+    the OS when freed (glibc's M_MMAP_THRESHOLD; a no-op elsewhere).
+
+    Training recomputes and frees tensors of a few MiB to a few tens of MiB all the time (activation
+    checkpointing); below glibc's adaptive threshold they land in the heap, whose holes then hold about as
+    much again as the live tensors (scale tuning on the reference model: peak RSS 3.5 -> 2.5 GiB with this).
+    Afterwards the threshold is left at glibc's adaptive maximum (setting it ends the adaptation for good).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):
+        mallopt = None
+    if mallopt is None or not mallopt(M_MMAP_THRESHOLD, threshold):
+        yield
+        return
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, GLIBC_MAX_MMAP_THRESHOLD)
+        trim_memory()

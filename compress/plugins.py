@@ -19,12 +19,23 @@ class _Builtin:
 
     @hookimpl
     def register_passes(self, register):
-        from compress.quantize import awq, embeddings, gptq, mixed, rotate, rtn, smoothquant, w8a8
+        from compress.quantize import (
+            awq,
+            block_tune,
+            embeddings,
+            gptq,
+            mixed,
+            rotate,
+            rtn,
+            smoothquant,
+            w8a8,
+        )
 
         register(rtn.run)
         register(rotate.run)
         register(embeddings.run)
         register(gptq.run)
+        register(block_tune.run)
         register(awq.run)
         register(mixed.run)
         register(smoothquant.run)

@@ -77,7 +77,7 @@ def _compress(model, recipe: Recipe, out: Path, exporter, *, fmt: str, force: bo
             if check is None:
                 break
             check(lm.model)
-        needs_calib = any(s.spec.calibrates(s.config, lm.model) for s in recipe.steps)
+        needs_calib = recipe_calibrates(recipe, lm.model)
         if needs_calib:
             calib = _fit_positions(calib, lm.model)
         ids = load_calibration(lm.tokenizer, calib, text or read_source_text(calib.source)) if needs_calib else None
@@ -110,7 +110,19 @@ def check_exporter_config(exporter, model: str | Path | None) -> None:
         exporter.check_config(load_model_config(model))
 
 
-QUANTIZING = ("rtn", "gptq", "awq", "mixed", "w8a8", "quantize_embeddings")  # built-in passes that round weights
+def recipe_calibrates(recipe: Recipe, model) -> bool:
+    """Whether some step of `recipe` needs calibration data on `model`. A step that needs it only on some
+    models (scale_tune: on a model with packed modules) is judged on the model as it is now, unless a
+    quantizing step comes before it: then it will see packed modules and needs the data."""
+    for i, s in enumerate(recipe.steps):
+        if s.spec.calibrates(s.config, model):
+            return True
+        if callable(s.spec.needs_calibration) and any(t.name in QUANTIZING for t in recipe.steps[:i]):
+            return True
+    return False
+
+
+QUANTIZING = ("rtn", "gptq", "block_tune", "awq", "mixed", "w8a8", "quantize_embeddings")  # built-in passes that round weights
 
 
 def warn_requantizing(lm: LoadedModel, recipe: Recipe) -> None:

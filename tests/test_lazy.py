@@ -24,6 +24,7 @@ def _tensors(d):
 @pytest.mark.parametrize("steps", [
     [{"pass": "rtn", "bits": 4, "group_size": 32}],
     [{"pass": "gptq", "bits": 3, "group_size": 32}],
+    [{"pass": "block_tune", "bits": 3, "group_size": 32, "iters": 10, "symmetric": False}],
     [{"pass": "awq", "bits": 4, "group_size": 32, "quantize": False}, {"pass": "gptq", "bits": 4, "group_size": 32}],
 ])
 def test_low_memory_artifact_is_identical(model_dir, tmp_path, steps):
@@ -37,7 +38,8 @@ def test_low_memory_artifact_is_identical(model_dir, tmp_path, steps):
     assert (tmp_path / "True" / "model.safetensors").exists()
 
 
-def test_lazy_model_holds_no_block_weights(model_dir):
+@pytest.mark.parametrize("step", [{"pass": "gptq"}, {"pass": "block_tune", "iters": 4}])
+def test_lazy_model_holds_no_block_weights(model_dir, step):
     lm = load_model(model_dir, lazy=True)
     assert store_of(lm.model) is not None
     assert all(p.is_meta for p in lm.model.parameters())  # nothing read yet
@@ -51,7 +53,7 @@ def test_lazy_model_holds_no_block_weights(model_dir):
         orig(prefix, module)
 
     store_of(lm.model).load = spy
-    apply(lm.model, Recipe.single("gptq", bits=4, group_size=32), torch.randint(0, 100, (4, 32)))
+    apply(lm.model, Recipe.from_steps([{**step, "bits": 4, "group_size": 32}]), torch.randint(0, 100, (4, 32)))
     assert seen and all(seen)
     assert all(t.is_meta for t in lm.model.state_dict().values())  # everything written back to disk
 

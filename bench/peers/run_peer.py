@@ -5,7 +5,7 @@ imports our own packages: the calibration and evaluation token windows come
 ready-made from bench/quantize_reference.py as safetensors files, so every
 peer sees exactly the tokens our methods see.
 
-    run_peer.py --method {none,hqq,bnb-nf4,llmc-gptq,llmc-awq} --bits B --group G \\
+    run_peer.py --method {none,hqq,bnb-nf4,llmc-gptq,llmc-awq,autoround,autoround-light} --bits B --group G \\
         --model DIR --calib CALIB.safetensors --eval EVAL.safetensors --out RESULT.json \\
         [--threads 2] [--work DIR] [--asym]
     run_peer.py --method {llmc-sparsegpt,llmc-wanda} --sparsity-spec {0.5,2:4} --model ... (pruning)
@@ -18,6 +18,15 @@ scoring); the peak RSS is the process's VmHWM right after quantization (as in ou
 bench) and again at the end. Bits per weight count what the tool actually stores for
 the quantized Linear modules (the JSON's bits_note says how). On failure the
 JSON carries "error" and the exit status is 1.
+
+AutoRound (Intel's auto-round, SignRound): `autoround` is its default recipe (iters 200,
+lr 1/iters), `autoround-light` its light recipe (iters 50, lr 5e-3), both read at run
+time from the installed package's CLI presets (auto_round.cli.main.RECIPES), calibrated
+on our windows (nsamples and seqlen from CALIB, the preset's batch size 8), never on
+its default data set; HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set so nothing can be
+downloaded. Scored on the fake-quantized (qdq) model AutoRound leaves in memory;
+bits per weight from its packed checkpoint saved afterwards (format auto_round, or
+auto_round:auto_gptq for int4 asymmetric: see run_autoround). --iters is for smoke tests.
 """
 
 from __future__ import annotations
@@ -35,10 +44,17 @@ from importlib import metadata
 from pathlib import Path
 
 PRUNERS = ("llmc-sparsegpt", "llmc-wanda")  # pruning peers for bench/prune_reference.py (--sparsity-spec)
-METHODS = ("none", "hqq", "bnb-nf4", "llmc-gptq", "llmc-awq", *PRUNERS)
+AUTOROUND = {"autoround": "default", "autoround-light": "light"}  # method -> preset of the auto-round CLI
+METHODS = ("none", "hqq", "bnb-nf4", "llmc-gptq", "llmc-awq", *AUTOROUND, *PRUNERS)
+ASYM_METHODS = ("llmc-gptq", "llmc-awq", *AUTOROUND)  # the quantizers with a symmetric/asymmetric choice
 PEER_PACKAGE = {"none": None, "hqq": "hqq", "bnb-nf4": "bitsandbytes",
                 "llmc-gptq": "llmcompressor", "llmc-awq": "llmcompressor",
+                "autoround": "auto-round", "autoround-light": "auto-round",
                 "llmc-sparsegpt": "llmcompressor", "llmc-wanda": "llmcompressor"}
+# auto-round 0.15.1's presets (auto_round/cli/main.py RECIPES: the `auto-round` and `auto-round-light` commands),
+# used only when the installed package no longer exposes RECIPES; lr None = SignRoundConfig's 1/iters
+AUTOROUND_PRESETS = {"default": {"batch_size": 8, "iters": 200, "seqlen": 2048, "nsamples": 128, "lr": None},
+                     "light": {"batch_size": 8, "iters": 50, "seqlen": 2048, "nsamples": 128, "lr": 5e-3}}
 
 
 def rss_bytes() -> int:
@@ -253,6 +269,161 @@ def run_llmc(model, bits: int, group: int, calib, *, awq: bool, work: Path, symm
     return res, after_eval
 
 
+# --- AutoRound ------------------------------------------------------------------
+
+def autoround_preset(name: str) -> tuple[dict, str]:
+    """The installed auto-round's CLI preset `name` ("default", "light"), and where it came from."""
+    try:
+        from auto_round.cli.main import RECIPES
+    except ImportError:
+        return dict(AUTOROUND_PRESETS[name]), "bench/peers/run_peer.py AUTOROUND_PRESETS (auto-round 0.15.1's)"
+    return dict(RECIPES[name]), f"auto_round.cli.main.RECIPES[{name!r}] of the installed auto-round"
+
+
+def run_autoround(model, bits: int, group: int, calib, *, preset: str, symmetric: bool, work: Path,
+                  model_dir: str, iters: int | None = None, torch_compile: bool | None = None):
+    """AutoRound (SignRound) on every Linear of the decoder blocks, calibrated on `calib` only.
+
+    Returns (result, after_eval, model to score): the scored model is AutoRound's in-memory
+    fake-quantized one, or, where AutoRound tuned in bfloat16 (CPUs with AVX512-BF16: it then casts
+    the whole model), a fresh float32 copy with its quantized weights, so that embeddings, norms and
+    lm_head stay float32 as for every other row.
+    """
+    import torch
+    from auto_round import AutoRound
+    from transformers import AutoTokenizer
+
+    recipe, recipe_from = autoround_preset(preset)
+    n, seq_len = calib.shape
+    bs = int(recipe["batch_size"])
+    n_iters = int(recipe["iters"]) if iters is None else iters
+    lr = recipe["lr"]
+    # The format of auto-round's own calibration loader (calib_dataset.get_dataloader): dicts of input_ids and
+    # attention_mask, `bs` rows each. A list (not a data set name) is used as given: nothing is downloaded.
+    data = [{"input_ids": calib[i : i + bs].clone(), "attention_mask": torch.ones_like(calib[i : i + bs])}
+            for i in range(0, n, bs)]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    pad_hits = int((calib == tok.pad_token_id).sum()) if tok.pad_token_id is not None else 0
+    names = [name for name, _ in decoder_linears(model)]
+    n_w = sum(lin.in_features * lin.out_features for _, lin in decoder_linears(model))
+    kwargs = {} if lr is None else {"lr": lr}
+    t0 = time.perf_counter()
+    ar = AutoRound(model, tokenizer=tok, bits=bits, group_size=group, sym=symmetric, iters=n_iters,
+                   nsamples=n, seqlen=seq_len, batch_size=bs, dataset=data, device_map="cpu",
+                   enable_torch_compile=torch_compile, **kwargs)
+    init_seconds = time.perf_counter() - t0
+    qmodel, _ = ar.quantize()  # (model, layer_config)
+    seconds = time.perf_counter() - t0
+    rss = rss_bytes()
+    qc = ar.quantize_config
+    quantized = sorted(name for name, m in qmodel.named_modules()
+                       if isinstance(m, torch.nn.Linear) and (getattr(m, "bits", None) or 16) < 16)
+    if quantized != sorted(names):
+        raise RuntimeError(f"AutoRound quantized {len(quantized)} Linears, expected the {len(names)} of the "
+                           f"decoder blocks (extra: {sorted(set(quantized) - set(names))[:5]}, "
+                           f"missing: {sorted(set(names) - set(quantized))[:5]})")
+    q0 = qmodel.get_submodule(names[0])
+    tune_dtype = str(ar.model_context.amp_dtype)
+    scored = qmodel
+    if any(p.dtype != torch.float32 for p in qmodel.parameters()):  # bf16 amp: score a float32 copy instead
+        scored = load_model(model_dir)
+        with torch.no_grad():
+            for name in names:
+                scored.get_submodule(name).weight.copy_(qmodel.get_submodule(name).weight.float())
+    grid = ("symmetric (int_sym: signed levels -2^(b-1)..2^(b-1)-1, scale = max|w| / 2^(b-1), no zero point "
+            "in the arithmetic)" if symmetric else "asymmetric (int_asym: scale and zero point per group)")
+    scheme = f"int{bits} {grid}, group_size {group}, scale dtype {q0.scale.dtype}"
+    # Format "auto_round" packs int4 asymmetric layers AWQ-style, which fails in auto-round 0.15.1
+    # (pack_layer passes weight_dtype= to WQLinear_GEMM, whose __init__ has no such argument); its
+    # GPTQ-style packing (what "auto_round" picks for the symmetric grids) stores the same tensors:
+    # qweight (bits per weight), qzeros (bits per group), float16 scales (16 bits per group).
+    fmt = "auto_round:auto_gptq" if bits == 4 and not symmetric else "auto_round"
+    on_off = "on" if ar.enable_torch_compile else "off"
+    compile_note = (f"torch.compile {on_off} (AutoRound's default: on for iters >= 10 outside Windows)"
+                    if torch_compile is None else f"torch.compile forced {on_off}")
+    res = {
+        "quantize_seconds": seconds, "peak_rss_bytes": rss, "symmetric": symmetric,
+        "quantized_modules": len(quantized), "quantized_weights": n_w,
+        "autoround": {"preset": preset, "preset_values": recipe, "preset_from": recipe_from,
+                      "iters": qc.iters, "lr": qc.lr, "minmax_lr": qc.minmax_lr, "batch_size": bs,
+                      "nsamples": n, "seqlen": seq_len, "data_type": qc.data_type, "bits": qc.bits,
+                      "group_size": qc.group_size, "sym": qc.sym,
+                      "enable_minmax_tuning": qc.enable_minmax_tuning,
+                      "enable_quanted_input": qc.enable_quanted_input, "nblocks": qc.nblocks,
+                      "gradient_accumulate_steps": qc.gradient_accumulate_steps, "momentum": qc.momentum,
+                      "not_use_best_mse": qc.not_use_best_mse, "seed": ar.seed,
+                      "tuning_dtype": tune_dtype, "amp": bool(ar.model_context.amp),
+                      "torch_compile": bool(ar.enable_torch_compile),
+                      "iters_overridden": iters is not None, "init_seconds": round(init_seconds, 2)},
+        "notes": [f"AutoRound(model, tokenizer, bits={bits}, group_size={group}, sym={symmetric}, iters={n_iters}, "
+                  + ("" if lr is None else f"lr={lr}, ")
+                  + f"nsamples={n}, seqlen={seq_len}, batch_size={bs}, dataset=<{len(data)} dicts of our "
+                  f"calibration windows>, device_map='cpu', enable_torch_compile={torch_compile}).quantize(); "
+                  f"preset {preset!r} from {recipe_from}: {recipe} (seqlen and nsamples: ours, from the "
+                  "calibration file); every other SignRoundConfig field at its default",
+                  f"SignRound: signed-gradient descent on per-weight rounding offsets and per-group min/max scale "
+                  f"factors, block by block, lr {qc.lr} (minmax_lr {qc.minmax_lr}), linear lr decay, the "
+                  "lowest-loss iteration kept, each block fed the previous quantized blocks' output",
+                  f"grid: {scheme}; all {len(quantized)} Linears of the decoder blocks, lm_head and "
+                  "embeddings not quantized (float32)",
+                  f"calibration: {n} windows x {seq_len} tokens as {len(data)} dicts (input_ids, "
+                  f"attention_mask of ones), unshuffled; AutoRound itself masks the last position of every "
+                  f"window (attention and loss) and excludes the pad id {tok.pad_token_id} from the loss "
+                  f"({pad_hits} calibration tokens are that id)",
+                  f"tuning dtype {tune_dtype} (AutoRound's amp default: bfloat16 on CPUs with AVX512-BF16, "
+                  f"else float32), {compile_note}",
+                  "quantize_seconds: AutoRound() construction plus quantize() (calibration forwards and "
+                  "tuning), not saving",
+                  "perplexity scored on the fake-quantized (qdq) model that quantize() leaves in memory: each "
+                  "quantized Linear's float32 weight holds scale * q (symmetric) or scale * (q - zero), "
+                  f"with the stored {q0.scale.dtype} scales" + ("" if scored is qmodel else
+                  "; AutoRound had cast the whole model to " + tune_dtype + ", so these weights were copied into "
+                  "a fresh float32 load of the model (embeddings, norms, lm_head float32)")
+                  + f"; then saved with save_quantized(format={fmt!r}), which packs the model in place"
+                  + ("" if fmt == "auto_round" else " (format 'auto_round' would pack int4 asymmetric AWQ-style, "
+                     "which fails in auto-round 0.15.1: WQLinear_GEMM gets an unexpected weight_dtype argument)"),
+                  *(["SMOKE TEST: iters overridden by --iters"] if iters is not None else [])],
+    }
+
+    def after_eval() -> dict:
+        out = work / "autoround"
+        ar.save_quantized(str(out), format=fmt, inplace=True)
+        return autoround_bits(out, names, n_w, fmt)
+
+    return res, after_eval, scored
+
+
+def autoround_bits(out: Path, names: list[str], n_w: int, fmt: str) -> dict:
+    """Bits per weight of the quantized Linears from AutoRound's packed auto_round checkpoint on disk."""
+    from safetensors import safe_open
+
+    qc = json.loads((out / "config.json").read_text()).get("quantization_config", {})
+    n_b = 0
+    found: set[str] = set()
+    dtypes: dict[str, str] = {}
+    for f in sorted(out.glob("*.safetensors")):
+        with safe_open(f, "pt") as fh:
+            keys = set(fh.keys())
+            for m in names:
+                for t in ("qweight", "scales", "qzeros", "g_idx"):
+                    if f"{m}.{t}" in keys:
+                        x = fh.get_tensor(f"{m}.{t}")
+                        n_b += x.numel() * x.element_size() * 8
+                        dtypes.setdefault(t, str(x.dtype))
+                        found.add(m)
+    if sorted(found) != sorted(names):
+        raise RuntimeError(f"packed weights of {len(found)} of the {len(names)} quantized Linears found in {out}")
+    return {
+        "bits_per_weight": n_b / n_w,
+        "bits_note": (f"packed checkpoint (save_quantized format {fmt!r}, packing_format "
+                      f"{qc.get('packing_format')!r}): bytes of qweight + scales + qzeros (+ g_idx where present) "
+                      f"tensors (dtypes {dtypes}) of the quantized Linear modules in the safetensors on disk, "
+                      "divided by their weights; qzeros are stored (packed, bits per group) even for the "
+                      "symmetric grid"),
+        "quantization_config": qc,
+    }
+
+
 def run_llmc_prune(model, spec: str, calib, *, wanda: bool) -> dict:
     """llm-compressor's SparseGPTModifier / WandaPruningModifier at a fraction ("0.5") or N:M ("2:4")."""
     import torch
@@ -341,19 +512,30 @@ def main() -> None:
     ap.add_argument("--eval", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--asym", action="store_true", help="llm-compressor only: asymmetric grid (zero points)")
-    ap.add_argument("--work", help="scratch directory (llm-compressor's saved checkpoint); default: a temp dir")
+    ap.add_argument("--asym", action="store_true",
+                    help="llm-compressor and AutoRound only: asymmetric grid (zero points)")
+    ap.add_argument("--iters", type=int, help="AutoRound, smoke tests only: override the preset's iterations")
+    ap.add_argument("--torch-compile", choices=("auto", "on", "off"), default="auto",
+                    help="AutoRound: torch.compile of its tuning (auto: AutoRound's own default)")
+    ap.add_argument("--work", help="scratch directory (llm-compressor's / AutoRound's saved checkpoint); "
+                                   "default: a temp dir")
     ap.add_argument("--rescore-saved", action="store_true",
-                    help="llm-compressor: also reload the saved compressed checkpoint and score it")
+                    help="llm-compressor, AutoRound: also reload the saved checkpoint and score it "
+                         "(AutoRound's auto_round checkpoint reloads in float16 through its torch backend)")
     args = ap.parse_args()
-    if args.asym and not args.method.startswith("llmc"):
-        ap.error("--asym applies to llm-compressor only (HQQ is asymmetric already, NF4 has no zero points)")
+    if args.asym and args.method not in ASYM_METHODS:
+        ap.error("--asym applies to " + ", ".join(ASYM_METHODS) + " only (HQQ is asymmetric already, NF4 has no "
+                 "zero points)")
+    if (args.iters is not None or args.torch_compile != "auto") and args.method not in AUTOROUND:
+        ap.error("--iters and --torch-compile apply to AutoRound only")
     if (args.method in PRUNERS) != (args.sparsity_spec is not None):
         ap.error("--sparsity-spec is for (and required by) the pruning methods " + ", ".join(PRUNERS))
     if args.method not in PRUNERS and (args.bits is None or args.group is None):
         ap.error("--bits and --group are required for the quantizers")
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.method in AUTOROUND:  # every input is local: make any download attempt fail instead
+        os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
     import torch
     from safetensors.torch import load_file
 
@@ -388,6 +570,11 @@ def main() -> None:
                 res = run_bnb(model, args.bits, args.group, calib)
             elif args.method in PRUNERS:
                 res = run_llmc_prune(model, args.sparsity_spec, calib, wanda=args.method == "llmc-wanda")
+            elif args.method in AUTOROUND:
+                res, after_eval, model = run_autoround(
+                    model, args.bits, args.group, calib, preset=AUTOROUND[args.method], symmetric=not args.asym,
+                    work=work, model_dir=args.model, iters=args.iters,
+                    torch_compile={"auto": None, "on": True, "off": False}[args.torch_compile])
             else:
                 res, after_eval = run_llmc(model, args.bits, args.group, calib,
                                            awq=args.method == "llmc-awq", work=work, symmetric=not args.asym)
@@ -403,10 +590,20 @@ def main() -> None:
                 raise FloatingPointError(f"perplexity is not finite: {ppl}")
             if after_eval is not None:
                 row.update(after_eval())
-                if args.rescore_saved:
+                if args.rescore_saved and args.method in AUTOROUND:
+                    # a diagnostic only: auto-round's loader may want its optional kernels (auto-round-lib,
+                    # e.g. for int4 asymmetric GPTQ-packed layers on CPU) and then calls exit()
+                    del model
+                    try:
+                        reloaded = load_model(str(work / "autoround"))
+                        row["perplexity_reloaded"] = perplexity(reloaded, windows)[0]
+                        row["reloaded_dtype"] = str(reloaded.dtype)
+                    except (Exception, SystemExit) as e:
+                        row["perplexity_reloaded_error"] = f"{type(e).__name__}: {e}"
+                elif args.rescore_saved:
                     del model
                     row["perplexity_reloaded"] = perplexity(load_model(str(work / "llmc-compressed")), windows)[0]
-    except Exception as e:  # recorded in the JSON, non-zero exit
+    except (Exception, SystemExit) as e:  # recorded in the JSON, non-zero exit (auto-round calls exit())
         row["error"] = f"{type(e).__name__}: {e}"
         row["traceback"] = traceback.format_exc()[-4000:]
         status = 1

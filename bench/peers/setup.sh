@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or update) .venv-peers, the separate virtual environment of the peer quantizers
-# (llm-compressor, HQQ, bitsandbytes) that bench/quantize_reference.py drives through
+# (llm-compressor, HQQ, bitsandbytes, AutoRound) that bench/quantize_reference.py drives through
 # bench/peers/run_peer.py. Idempotent: does nothing when the venv is installed from the current
 # requirements.txt. Usage: bash bench/peers/setup.sh   (or: make peers-setup)
 #
@@ -26,7 +26,7 @@ test -x "$VENV/bin/python" || "$PYTHON" -m venv "$VENV"
 # shellcheck disable=SC2086  # TORCH_ARGS is a list of pip arguments
 "$VENV/bin/python" "${PIP[@]}" "$TORCH" $TORCH_ARGS
 "$VENV/bin/python" "${PIP[@]}" -r "$REQ"  # torch is already there, so the pin is satisfied
-if ! out=$("$VENV/bin/python" -c "import bitsandbytes, hqq, llmcompressor, torch; print('torch', torch.__version__)" 2>&1); then
+if ! out=$("$VENV/bin/python" -c "import auto_round, bitsandbytes, hqq, llmcompressor, torch; print('torch', torch.__version__)" 2>&1); then
     echo "$out" >&2
     exit 1
 fi

@@ -23,21 +23,38 @@ Scales are trained in log space (s = s0 * exp(u), u from 0), so one learning
 rate suits layers whose scales differ by orders of magnitude. A held-out share
 of the calibration windows is scored before and after; when tuning did not
 lower the held-out KL the original scales are put back.
+
+Memory: the whole model trains at once, so what autograd keeps decides the
+peak. Each decoder block is checkpointed (only its input is kept; its
+activations are recomputed in the backward pass, one block at a time), and
+the loss is computed over `loss_chunk` positions at a time from the final
+hidden states, each chunk's vocabulary-wide logits recomputed in the backward
+pass too (a 49,152-token vocabulary makes a batch's logits and their softmax
+the largest tensors of all), and the many-MiB tensors that recomputation
+allocates and frees are mapped one by one rather than left as heap holes
+(`calibrate.streaming.large_allocations_mapped`). On the reference model the
+peak RSS goes from 9.0 GiB to what bench/results/scale_tune_memory.json records.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
+from calibrate.blocks import decoder_blocks
 from calibrate.forward import native_bf16
+from calibrate.streaming import large_allocations_mapped
 from compress import targets as tg
 from compress.archs import require_lm_head
 from compress.checks import check_fields
@@ -59,9 +76,12 @@ class ScaleTuneConfig(tg.Selection):
     reference: str | None = None  # model dir or .gguf to match; None: the model the recipe started from
     targets: tuple[str, ...] = ("QuantLinear",)  # the packed modules that may be tuned
     ignore: tuple[str, ...] = ()
+    loss_chunk: int = 128  # positions whose logits are computed at once (0: the whole window, no checkpointing)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.loss_chunk < 0:
+            raise ValueError(f"loss_chunk must be >= 0, got {self.loss_chunk}")
         check_fields(self, positive=("steps", "batch_size", "lr"), share=("heldout",),
                      choices={"forward_dtype": ("auto", "float32", "bfloat16")})
 
@@ -122,6 +142,19 @@ def tune_scales(model: nn.Module, reference: nn.Module, names: list[str], calib:
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids.to(device), use_cache=False).logits
 
+    chunked = cfg.loss_chunk > 0 and head_last(model) and head_last(reference)
+
+    def divergence(ids: torch.Tensor) -> torch.Tensor:
+        """KL from the reference's next-token distributions to the model's on windows `ids` (autocast by the caller)."""
+        if not chunked:
+            return logit_divergence(logits(ids), reference_logits(ids))
+        with torch.no_grad():
+            t_hidden = final_hidden(reference, ids.to(device))
+        with checkpointed_blocks(model):
+            hidden = final_hidden(model, ids.to(device))
+        return chunked_divergence(model.get_output_embeddings(), reference.get_output_embeddings(), hidden,
+                                  t_hidden, cfg.loss_chunk)
+
     @torch.no_grad()
     def reference_logits(ids: torch.Tensor) -> torch.Tensor:
         with autocast:
@@ -132,10 +165,8 @@ def tune_scales(model: nn.Module, reference: nn.Module, names: list[str], calib:
         total = 0.0
         for a in range(0, held_ids.shape[0], cfg.batch_size):
             ids = held_ids[a:a + cfg.batch_size]
-            t = reference_logits(ids)
             with autocast:
-                s = logits(ids)
-            total += float(logit_divergence(s, t)) * ids.shape[0]
+                total += float(divergence(ids)) * ids.shape[0]
         return total / held_ids.shape[0]
 
     was_training = model.training
@@ -144,7 +175,7 @@ def tune_scales(model: nn.Module, reference: nn.Module, names: list[str], calib:
     reference.eval()
     use(tuned)
     try:  # the packed modules not tuned, in both models: unpacked once, not per forward
-        with dequantized_once(model), dequantized_once(reference):
+        with dequantized_once(model), dequantized_once(reference), large_allocations_mapped():
             before = heldout_kl()
             params = [m.log_gain for m in tuned.values()]
             opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -156,9 +187,8 @@ def tune_scales(model: nn.Module, reference: nn.Module, names: list[str], calib:
                 at = (step * cfg.batch_size) % train_ids.shape[0]
                 idx = order[torch.arange(at, at + cfg.batch_size) % train_ids.shape[0]]
                 ids = train_ids[idx]
-                t = reference_logits(ids)
                 with torch.enable_grad(), autocast:
-                    loss = logit_divergence(logits(ids), t)
+                    loss = divergence(ids)
                     loss.backward()
                 opt.step()
                 sched.step()
@@ -184,6 +214,75 @@ def tune_scales(model: nn.Module, reference: nn.Module, names: list[str], calib:
              time.perf_counter() - t0)
     return {"kl_before": before, "kl_after": after if kept else before, "kl_tuned": after, "kept": float(kept),
             "seconds": time.perf_counter() - t0}
+
+
+# config fields of models whose logits are not the output layer's output (Gemma 2's soft cap, Cohere's scale)
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def head_last(model: nn.Module) -> bool:
+    """Whether the model's logits are its output layer's output, unchanged (so they can be computed in chunks)."""
+    cfg = getattr(model, "config", None)
+    return model.get_output_embeddings() is not None and not any(
+        getattr(cfg, k, None) not in (None, 1.0) for k in LOGIT_POSTPROCESSING)
+
+
+class _Captured(Exception):
+    """Raised by the output layer's stand-in once it has the final hidden states."""
+
+
+def final_hidden(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The hidden states the model's output layer reads (after the final norm), without computing the logits."""
+    head = model.get_output_embeddings()
+    got: list[torch.Tensor] = []
+
+    def grab(mod, args):
+        got.append(args[0])
+        raise _Captured
+
+    handle = head.register_forward_pre_hook(grab)
+    try:
+        model(input_ids=ids, use_cache=False)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not got:
+        raise RuntimeError(f"{type(model).__name__} never called its output layer")
+    return got[0]
+
+
+def chunked_divergence(head: nn.Module, reference_head: nn.Module, hidden: torch.Tensor, reference_hidden: torch.Tensor,
+                       chunk: int) -> torch.Tensor:
+    """`logit_divergence(head(hidden), reference_head(reference_hidden))`, `chunk` positions at a time, each chunk's
+    logits recomputed in the backward pass instead of kept (one chunk's logits in memory at once)."""
+    n = hidden.shape[-2]
+
+    def part(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            t_logits = reference_head(t)
+        return logit_divergence(head(h), t_logits) * (h.shape[-2] / n)
+
+    return sum(checkpoint(part, hidden[..., a:a + chunk, :], reference_hidden[..., a:a + chunk, :],
+                          use_reentrant=False) for a in range(0, n, chunk))
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
+    """Within the block, each decoder block keeps only its inputs for the backward pass and recomputes its
+    activations there (activation checkpointing): one block's activations in memory instead of all of them."""
+    _, blocks = decoder_blocks(model)
+    own = [blk.__dict__.get("forward") for blk in blocks]
+    for blk in blocks:
+        blk.forward = functools.partial(checkpoint, blk.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for blk, fwd in zip(blocks, own, strict=True):
+            if fwd is None:
+                del blk.forward
+            else:
+                blk.forward = fwd
 
 
 def _tunable(model: nn.Module, cfg: ScaleTuneConfig) -> dict[str, nn.Module]:

@@ -44,8 +44,8 @@ class GPTQConfig(CalibratedQuantConfig):
 
 
 def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, block_size: int = 128,
-                    dampening: float = 0.01, act_order: bool = True, zeros: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+                    dampening: float = 0.01, act_order: bool = True, zeros: torch.Tensor | None = None,
+                    updated: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """GPTQ for one weight W (out, in) with Hessian H (in, in).
 
     Returns unsigned codes (out, in) int32, scale and zero (out, n_groups), and
@@ -55,6 +55,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
     (out, in) bool marks weights that must come out exactly zero (pruned ones):
     they get their group's zero point, and their error is spread like any
     rounding error, as in SparseGPT's joint sparsification and quantization.
+    `updated` (out, in), when given, receives the weights each column was rounded from (the original weights
+    plus the error compensation of the columns before it): rounding them to the nearest gives the codes.
     """
     W = W.detach().float().clone()
     out, n = W.shape
@@ -91,6 +93,7 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
         i2 = min(i1 + block_size, n)
         W1 = W[:, i1:i2].clone()  # (out, b)
         Q1 = torch.zeros_like(W1)
+        U1 = torch.empty_like(W1) if updated is not None else None
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -100,6 +103,8 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
                 s, z = qparams(_group_slice(W, W1, i1, i2, j, g), column_scheme)
                 scale[:, gi], zero[:, gi] = s[:, 0], z[:, 0]
             w, s, z = W1[:, i], scale[:, gi], zero[:, gi]
+            if U1 is not None:
+                U1[:, i] = w
             q = torch.round(w / s).add_(z).clamp_(0, qmax)
             if zeros is not None:
                 q = torch.where(zeros[:, j], z, q)  # a pruned weight stays zero: (z - z) * s
@@ -108,11 +113,16 @@ def quantize_weight(W: torch.Tensor, H: torch.Tensor, scheme: QuantScheme, *, bl
             Q1[:, i] = q
             Err1[:, i] = err
         Q[:, i1:i2] = Q1.to(torch.int32)
+        if U1 is not None:
+            updated[:, i1:i2] = U1  # in the permuted order until the end
         loss += Err1.pow(2).sum(1) / 2  # ((w - q)^2 / [H^-1]_jj^2) / 2 per column
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy update of the remaining columns
 
     if perm is not None:
-        Q = Q[:, torch.argsort(perm)]
+        inverse = torch.argsort(perm)
+        Q = Q[:, inverse]
+        if updated is not None:
+            updated.copy_(updated[:, inverse])
     return Q, scale, zero, float(loss.sum())
 
 

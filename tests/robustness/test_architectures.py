@@ -70,6 +70,7 @@ TAKEN = {  # what a bare encoder goes through, as BertForMaskedLM does in the ma
     "rtn": ["quantize", "--method", "rtn", "--group-size", "32"],
     "gptq": ["quantize", "--method", "gptq", "--group-size", "32", *CAL],
     "awq": ["quantize", "--method", "awq", "--group-size", "32", *CAL],
+    "block_tune": ["quantize", "--method", "block_tune", "--group-size", "32", *CAL],
     "w8a8": ["quantize", "--bits", "8", "--activations", "int8", "--smoothquant", "0.5", *CAL],
     "wanda": ["prune", "--method", "wanda", "--sparsity", "0.5", *CAL],
     "sparsegpt": ["prune", "--method", "sparsegpt", "--pattern", "2:4", *CAL],

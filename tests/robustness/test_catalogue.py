@@ -151,7 +151,7 @@ def test_calibration_activations_that_overflow_are_refused(cli, copy_model, tmp_
     no_leftovers(out)
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "w8a8"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "block_tune", "w8a8"])
 def test_every_calibrated_pass_refuses_overflowing_activations(cli, copy_model, tmp_path, method):
     out = tmp_path / "q"
     extra = ("--bits", "8", "--activations", "int8") if method == "w8a8" else ("--method", method)
