@@ -100,6 +100,23 @@ def modules_in_turn(model: nn.Module, modules: dict[str, nn.Module]) -> Iterator
             yield from [(n, model.get_submodule(n)) for n in inside[b]]
 
 
+@contextlib.contextmanager
+def forwards_replaced(blocks: nn.ModuleList, forward_of: Callable[[int, nn.Module], Callable]) -> Iterator[None]:
+    """Within the block, block j runs `forward_of(j, block)` instead of its forward; an instance-level forward a
+    block had (a wrapper, e.g. accelerate's hook) is put back afterwards."""
+    own = [blk.__dict__.get("forward") for blk in blocks]
+    try:
+        for j, blk in enumerate(blocks):
+            blk.forward = forward_of(j, blk)
+        yield
+    finally:
+        for blk, fwd in zip(blocks, own, strict=True):
+            if fwd is None:
+                blk.__dict__.pop("forward", None)
+            else:
+                blk.forward = fwd
+
+
 class _Stop(Exception):
     """Raised to end a forward pass early (capture, observation)."""
 

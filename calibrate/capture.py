@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from calibrate import streaming
-from calibrate.blocks import BlockInputs, _Stop, check_activations, decoder_blocks
+from calibrate.blocks import (
+    BlockInputs,
+    _Stop,
+    check_activations,
+    decoder_blocks,
+    forwards_replaced,
+)
 
 
 def _named_call(sig: inspect.Signature, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
@@ -67,25 +73,16 @@ def capture_first_block_inputs(model: nn.Module, ids: torch.Tensor, *, batch_siz
             return hidden
         return forward
 
-    own = [blk.__dict__.get("forward") for blk in blocks]  # an instance-level forward (a wrapper) to restore
-    try:
-        for j, blk in enumerate(blocks):
-            blk.forward = stand_in(j)
-        with torch.no_grad(), streaming.outside_blocks(model, path, on_demand=True):
-            device = model.get_input_embeddings().weight.device
-            if device.type == "meta":  # lazily loaded, read on first call: the store loads onto the CPU
-                device = torch.device("cpu")
-            for i in range(0, ids.shape[0], batch_size):
-                try:
-                    model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
-                except _Stop:
-                    pass
-    finally:
-        for blk, fwd in zip(blocks, own, strict=True):
-            if fwd is None:
-                del blk.forward
-            else:
-                blk.forward = fwd
+    with forwards_replaced(blocks, lambda j, blk: stand_in(j)), torch.no_grad(), \
+            streaming.outside_blocks(model, path, on_demand=True):
+        device = model.get_input_embeddings().weight.device
+        if device.type == "meta":  # lazily loaded, read on first call: the store loads onto the CPU
+            device = torch.device("cpu")
+        for i in range(0, ids.shape[0], batch_size):
+            try:
+                model(input_ids=ids[i : i + batch_size].to(device), use_cache=False)
+            except _Stop:
+                pass
     streaming.trim_memory()  # the embedding forwards' temporaries
     got.at(0)
     return got

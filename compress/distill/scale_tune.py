@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from calibrate.blocks import decoder_blocks
+from calibrate.blocks import decoder_blocks, forwards_replaced
 from calibrate.forward import native_bf16
 from calibrate.streaming import large_allocations_mapped
 from compress import targets as tg
@@ -272,17 +272,8 @@ def checkpointed_blocks(model: nn.Module) -> Iterator[None]:
     """Within the block, each decoder block keeps only its inputs for the backward pass and recomputes its
     activations there (activation checkpointing): one block's activations in memory instead of all of them."""
     _, blocks = decoder_blocks(model)
-    own = [blk.__dict__.get("forward") for blk in blocks]
-    for blk in blocks:
-        blk.forward = functools.partial(checkpoint, blk.forward, use_reentrant=False)
-    try:
+    with forwards_replaced(blocks, lambda j, blk: functools.partial(checkpoint, blk.forward, use_reentrant=False)):
         yield
-    finally:
-        for blk, fwd in zip(blocks, own, strict=True):
-            if fwd is None:
-                del blk.forward
-            else:
-                blk.forward = fwd
 
 
 def _tunable(model: nn.Module, cfg: ScaleTuneConfig) -> dict[str, nn.Module]:
