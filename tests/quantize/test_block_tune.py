@@ -59,7 +59,7 @@ def test_block_tune_beats_its_start_on_model_output(make_tiny, tiny_tokenizer, a
         target = make_tiny(arch)(test).logits
     errs, codes = {}, {}
     for name, step in (("start", {"pass": init}),
-                       ("tuned", {"pass": "block_tune", "init": init, "iters": 60, "batch_size": 4})):
+                       ("tuned", {"pass": "block_tune", "init": init, "iters": 100, "batch_size": 4})):
         m = make_tiny(arch)
         [rep] = apply(m, Recipe.from_steps([{**step, "bits": 3, "group_size": 32}]), ids)
         packed = {n: x for n, x in m.named_modules() if isinstance(x, QuantLinear)}
@@ -68,7 +68,9 @@ def test_block_tune_beats_its_start_on_model_output(make_tiny, tiny_tokenizer, a
         with torch.no_grad():
             errs[name] = (m(test).logits - target).pow(2).mean().item()
     assert rep.metrics["block_mse_after"] < rep.metrics["block_mse_before"]
-    assert errs["tuned"] < 0.9 * errs["start"]
+    # GPTQ's start is already good on these random models: tuning gains ~10 % there (RTN's start: > 50 %); the
+    # margins leave room for the thread-count-dependent rounding of a parallel test run
+    assert errs["tuned"] < {"rtn": 0.7, "gptq": 0.97}[init] * errs["start"]
     assert any(not torch.equal(codes["start"][n], codes["tuned"][n]) for n in codes["start"])
 
 
