@@ -48,7 +48,7 @@ from compress.pipeline import PassReport, Progress
 from compress.prune.sparsity import pruned_modules
 from compress.quantize.gptq import GPTQConfig
 from compress.quantize.gptq import quantize_weight as gptq_weight
-from compress.quantize.grid import grouped, qparams
+from compress.quantize.grid import dequantize, grouped, qparams
 from compress.quantize.qlinear import PendingSwaps
 from compress.quantize.scheme import QuantScheme
 from compress.registry import register_pass
@@ -176,21 +176,21 @@ class _Streams:
 
     def __init__(self) -> None:
         self.hidden: list[torch.Tensor] | None = None
-        self.kwargs_of: BlockInputs | None = None  # the walk's inputs, whose kwargs are the current block's
+        self.last: Block | None = None  # the block visited last: its inputs' kwargs are the current block's
 
     @torch.no_grad()
     def targets(self, block: Block) -> list[torch.Tensor]:
         """The float block's outputs on the float activations, which become the float activations."""
         if self.hidden is None:  # nothing quantized yet: the float activations are the walk's
             self.hidden = [h.clone() for h in block.inputs.hidden]
-        self.kwargs_of = block.inputs
+        self.last = block
         run_block(block.module, BlockInputs(self.hidden, block.inputs.kwargs), dtype=block.dtype)
         return self.hidden
 
-    def skip(self, module: nn.Module, dtype) -> None:
-        """A block the pass does not quantize: the float activations go through it too."""
+    def skip(self, module: nn.Module) -> None:
+        """A block the pass does not quantize: the float activations go through it too (in the walk's dtype)."""
         if self.hidden is not None:
-            run_block(module, BlockInputs(self.hidden, self.kwargs_of.kwargs), dtype=dtype)
+            run_block(module, BlockInputs(self.hidden, self.last.inputs.kwargs), dtype=self.last.dtype)
 
 
 def _start(block: Block, cfg: BlockTuneConfig, sparse: set[str]) -> dict[str, tuple]:
@@ -219,8 +219,7 @@ def _start(block: Block, cfg: BlockTuneConfig, sparse: set[str]) -> dict[str, tu
         del H
         start[n] = (updated, scale, zero, keep)
         with torch.no_grad():  # the stage's output as quantized, for the next stage's Hessians
-            w = (grouped(q.float(), scheme) - zero[..., None]) * scale[..., None]
-            lin.weight.copy_(w.reshape(q.shape[0], -1)[:, : q.shape[1]].to(lin.weight.dtype))
+            lin.weight.copy_(dequantize(q, scale, zero, scheme).to(lin.weight.dtype))
     return start
 
 
@@ -307,12 +306,9 @@ def run(model: nn.Module, cfg: BlockTuneConfig, calib: torch.Tensor, *,
 
     def after(module: nn.Module) -> None:
         if id(module) not in visited:
-            streams.skip(module, dtype)
+            streams.skip(module)
         totals["bits"] += pending.commit(module)
 
-    from calibrate.forward import resolve_forward_dtype
-
-    dtype = resolve_forward_dtype(cfg.forward_dtype, next(iter(selected.values())).weight) if selected else None
     walk(model, selected, calib, visit, label="block_tune", batch_size=cfg.batch_size,
          forward_dtype=cfg.forward_dtype, progress=progress, after=after, min_expert_tokens=cfg.min_expert_tokens)
     n = max(totals["blocks"], 1)
