@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from runs import RESULTS, ROOT  # bench/runs.py (this script's directory is on sys.path)
 
 
 def one(steps: int, chunk: int) -> dict:
@@ -46,7 +46,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--chunks", type=int, nargs="*", default=[0, 128])
-    ap.add_argument("--output", default=str(ROOT / "bench" / "results" / "scale_tune_memory.json"))
+    ap.add_argument("--output", default=str(RESULTS / "scale_tune_memory.json"))
     ap.add_argument("--note", default="")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one chunk setting, print JSON
     args = ap.parse_args()
