@@ -21,6 +21,8 @@
 # 2026-12-07 (session 25): the baselines' sha256 fields are now the weight file's own sha256 (a962d280... int8,
 # f06c008d... int4), as results files record a single file since then; the same bytes (the artifacts rebuilt
 # here hashed to the earlier name+bytes values ab38a466... and 704dea56...). The evals pin --no-prepend-bos.
+# 2026-12-07 (session 27): re-recorded because the symmetric grid changed (full range: each group's largest
+# weight on the code -2^(b-1), as ggml's Q4_0), which changes both artifacts' codes; values in the commit message.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin

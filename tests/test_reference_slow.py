@@ -53,7 +53,7 @@ def test_w4g128_artifact_size_and_reload_perplexity(tmp_path, fp32_ppl):
     assert sum(isinstance(m, QuantLinear) for m in back.model.modules()) == 210
     disk = evaluate(back, ["wikitext2"], options={"windows": WINDOWS})["wikitext2"]["perplexity"]
     assert abs(disk - mem) / mem <= 1e-4
-    assert 1.25 < mem / fp32_ppl < 2.0  # int4 RTN hurts this small model a lot (64 windows: +62 %)
+    assert 1.25 < mem / fp32_ppl < 2.0  # int4 RTN hurts this small model a lot (64 windows: +40 %)
 
 
 def test_w8_per_channel_within_half_a_percent(fp32_ppl):

@@ -20,7 +20,7 @@ def _quantized(make_tiny, symmetric: bool):
     return ref, q, names
 
 
-def _calib(n=32, seq=32):
+def _calib(n=64, seq=32):
     return torch.randint(3, 200, (n, seq), generator=torch.Generator().manual_seed(1))
 
 
@@ -102,7 +102,7 @@ def test_a_scale_tune_step_after_a_quantizer(make_tiny, tiny_tokenizer, model_di
     """scale_tune after a calibrated quantizer, toward the model the recipe started from: the same codes as
     without it, other scales, and a model closer to the float one on windows it never saw (after AWQ too, whose
     folded scales make the packed model's own float weights differ from the reference's)."""
-    calib, test = _wiki_windows(tiny_tokenizer, 24, 32), _wiki_windows(tiny_tokenizer, 4, 32, "test")
+    calib, test = _wiki_windows(tiny_tokenizer, 64, 32), _wiki_windows(tiny_tokenizer, 4, 32, "test")
     ref = make_tiny("llama")  # the model saved in model_dirs["llama"]
     with torch.no_grad():
         f = torch.log_softmax(ref(test).logits, -1)

@@ -55,7 +55,9 @@ def test_inexact_layouts_are_refused_or_requantized(bits, group, sym, match):
     assert enc.kind == ("Q8_0" if bits == 8 else "Q4_0")
     w = m.dequantize_weight().numpy()
     assert 0 < enc.requant_error == pytest.approx(float(np.abs(enc.expect - w).max()))
-    assert enc.requant_error <= 0.6 * float(np.abs(w).max()) / (7 if bits < 8 else 127) + 1e-6
+    # ggml's Q4_0 puts each block's extreme on -8, the other side reaching 7 steps: off by at most a step,
+    # |max| / 8; Q8_0's step is |max| / 127, off by at most half of it
+    assert enc.requant_error <= float(np.abs(w).max()) / (8 if bits < 8 else 254) + 1e-6
 
 
 def test_rope_row_order_interleaves_the_halves_of_each_head():
